@@ -1,0 +1,19 @@
+"""qcow2py: a qcow2 disk-image engine for Python, with a small C hot path.
+
+>>> import qcow2py
+>>> with qcow2py.open("disk.qcow2") as img:         # doctest: +SKIP
+...     data = img.read(0, 65536)
+"""
+
+from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
+from .errors import (BackingChainError, CorruptImageError, FormatError, ImageClosedError,
+                     Qcow2Error, UnsupportedFeatureError)
+from .image import Image, Run, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
+    "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
+    "BackingChainError", "ImageClosedError", "__version__",
+]

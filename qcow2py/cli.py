@@ -1,0 +1,121 @@
+"""The ``qcow2py`` command: qemu-img's syntax for the subcommands it shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import __version__
+from .errors import Qcow2Error
+from .image import open as open_image
+from .report import map_human, map_json, qemu_json
+
+
+def _human_size(n: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    v, i = float(n), 0
+    while v >= 1024 and i < len(units) - 1:
+        v, i = v / 1024, i + 1
+    if i == 0:
+        return f"{n} B"
+    return f"{v:.3g} {units[i]}"
+
+
+def _info_human(info: dict) -> str:
+    lines = [f"image: {info['filename']}", f"file format: {info['format']}",
+             f"virtual size: {_human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+             f"disk size: {_human_size(info['actual-size'])}"]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        lines.append(f"backing file: {info['backing-filename']}")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
+        for s in info["snapshots"]:
+            lines.append(f"{s['id']:<10}{s['name']:<18}{_human_size(s['vm-state-size']):>7}  "
+                         f"{s['date-sec']:>10}  {s['vm-clock-sec']:>10}  {s.get('icount', '')}")
+    spec = info.get("format-specific")
+    if spec:
+        lines.append("Format specific information:")
+        for k, v in spec["data"].items():
+            if k == "bitmaps":
+                lines.append("    bitmaps:")
+                for i, b in enumerate(v):
+                    lines.append(f"        [{i}]:")
+                    lines.append(f"            flags:")
+                    for j, f in enumerate(b["flags"]):
+                        lines.append(f"                [{j}]: {f}")
+                    lines.append(f"            name: {b['name']}")
+                    lines.append(f"            granularity: {b['granularity']}")
+            else:
+                val = str(v).lower() if isinstance(v, bool) else v
+                lines.append(f"    {k.replace('-', ' ')}: {val}")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_info(args) -> int:
+    with open_image(args.filename, format=args.f) as img:
+        if args.backing_chain:
+            infos = img.info(backing_chain=True)
+            if args.output == "json":
+                sys.stdout.write(qemu_json(infos) + "\n")
+            else:
+                sys.stdout.write("\n".join(_info_human(i) for i in infos))
+        else:
+            info = img.info()
+            sys.stdout.write(qemu_json(info) + "\n" if args.output == "json"
+                             else _info_human(info))
+    return 0
+
+
+def _cmd_map(args) -> int:
+    with open_image(args.filename, format=args.f) as img:
+        start = args.start_offset
+        entries = img.map(start, args.max_length)
+        if args.output == "json":
+            sys.stdout.write(map_json(entries))
+        else:
+            sys.stdout.write(map_human(img, entries))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
+                                "(qemu-img compatible where the subcommands overlap)")
+    p.add_argument("--version", action="version", version=f"qcow2py {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    i = sub.add_parser("info", help="describe an image")
+    i.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
+    i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("--backing-chain", action="store_true")
+    i.add_argument("-U", "--force-share", action="store_true", help="accepted for "
+                   "compatibility (qcow2py takes no read lock)")
+    i.add_argument("filename")
+    i.set_defaults(func=_cmd_info)
+
+    m = sub.add_parser("map", help="show how guest ranges are allocated")
+    m.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
+    m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("--start-offset", type=int, default=0)
+    m.add_argument("--max-length", type=int, default=None)
+    m.add_argument("-U", "--force-share", action="store_true")
+    m.add_argument("filename")
+    m.set_defaults(func=_cmd_map)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (Qcow2Error, OSError, ValueError) as e:
+        name = getattr(args, "filename", "")
+        print(f"qcow2py: {name}: {e}" if name else f"qcow2py: {e}", file=sys.stderr)
+        return 1

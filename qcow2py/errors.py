@@ -1,0 +1,32 @@
+"""The exceptions qcow2py raises about images.
+
+Everything wrong with an image is a :class:`Qcow2Error`, so a caller can catch
+one class and know that the image (not the program) is at fault.  Operating
+system errors pass through as :class:`OSError`.
+"""
+
+from __future__ import annotations
+
+
+class Qcow2Error(Exception):
+    """Base of every problem qcow2py reports about an image."""
+
+
+class FormatError(Qcow2Error, ValueError):
+    """A structure on disk is malformed (bad magic, field out of range, ...)."""
+
+
+class UnsupportedFeatureError(Qcow2Error):
+    """The image uses a feature qcow2py does not implement (named in the message)."""
+
+
+class CorruptImageError(Qcow2Error):
+    """Metadata found at run time contradicts itself (overlaps, bad entries)."""
+
+
+class BackingChainError(Qcow2Error):
+    """The backing chain loops, is too deep, is missing, or was refused by policy."""
+
+
+class ImageClosedError(Qcow2Error, ValueError):
+    """An operation was attempted on a closed image."""

@@ -1,0 +1,397 @@
+"""The qcow2 header (cluster 0): fixed fields, extensions, backing name.
+
+This module is the only place that knows the header layout.  Parsing keeps
+everything it does not interpret (unknown header fields, unknown extensions,
+the feature-name table), so :meth:`Header.encode` writes them back byte for
+byte.  It performs no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import FormatError, UnsupportedFeatureError
+
+MAGIC = 0x514649FB
+V2_HEADER_LENGTH = 72
+V3_MIN_HEADER_LENGTH = 104
+QEMU_HEADER_LENGTH = 112          # what QEMU 7.2 writes (compression_type + padding)
+
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+MAX_L1_BYTES = 32 << 20           # QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20      # QCOW_MAX_REFTABLE_SIZE
+MAX_SNAPSHOTS = 65536
+MAX_BACKING_NAME = 1023
+MAX_OFFSET = (1 << 56) - 1        # QCOW_MAX_CLUSTER_OFFSET
+
+# Extension magics
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+# Feature bits
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = 0x1F
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+AUTOCLEAR_KNOWN = 0x3
+
+COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
+COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
+
+#: The feature-name table QEMU 7.2 writes: (type, bit, name).
+QEMU_FEATURE_TABLE = [
+    (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+    (0, 3, "compression type"), (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data"),
+]
+
+_FIXED = struct.Struct(">IIQIIQIIQQIIQ")      # bytes 0..71 (v2 and v3)
+_V3 = struct.Struct(">QQQII")                 # bytes 72..103
+_EXT_HDR = struct.Struct(">II")
+_BITMAPS_EXT = struct.Struct(">IIQQ")
+_CRYPTO_EXT = struct.Struct(">QQ")
+
+
+@dataclass
+class BitmapsExtension:
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+    reserved: int = 0
+
+    @classmethod
+    def parse(cls, data: bytes) -> "BitmapsExtension":
+        if len(data) < _BITMAPS_EXT.size:
+            raise FormatError("bitmaps extension is too short")
+        nb, reserved, size, off = _BITMAPS_EXT.unpack_from(data)
+        return cls(nb, size, off, reserved)
+
+    def encode(self) -> bytes:
+        return _BITMAPS_EXT.pack(self.nb_bitmaps, self.reserved, self.directory_size,
+                                 self.directory_offset)
+
+
+@dataclass
+class Header:
+    """All of cluster 0, parsed.  Fields keep the spec's names."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = COMPRESSION_ZLIB
+    #: header bytes after compression_type (padding + fields unknown to us), kept verbatim
+    unknown_header_fields: bytes = b""
+    backing_file: Optional[str] = None
+    backing_format: Optional[str] = None
+    data_file: Optional[str] = None
+    feature_table: List[Tuple[int, int, str]] = field(default_factory=list)
+    has_feature_table: bool = False
+    bitmaps: Optional[BitmapsExtension] = None
+    crypto: Optional[Tuple[int, int]] = None
+    #: extensions with unknown magic, in file order: (magic, payload)
+    unknown_extensions: List[Tuple[int, bytes]] = field(default_factory=list)
+
+    # ------------------------------------------------------------ derived
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def subcluster_bits(self) -> int:
+        """log2 of the mapping unit: the subcluster with extended L2, else the cluster."""
+        return self.cluster_bits - 5 if self.extended_l2 else self.cluster_bits
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def compression_name(self) -> str:
+        return COMPRESSION_NAMES[self.compression_type]
+
+    def feature_name(self, kind: int, bit: int) -> Optional[str]:
+        for t, b, name in self.feature_table:
+            if t == kind and b == bit:
+                return name
+        return None
+
+    # ------------------------------------------------------------ parse
+    @classmethod
+    def fixed_size_needed(cls) -> int:
+        """Bytes to read first: enough to learn cluster_bits and header_length."""
+        return V3_MIN_HEADER_LENGTH
+
+    @classmethod
+    def parse(cls, cluster0: bytes, file_size: Optional[int] = None) -> "Header":
+        """Parse cluster 0 (or at least its first ``cluster_size`` bytes available).
+
+        Raises :class:`FormatError` for malformed headers and
+        :class:`UnsupportedFeatureError` for images qcow2py cannot read.
+        """
+        buf = bytes(cluster0)
+        if len(buf) < V2_HEADER_LENGTH:
+            raise FormatError(f"file too short for a qcow2 header ({len(buf)} bytes)")
+        (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
+         rt_off, rt_clusters, nb_snap, snap_off) = _FIXED.unpack_from(buf)
+        if magic != MAGIC:
+            raise FormatError(f"bad magic {magic:#010x}: not a qcow2 image")
+        if version not in (2, 3):
+            raise UnsupportedFeatureError(f"unsupported qcow2 version {version}")
+        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise FormatError(f"unsupported cluster size: 2^{cluster_bits} "
+                              f"(cluster_bits must be {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})")
+        cluster_size = 1 << cluster_bits
+        h = cls(version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off,
+                rt_off, rt_clusters, nb_snap, snap_off)
+        if version == 3:
+            if len(buf) < V3_MIN_HEADER_LENGTH:
+                raise FormatError("file too short for a qcow2 v3 header")
+            (h.incompatible_features, h.compatible_features, h.autoclear_features,
+             h.refcount_order, h.header_length) = _V3.unpack_from(buf, 72)
+            if h.header_length < V3_MIN_HEADER_LENGTH:
+                raise FormatError(f"qcow2 header too short (header_length {h.header_length})")
+            if h.header_length > cluster_size:
+                raise FormatError("qcow2 header exceeds cluster size")
+            if h.header_length % 8:
+                raise FormatError(f"header_length {h.header_length} is not a multiple of 8")
+            if len(buf) < h.header_length:
+                raise FormatError("file too short for its header_length")
+            if h.header_length > V3_MIN_HEADER_LENGTH:
+                h.compression_type = buf[104]
+            # padding and any fields a newer writer added, kept verbatim
+            h.unknown_header_fields = buf[105:h.header_length]
+        h._validate(file_size)
+        h._parse_extensions(buf)
+        h._validate_features()
+        return h
+
+    def _validate(self, file_size: Optional[int]) -> None:
+        cs = self.cluster_size
+        if self.refcount_order > 6:
+            raise FormatError(f"reference count entry width too large (refcount_order "
+                              f"{self.refcount_order})")
+        if self.version == 2 and self.refcount_order != 4:
+            raise FormatError("v2 images must use 16-bit refcounts")
+        if self.size > (1 << 63) - 1:
+            raise FormatError("virtual size too large")
+        # backing file name
+        if self.backing_file_offset:
+            if self.backing_file_offset > cs:
+                raise FormatError(f"invalid backing file offset {self.backing_file_offset}")
+            if self.backing_file_size > min(MAX_BACKING_NAME, cs - self.backing_file_offset):
+                raise FormatError(f"backing file name too long ({self.backing_file_size} bytes)")
+        # L1 table
+        l2_entries = cs // (16 if self.extended_l2 else 8)
+        if self.l1_size * 8 > MAX_L1_BYTES:
+            raise FormatError(f"L1 table too large ({self.l1_size} entries)")
+        needed = -(-self.size // (cs * l2_entries)) if self.size else 0
+        if self.l1_size < needed:
+            raise FormatError(f"L1 table is too small ({self.l1_size} entries, "
+                              f"{needed} needed for {self.size} bytes)")
+        self._check_table("L1 table", self.l1_table_offset, self.l1_size * 8, file_size,
+                          required=self.l1_size > 0)
+        # refcount table
+        if self.refcount_table_offset == 0:
+            raise FormatError("image does not contain a reference count table")
+        if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise FormatError(f"refcount table too large ({self.refcount_table_clusters} clusters)")
+        self._check_table("refcount table", self.refcount_table_offset,
+                          self.refcount_table_clusters * cs, file_size, required=True)
+        # snapshots
+        if self.nb_snapshots > MAX_SNAPSHOTS:
+            raise FormatError(f"too many snapshots ({self.nb_snapshots})")
+        if self.nb_snapshots:
+            self._check_table("snapshot table", self.snapshots_offset, 40, file_size,
+                              required=True)
+        if self.compression_type not in COMPRESSION_NAMES:
+            raise UnsupportedFeatureError(f"unknown compression type {self.compression_type}")
+        if bool(self.compression_type) != bool(self.incompatible_features & INCOMPAT_COMPRESSION):
+            raise FormatError("compression_type field and incompatible bit 3 disagree")
+        if self.extended_l2 and self.cluster_bits < 14:
+            raise FormatError("extended L2 entries need clusters of at least 16 KiB")
+
+    def _check_table(self, what: str, offset: int, length: int,
+                     file_size: Optional[int], required: bool) -> None:
+        if offset % self.cluster_size:
+            raise FormatError(f"{what} offset {offset:#x} is not cluster aligned")
+        if offset + length > MAX_OFFSET:
+            raise FormatError(f"{what} at {offset:#x} lies beyond the maximum offset")
+        if required and offset == 0:
+            raise FormatError(f"{what} offset is 0 (overlaps the header)")
+        if file_size is not None and required and offset + length > file_size:
+            raise FormatError(f"{what} at {offset:#x} (+{length}) extends past the end of "
+                              f"the file ({file_size} bytes)")
+
+    def _parse_extensions(self, buf: bytes) -> None:
+        cs = self.cluster_size
+        pos = self.header_length if self.version == 3 else V2_HEADER_LENGTH
+        end = self.backing_file_offset if self.backing_file_offset else cs
+        end = min(end, len(buf))
+        seen = set()
+        while True:
+            if pos + 8 > end:
+                if pos >= end and end == len(buf) < cs:
+                    raise FormatError("header extensions run past the end of the file")
+                break          # no room for an end marker: QEMU stops here too
+            magic, length = _EXT_HDR.unpack_from(buf, pos)
+            pos += 8
+            if magic == EXT_END:
+                break
+            if length > end - pos:
+                raise FormatError(f"header extension {magic:#010x} of {length} bytes runs "
+                                  f"past the extension area")
+            data = buf[pos:pos + length]
+            pos += (length + 7) & ~7
+            if magic in seen and magic != EXT_END:
+                raise FormatError(f"header extension {magic:#010x} appears twice")
+            seen.add(magic)
+            if magic == EXT_BACKING_FORMAT:
+                self.backing_format = _decode_name(data, "backing format")
+            elif magic == EXT_FEATURE_TABLE:
+                self.has_feature_table = True
+                if length % 48:
+                    raise FormatError("feature name table length is not a multiple of 48")
+                for i in range(0, length, 48):
+                    t, bit = data[i], data[i + 1]
+                    name = data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
+                    self.feature_table.append((t, bit, name))
+            elif magic == EXT_BITMAPS:
+                self.bitmaps = BitmapsExtension.parse(data)
+            elif magic == EXT_CRYPTO:
+                if length < 16:
+                    raise FormatError("crypto header extension is too short")
+                self.crypto = _CRYPTO_EXT.unpack_from(data)
+            elif magic == EXT_DATA_FILE:
+                self.data_file = _decode_name(data, "data file")
+            else:
+                self.unknown_extensions.append((magic, bytes(data)))
+        if self.backing_file_offset:
+            lo = self.backing_file_offset
+            raw = buf[lo:lo + self.backing_file_size]
+            if len(raw) != self.backing_file_size:
+                raise FormatError("backing file name extends past the end of the file")
+            self.backing_file = _decode_name(raw, "backing file")
+
+    def _validate_features(self) -> None:
+        if self.crypt_method:
+            kind = {1: "AES", 2: "LUKS"}.get(self.crypt_method, f"method {self.crypt_method}")
+            raise UnsupportedFeatureError(f"encrypted images are not supported ({kind} encryption)")
+        unknown = self.incompatible_features & ~INCOMPAT_KNOWN
+        if unknown:
+            names = []
+            for bit in range(64):
+                if unknown & (1 << bit):
+                    names.append(self.feature_name(0, bit) or f"unknown incompatible feature bit {bit}")
+            raise UnsupportedFeatureError("unsupported qcow2 feature(s): " + ", ".join(names))
+        if self.has_data_file and self.backing_file_offset and self.data_file_raw:
+            raise FormatError("a raw external data file cannot have a backing file")
+        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not self.has_data_file:
+            # QEMU ignores the bit without a data file; so do we (and clears it on write)
+            pass
+
+    # ------------------------------------------------------------ encode
+    def encode(self) -> bytes:
+        """Cluster 0 as QEMU lays it out; unknown fields and extensions are kept.
+
+        Sets ``header_length``, ``backing_file_offset`` and ``backing_file_size``
+        from the content.  Raises :class:`FormatError` if it does not fit.
+        """
+        cs = self.cluster_size
+        if self.version == 3:
+            tail = self.unknown_header_fields.ljust(QEMU_HEADER_LENGTH - 105, b"\0")
+            self.header_length = 105 + len(tail)
+        out = bytearray()
+        out += _FIXED.pack(MAGIC, self.version, 0, 0, self.cluster_bits, self.size,
+                           self.crypt_method, self.l1_size, self.l1_table_offset,
+                           self.refcount_table_offset, self.refcount_table_clusters,
+                           self.nb_snapshots, self.snapshots_offset)
+        if self.version == 3:
+            out += _V3.pack(self.incompatible_features, self.compatible_features,
+                            self.autoclear_features, self.refcount_order, self.header_length)
+            out += bytes([self.compression_type]) + tail
+            assert len(out) == self.header_length
+
+        def ext(magic: int, data: bytes) -> None:
+            out.extend(_EXT_HDR.pack(magic, len(data)))
+            out.extend(data)
+            out.extend(bytes(-len(data) % 8))
+
+        if self.backing_format is not None:
+            ext(EXT_BACKING_FORMAT, self.backing_format.encode())
+        if self.data_file is not None:
+            ext(EXT_DATA_FILE, self.data_file.encode())
+        if self.crypto is not None:
+            ext(EXT_CRYPTO, _CRYPTO_EXT.pack(*self.crypto))
+        if self.version == 3 and (self.has_feature_table or cs > 4096):
+            table = self.feature_table or QEMU_FEATURE_TABLE
+            ext(EXT_FEATURE_TABLE, b"".join(
+                bytes([t, b]) + name.encode()[:46].ljust(46, b"\0") for t, b, name in table))
+        if self.bitmaps is not None:
+            ext(EXT_BITMAPS, self.bitmaps.encode())
+        for magic, data in self.unknown_extensions:
+            ext(magic, data)
+        out += _EXT_HDR.pack(EXT_END, 0)
+        if self.backing_file is not None:
+            name = self.backing_file.encode()
+            if len(name) > MAX_BACKING_NAME:
+                raise FormatError("backing file name too long")
+            self.backing_file_offset, self.backing_file_size = len(out), len(name)
+            out += name
+        else:
+            self.backing_file_offset, self.backing_file_size = 0, 0
+        if len(out) > cs:
+            raise FormatError("header, extensions and backing name do not fit in cluster 0")
+        struct.pack_into(">QI", out, 8, self.backing_file_offset, self.backing_file_size)
+        return bytes(out) + bytes(cs - len(out))
+
+
+def _decode_name(data: bytes, what: str) -> str:
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{what} name is not valid UTF-8") from None

@@ -1,0 +1,223 @@
+"""The Image protocol and :func:`open`.
+
+An :class:`Image` is one layer of a chain (qcow2 or raw) with its backing
+image, if any.  Reads go through the chain; ``layer_runs`` describes how one
+layer maps a guest range, which is what ``map()``, ``info()`` and the copy
+planner build on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Set, Tuple
+
+from .backing import DEFAULT_POLICY, BackingPolicy
+from .errors import BackingChainError, FormatError, ImageClosedError
+from .storage import FileStorage, Storage
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One extent of a single layer's mapping (``qemu-img map`` terms).
+
+    ``allocated`` means this layer decides the content (data or zeros);
+    otherwise reads fall through to the backing image.
+    """
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    offset: Optional[int] = None      # host offset in the layer's data file
+    compressed: bool = False
+
+    @property
+    def allocated(self) -> bool:
+        return self.data or self.zero
+
+
+class Image:
+    """Base class of every image format.  Subclasses set the attributes below."""
+
+    format: str = "?"
+    filename: str = ""
+    size: int = 0
+    cluster_size: Optional[int] = None
+    backing: Optional["Image"] = None
+    storage: Storage
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this image and its backing chain."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.backing is not None:
+            self.backing.close()
+        self._close_layer()
+
+    def _close_layer(self) -> None:
+        self.storage.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+
+    # -- reading ------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes ``[offset, offset+length)``; reads past the end raise ValueError."""
+        buf = bytearray(self._checked_length(offset, length))
+        if length:
+            self._read_zeroed(memoryview(buf), offset)
+        return bytes(buf)
+
+    def read_into(self, buf, offset: int) -> None:
+        """Fill the writable buffer ``buf`` with guest bytes starting at ``offset``."""
+        mv = memoryview(buf).cast("B")
+        self._checked_length(offset, len(mv))
+        mv[:] = bytes(len(mv))
+        if len(mv):
+            self._read_zeroed(mv, offset)
+
+    def _checked_length(self, offset: int, length: int) -> int:
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        if offset + length > self.size:
+            raise ValueError(f"read of {length} bytes at {offset} goes past the end of "
+                             f"the image ({self.size} bytes)")
+        return length
+
+    def _read_zeroed(self, mv: memoryview, offset: int) -> None:
+        """Read into ``mv``, which is already zero-filled: zero ranges can be skipped."""
+        raise NotImplementedError
+
+    def _read_backing(self, mv: memoryview, offset: int) -> None:
+        """Read a range this layer leaves unallocated; zeros past the backing's end."""
+        b = self.backing
+        if b is None or offset >= b.size:
+            return
+        n = min(len(mv), b.size - offset)
+        b._read_zeroed(mv[:n], offset)
+
+    # -- mapping ------------------------------------------------------------
+    def layer_runs(self, offset: int, length: int) -> Iterator[Run]:
+        """This layer's mapping of a guest range, as coalesced runs in guest order."""
+        raise NotImplementedError
+
+    def chain(self) -> List["Image"]:
+        """This image followed by its backing images, top first."""
+        out, img = [], self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    def map(self, start: int = 0, length: Optional[int] = None) -> List[dict]:
+        """The allocation map as ``qemu-img map --output=json`` reports it."""
+        from .report import image_map
+        return image_map(self, start, length)
+
+    def info(self, backing_chain: bool = False):
+        """``qemu-img info --output=json`` of this image (a list with the chain)."""
+        from .report import image_info
+        if backing_chain:
+            return [image_info(img) for img in self.chain()]
+        return image_info(self)
+
+    def actual_size(self) -> int:
+        return self.storage.allocated_size()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.filename!r} size={self.size}>"
+
+
+def probe_format(storage: Storage) -> str:
+    """``"qcow2"`` if the storage starts with the qcow2 magic, else ``"raw"``."""
+    return "qcow2" if storage.pread(0, 4) == QCOW2_MAGIC else "raw"
+
+
+class _OpenContext:
+    """State shared while opening one chain: policy, depth and loop detection."""
+
+    def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int]):
+        self.policy = policy
+        self.l2_cache_bytes = l2_cache_bytes
+        self.seen: Set[Tuple[int, int]] = set()
+        self.depth = 0
+
+
+def open(path: str, mode: str = "r", *, format: Optional[str] = None,
+         backing_policy: BackingPolicy = DEFAULT_POLICY,
+         l2_cache_bytes: Optional[int] = None) -> Image:
+    """Open an image file; the format is probed unless given.
+
+    ``mode`` is "r" (read-only; the default).  Backing and data files named
+    inside the image are opened read-only through ``backing_policy``.
+    ``l2_cache_bytes`` bounds the memory of decoded L2 tables (per image).
+    """
+    if mode not in ("r",):
+        raise ValueError(f"unsupported mode {mode!r} (this version reads images: use 'r')")
+    ctx = _OpenContext(backing_policy, l2_cache_bytes)
+    return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+
+
+def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
+                display_name: str) -> Image:
+    if ctx.depth > ctx.policy.max_depth:
+        raise BackingChainError(f"backing chain deeper than {ctx.policy.max_depth} images "
+                                f"at {display_name!r}")
+    try:
+        storage = FileStorage(path)
+    except FileNotFoundError as e:
+        if ctx.depth:
+            raise BackingChainError(f"backing file {display_name!r} not found") from e
+        raise
+    try:
+        st = os.fstat(storage.fileno())
+        key = (st.st_dev, st.st_ino)
+        if key in ctx.seen:
+            raise BackingChainError(f"backing chain loops back to {display_name!r}")
+        ctx.seen.add(key)
+        if fmt is None:
+            fmt = probe_format(storage)
+        if fmt == "qcow2":
+            from .qcow2 import Qcow2Image
+            img: Image = Qcow2Image(storage, display_name, ctx)
+        elif fmt == "raw":
+            from .raw import RawImage
+            img = RawImage(storage, display_name)
+        else:
+            raise FormatError(f"unknown image format {fmt!r} (qcow2 or raw)")
+    except BaseException:
+        storage.close()
+        raise
+    return img
+
+
+def open_backing(parent: Image, name: str, fmt: Optional[str], ctx: _OpenContext) -> Image:
+    """Open the backing file ``name`` of ``parent`` through the context's policy."""
+    path = ctx.policy.resolve(name, parent.storage.name)
+    if fmt is not None and fmt not in ("qcow2", "raw"):
+        raise BackingChainError(f"backing file {name!r} has unsupported format {fmt!r}")
+    ctx.depth += 1
+    try:
+        return _open_layer(path, fmt, ctx, display_name=path)
+    finally:
+        ctx.depth -= 1

@@ -1,0 +1,375 @@
+"""Reading qcow2 images: L1/L2 mapping, the L2 cache, compressed clusters.
+
+Mapping works on *units*: a unit is a guest cluster, or a subcluster with
+extended L2 entries.  Each L2 table is decoded once (in C, or numpy) into a
+kind and a host offset per unit and cached; a guest range then becomes runs
+of units with the same kind and contiguous host offsets, computed with numpy.
+Data runs are read with one request each, in a single native call that
+releases the GIL; compressed clusters are decompressed on a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from . import native
+from .codec import decompress_cluster
+from .errors import BackingChainError, CorruptImageError, FormatError, UnsupportedFeatureError
+from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
+from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
+from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
+from .image import Image, Run, open_backing, probe_format
+from .native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
+from .storage import FileStorage, Storage
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+DEFAULT_L2_CACHE_BYTES = 32 << 20
+_MAX_HEADER_READ = 1 << 21
+
+_decompress_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _decompress_pool
+    with _pool_lock:
+        if _decompress_pool is None:
+            _decompress_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                  thread_name_prefix="qcow2py-inflate")
+        return _decompress_pool
+
+
+class _UnitTable:
+    """One decoded L2 table: per-unit kind, host offset, compressed size."""
+
+    __slots__ = ("kinds", "hosts", "csizes", "nbytes")
+
+    def __init__(self, kinds: np.ndarray, hosts: np.ndarray, csizes: Optional[np.ndarray]):
+        self.kinds, self.hosts, self.csizes = kinds, hosts, csizes
+        self.nbytes = kinds.nbytes + hosts.nbytes + (csizes.nbytes if csizes is not None else 0)
+
+
+class Qcow2Image(Image):
+    """A qcow2 image opened for reading (with its backing chain)."""
+
+    format = "qcow2"
+
+    def __init__(self, storage: Storage, filename: str, ctx) -> None:
+        super().__init__()
+        self.storage = storage
+        self.filename = filename
+        self._file_size = storage.size()
+        first = storage.pread(0, min(_MAX_HEADER_READ, max(self._file_size, 0)))
+        if len(first) < 72 or first[:4] != b"QFI\xfb":
+            Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
+        bits = int.from_bytes(first[20:24], "big")
+        cs = 1 << bits if 9 <= bits <= 21 else len(first)
+        self.header = h = Header.parse(first[:cs], self._file_size)
+        self.size = h.size
+        self.cluster_size = h.cluster_size
+        self.cluster_bits = h.cluster_bits
+        self.unit_bits = h.subcluster_bits
+        self.extended_l2 = h.extended_l2
+        self.units_per_table = h.l2_entries * (32 if h.extended_l2 else 1)
+        self.codec = h.compression_name
+        self._cache: "OrderedDict[int, _UnitTable]" = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = ctx.l2_cache_bytes or DEFAULT_L2_CACHE_BYTES
+        self._cache_lock = threading.Lock()
+        self._last_cluster: Tuple[int, bytes] = (-1, b"")
+        self._l1 = self._read_l1()
+        self.snapshots: List[Snapshot] = self._read_snapshots()
+        self.bitmaps: List[BitmapEntry] = self._read_bitmaps()
+        self.data_storage: Storage = storage
+        self.data_file_path: Optional[str] = None
+        try:
+            if h.has_data_file:
+                self._open_data_file(ctx)
+            if h.backing_file is not None:
+                self.backing = open_backing(self, h.backing_file, h.backing_format, ctx)
+        except BaseException:
+            if self.data_storage is not storage:
+                self.data_storage.close()
+            raise
+
+    # ------------------------------------------------------------ open helpers
+    def _read_l1(self) -> np.ndarray:
+        h = self.header
+        raw = self.storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        bad = np.flatnonzero(l1 & np.uint64(L1E_RESERVED_MASK))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImageError(f"L1 entry {i} ({int(l1[i]):#018x}) has reserved bits set")
+        offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        bad = np.flatnonzero(offs & np.uint64(self.cluster_size - 1))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImageError(f"L1 entry {i}: L2 table offset {int(offs[i]):#x} is not "
+                                    f"cluster aligned")
+        bad = np.flatnonzero(offs + np.uint64(self.cluster_size) > np.uint64(self._file_size))
+        bad = bad[offs[bad] != 0]
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImageError(f"L1 entry {i}: L2 table at {int(offs[i]):#x} lies past "
+                                    f"the end of the file ({self._file_size} bytes)")
+        return offs.astype(np.int64)
+
+    def _read_snapshots(self) -> List[Snapshot]:
+        h = self.header
+        if not h.nb_snapshots:
+            return []
+        length = min(snapshot_table_bytes_upper_bound(h.nb_snapshots),
+                     self._file_size - h.snapshots_offset)
+        return parse_snapshot_table(self.storage.pread(h.snapshots_offset, length),
+                                    h.nb_snapshots)
+
+    def _read_bitmaps(self) -> List[BitmapEntry]:
+        ext = self.header.bitmaps
+        if ext is None or not (self.header.autoclear_features & AUTOCLEAR_BITMAPS):
+            return []       # without the autoclear bit the extension is stale (spec)
+        if ext.directory_size > MAX_DIRECTORY_SIZE:
+            raise FormatError(f"bitmap directory too large ({ext.directory_size} bytes)")
+        if ext.directory_offset % self.cluster_size or \
+                ext.directory_offset + ext.directory_size > self._file_size:
+            raise FormatError(f"bitmap directory at {ext.directory_offset:#x} is misaligned "
+                              f"or past the end of the file")
+        raw = self.storage.pread(ext.directory_offset, ext.directory_size)
+        return parse_bitmap_directory(raw, ext.nb_bitmaps)
+
+    def _open_data_file(self, ctx) -> None:
+        name = self.header.data_file
+        if name is None:
+            raise FormatError("image uses an external data file but does not name it")
+        path = ctx.policy.resolve(name, self.storage.name, what="data file")
+        try:
+            self.data_storage = FileStorage(path)
+        except FileNotFoundError:
+            raise BackingChainError(f"external data file {path!r} not found") from None
+        self.data_file_path = path
+
+    def _close_layer(self) -> None:
+        if self.data_storage is not self.storage:
+            self.data_storage.close()
+        self.storage.close()
+
+    # ------------------------------------------------------------ L2 tables
+    def _table(self, l1_index: int) -> _UnitTable:
+        """The decoded L2 table for one L1 entry (cached, LRU by bytes)."""
+        with self._cache_lock:
+            t = self._cache.get(l1_index)
+            if t is not None:
+                self._cache.move_to_end(l1_index)
+                return t
+        l2_off = int(self._l1[l1_index]) if l1_index < self._l1.size else 0
+        if l2_off == 0:
+            t = self._empty_table()
+        else:
+            raw = self.storage.pread(l2_off, self.cluster_size)
+            try:
+                kinds, hosts = native.decode_l2(raw, self.cluster_bits, self.extended_l2,
+                                                self.header.has_data_file)
+            except CorruptImageError as e:
+                raise CorruptImageError(f"L2 table at {l2_off:#x} (L1 index {l1_index}): {e}") \
+                    from None
+            csizes = self._compressed_sizes(raw, kinds, hosts) \
+                if (kinds == COMPRESSED).any() else None
+            t = _UnitTable(kinds, hosts, csizes)
+        with self._cache_lock:
+            self._cache[l1_index] = t
+            self._cache_bytes += t.nbytes
+            while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return t
+
+    _empty: Optional[_UnitTable] = None
+
+    def _empty_table(self) -> _UnitTable:
+        if self._empty is None:
+            n = self.units_per_table
+            kinds = np.zeros(n, dtype=np.uint8)      # all UNALLOCATED
+            self._empty = _UnitTable(kinds, np.zeros(n, dtype=np.int64), None)
+            self._empty.nbytes = 0
+        return self._empty
+
+    def _compressed_sizes(self, raw: bytes, kinds: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+        if self.header.has_data_file:
+            raise CorruptImageError("compressed cluster in an image with an external data file")
+        entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        if self.extended_l2:
+            entries = np.repeat(entries[0::2], 32)
+        shift = 62 - (self.cluster_bits - 8)
+        mask = (1 << (self.cluster_bits - 8)) - 1
+        nsect = ((entries >> np.uint64(shift)) & np.uint64(mask)).astype(np.int64) + 1
+        csizes = nsect * 512 - (hosts & 511)
+        return np.where(kinds == COMPRESSED, csizes, 0)
+
+    # ------------------------------------------------------------ runs
+    def unit_arrays(self, offset: int, length: int) -> Tuple[int, np.ndarray, np.ndarray,
+                                                             Optional[np.ndarray]]:
+        """Per-unit (kinds, hosts, csizes) covering ``[offset, offset+length)``.
+
+        Returns ``(first_unit, kinds, hosts, csizes)``; ``csizes`` is None when
+        no unit in the range is compressed.
+        """
+        ub = self.unit_bits
+        u0 = offset >> ub
+        u1 = ((offset + length - 1) >> ub) + 1
+        per = self.units_per_table
+        ks, hs, cs = [], [], []
+        any_c = False
+        for t in range(u0 // per, (u1 - 1) // per + 1):
+            tab = self._table(t)
+            a = max(u0, t * per) - t * per
+            b = min(u1, (t + 1) * per) - t * per
+            ks.append(tab.kinds[a:b])
+            hs.append(tab.hosts[a:b])
+            cs.append(tab.csizes[a:b] if tab.csizes is not None else None)
+            any_c |= tab.csizes is not None
+        kinds = ks[0] if len(ks) == 1 else np.concatenate(ks)
+        hosts = hs[0] if len(hs) == 1 else np.concatenate(hs)
+        csizes = None
+        if any_c:
+            csizes = np.concatenate([c if c is not None else np.zeros(k.size, np.int64)
+                                     for c, k in zip(cs, ks)])
+        return u0, kinds, hosts, csizes
+
+    def run_arrays(self, offset: int, length: int):
+        """Coalesced runs of one layer: arrays ``(starts, lengths, kinds, hosts, csizes)``.
+
+        Units merge when their kind is equal and, for kinds with a host
+        offset, the host offsets are contiguous.  A compressed run is one
+        cluster (its ``hosts`` is the compressed stream's byte offset and its
+        ``csizes`` the stream length).  Every run is at least one byte long.
+        """
+        u0, kinds, hosts, csizes = self.unit_arrays(offset, length)
+        ub = self.unit_bits
+        n = kinds.size
+        brk = np.empty(n, dtype=bool)
+        brk[0] = True
+        if n > 1:
+            contiguous = (kinds == DATA) | (kinds == ZERO_ALLOC) | (kinds == UNALLOCATED_ALLOC)
+            brk[1:] = (kinds[1:] != kinds[:-1]) | \
+                (contiguous[1:] & (hosts[1:] != hosts[:-1] + (1 << ub)))
+            if csizes is not None:
+                cl_shift = self.cluster_bits - ub
+                units = np.arange(u0, u0 + n, dtype=np.int64) >> cl_shift
+                brk[1:] |= (kinds[1:] == COMPRESSED) & (units[1:] != units[:-1])
+        first = np.flatnonzero(brk)
+        starts = (first.astype(np.int64) + u0) << ub
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:]
+        ends[-1] = (u0 + n) << ub
+        starts[0] = offset
+        ends[-1] = offset + length
+        rkinds = kinds[first]
+        rhosts = hosts[first].copy()
+        # a run starting inside its first unit: advance host offsets that are positional
+        skew = offset - ((u0) << ub)
+        if skew and rkinds[0] in (DATA, ZERO_ALLOC, UNALLOCATED_ALLOC):
+            rhosts[0] += skew
+        rcs = csizes[first] if csizes is not None else None
+        return starts, ends - starts, rkinds, rhosts, rcs
+
+    def layer_runs(self, offset: int, length: int) -> Iterator[Run]:
+        end = min(offset + length, self.size)
+        window = self.units_per_table << self.unit_bits
+        pos = offset
+        while pos < end:
+            n = min(end - pos, window - pos % window)
+            starts, lens, kinds, hosts, _ = self.run_arrays(pos, n)
+            for s, ln, k, h in zip(starts.tolist(), lens.tolist(), kinds.tolist(),
+                                   hosts.tolist()):
+                if k == DATA:
+                    yield Run(s, ln, True, False, h)
+                elif k == COMPRESSED:
+                    yield Run(s, ln, True, False, None, compressed=True)
+                elif k == ZERO:
+                    yield Run(s, ln, False, True)
+                elif k == ZERO_ALLOC:
+                    yield Run(s, ln, False, True, h)
+                elif k == UNALLOCATED_ALLOC:
+                    yield Run(s, ln, False, False, h)
+                else:
+                    yield Run(s, ln, False, False)
+            pos += n
+
+    # ------------------------------------------------------------ reading
+    def _read_zeroed(self, mv: memoryview, offset: int) -> None:
+        self._check_open()
+        starts, lens, kinds, hosts, csizes = self.run_arrays(offset, len(mv))
+        rel = starts - offset
+        data = kinds == DATA
+        if data.any():
+            h, n = hosts[data], lens[data]
+            if self.data_storage is self.storage:
+                past = np.flatnonzero(h >= self._file_size)
+                if past.size:
+                    i = int(past[0])
+                    raise CorruptImageError(
+                        f"guest offset {int(starts[data][i])}: data cluster at host "
+                        f"{int(h[i]):#x} lies past the end of the file")
+            self.data_storage.read_runs(mv, rel[data], h, n)
+        fall = (kinds == UNALLOCATED) | (kinds == UNALLOCATED_ALLOC)
+        if self.backing is not None and fall.any():
+            for r, s, n in zip(rel[fall].tolist(), starts[fall].tolist(), lens[fall].tolist()):
+                self._read_backing(mv[r:r + n], s)
+        comp = kinds == COMPRESSED
+        if comp.any():
+            self._read_compressed(mv, rel[comp], starts[comp], lens[comp], hosts[comp],
+                                  csizes[comp])
+
+    def _read_compressed(self, mv, rel, starts, lens, coffs, csizes) -> None:
+        cs = self.cluster_size
+        jobs = []        # (mv_offset, offset_in_cluster, length, coff, csize)
+        for r, s, n, co, sz in zip(rel.tolist(), starts.tolist(), lens.tolist(),
+                                   coffs.tolist(), csizes.tolist()):
+            if co == self._last_cluster[0]:
+                mv[r:r + n] = self._last_cluster[1][s % cs:s % cs + n]
+                continue
+            jobs.append((r, s % cs, n, co, sz))
+        if not jobs:
+            return
+        # read all compressed streams with as few requests as possible
+        jobs.sort(key=lambda j: j[3])
+        spans = []       # [start, end, [job indexes]]
+        for i, (_, _, _, co, sz) in enumerate(jobs):
+            if co + sz > self._file_size + 512:
+                raise CorruptImageError(f"compressed cluster at {co:#x} (+{sz}) lies past "
+                                        f"the end of the file")
+            if spans and co <= spans[-1][1] + 4096:
+                spans[-1][1] = max(spans[-1][1], co + sz)
+                spans[-1][2].append(i)
+            else:
+                spans.append([co, co + sz, [i]])
+        streams = [b""] * len(jobs)
+        for start, end, members in spans:
+            blob = self.storage.pread(start, end - start)
+            for i in members:
+                co, sz = jobs[i][3], jobs[i][4]
+                streams[i] = blob[co - start:co - start + sz]
+        codec = self.codec
+        if len(jobs) == 1:
+            outs = [decompress_cluster(codec, streams[0], cs)]
+        else:
+            outs = list(_pool().map(lambda s: decompress_cluster(codec, s, cs), streams))
+        for (r, within, n, co, _), out in zip(jobs, outs):
+            mv[r:r + n] = out[within:within + n]
+        self._last_cluster = (jobs[-1][3], outs[-1])
+
+    # ------------------------------------------------------------ facts
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.incompatible_features & 1)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.header.incompatible_features & 2)

@@ -1,0 +1,201 @@
+"""``info`` and ``map`` in qemu-img's terms, and QEMU's JSON text layout.
+
+qemu-img prints dictionaries in the iteration order of QEMU's QDict (a
+512-bucket hash table keyed by the tdb hash of the key) with a 4-space
+pretty printer; :func:`qemu_json` reproduces that layout so our output is
+identical text, not just equal JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+from .image import Image
+
+_BUCKETS = 512
+
+
+def _qdict_bucket(key: str) -> int:
+    """Bucket of ``key`` in QEMU's QDict (the tdb hash, mod 512)."""
+    b = key.encode()
+    v = (0x238F13AF * len(b)) & 0xFFFFFFFF
+    for i, c in enumerate(b):
+        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % _BUCKETS
+
+
+def _qdict_order(d: dict) -> List[str]:
+    # within a bucket QEMU inserts at the head: later keys come first
+    keys = list(d)
+    return sorted(keys, key=lambda k: (_qdict_bucket(k), -keys.index(k)))
+
+
+def qemu_json(obj, indent: int = 0) -> str:
+    """Serialise like QEMU's pretty JSON writer (key order as a QDict iterates)."""
+    pad = "    " * (indent + 1)
+    end = "    " * indent
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad}{json.dumps(k)}: {qemu_json(obj[k], indent + 1)}" for k in _qdict_order(obj)]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            return "[]"
+        return "[\n" + ",\n".join(pad + qemu_json(v, indent + 1) for v in obj) + "\n" + end + "]"
+    return json.dumps(obj)
+
+
+# ------------------------------------------------------------------ info
+def image_info(img: Image) -> dict:
+    """The fields of ``qemu-img info --output=json`` (QEMU 7.2 ImageInfo)."""
+    info: Dict[str, object] = {
+        "virtual-size": img.size,
+        "filename": img.filename,
+        "format": img.format,
+        "actual-size": _actual_size(img),
+        "dirty-flag": bool(getattr(img, "dirty", False)),
+    }
+    if img.format == "qcow2":
+        from .qcow2 import Qcow2Image
+        assert isinstance(img, Qcow2Image)
+        h = img.header
+        info["cluster-size"] = img.cluster_size
+        if h.backing_file is not None:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = (img.backing.filename if img.backing is not None
+                                             else _full_name(img, h.backing_file))
+            if h.backing_format is not None:
+                info["backing-filename-format"] = h.backing_format
+        if img.snapshots:
+            info["snapshots"] = [s.info() for s in img.snapshots]
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+    return info
+
+
+def _actual_size(img: Image) -> int:
+    size = img.storage.allocated_size()
+    data = getattr(img, "data_storage", img.storage)
+    if data is not img.storage:
+        size += data.allocated_size()
+    return size
+
+
+def _full_name(img: Image, name: str) -> str:
+    if os.path.isabs(name) or ":" in name.split("/", 1)[0]:
+        return name
+    return os.path.join(os.path.dirname(img.filename), name)
+
+
+def _qcow2_specific(img) -> dict:
+    h = img.header
+    if h.version == 2:
+        return {"compat": "0.10", "compression-type": h.compression_name,
+                "refcount-bits": h.refcount_bits}
+    d: Dict[str, object] = {
+        "compat": "1.1",
+        "compression-type": h.compression_name,
+        "lazy-refcounts": bool(h.compatible_features & 1),
+        "refcount-bits": h.refcount_bits,
+        "corrupt": bool(h.incompatible_features & 2),
+        "extended-l2": h.extended_l2,
+    }
+    if img.bitmaps:
+        d["bitmaps"] = [b.info() for b in img.bitmaps]
+    if h.has_data_file:
+        if h.data_file is not None:
+            d["data-file"] = h.data_file
+        d["data-file-raw"] = h.data_file_raw
+    return d
+
+
+# ------------------------------------------------------------------ map
+def image_map(img: Image, start: int = 0, length: Optional[int] = None) -> List[dict]:
+    """``qemu-img map --output=json`` entries, merged as qemu-img merges them."""
+    end = img.size if length is None else min(img.size, start + length)
+    out: List[dict] = []
+    for e in _chain_status(img, start, end - start, 0):
+        if out and _mergeable(out[-1], e):
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out
+
+
+def _entry(start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
+           offset: Optional[int]) -> dict:
+    e = {"start": start, "length": length, "depth": depth, "present": present,
+         "zero": zero, "data": data}
+    if offset is not None:
+        e["offset"] = offset
+    return e
+
+
+def _chain_status(img: Image, offset: int, length: int, depth: int):
+    """Block status over the chain, as QEMU's get_block_status walks it."""
+    for r in img.layer_runs(offset, length):
+        if r.allocated:
+            yield _entry(r.start, r.length, depth, True, r.zero, r.data, r.offset)
+            continue
+        b = img.backing
+        if b is None:
+            # unallocated at the bottom: reads as zeros, not present
+            yield _entry(r.start, r.length, depth, False, True, False, r.offset)
+            continue
+        s, e = r.start, r.start + r.length
+        if s < b.size:
+            yield from _chain_status(b, s, min(e, b.size) - s, depth + 1)
+        if e > b.size:
+            s2 = max(s, b.size)
+            off = None if r.offset is None else r.offset + (s2 - s)
+            yield _entry(s2, e - s2, depth, False, True, False, off)
+
+
+def _mergeable(a: dict, b: dict) -> bool:
+    for k in ("depth", "present", "zero", "data"):
+        if a[k] != b[k]:
+            return False
+    if ("offset" in a) != ("offset" in b):
+        return False
+    if "offset" in a and a["offset"] + a["length"] != b["offset"]:
+        return False
+    return a["start"] + a["length"] == b["start"]
+
+
+def map_json(entries: List[dict]) -> str:
+    """The text qemu-img prints for ``map --output=json``."""
+    lines = []
+    for e in entries:
+        s = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]},'
+             f' "present": {_b(e["present"])}, "zero": {_b(e["zero"])}, "data": {_b(e["data"])}')
+        if "offset" in e:
+            s += f', "offset": {e["offset"]}'
+        lines.append(s + "}")
+    return "[" + ",\n".join(lines) + "]\n"
+
+
+def map_human(img: Image, entries: List[dict]) -> str:
+    """qemu-img's human ``map`` table (data ranges only)."""
+    from .errors import UnsupportedFeatureError
+    chain = img.chain()
+    rows = ["Offset          Length          Mapped to       File"]
+    for e in entries:
+        if not e["data"]:
+            continue
+        if "offset" not in e:
+            raise UnsupportedFeatureError("File contains external, encrypted or compressed "
+                                          "clusters.")
+        layer = chain[e["depth"]]
+        fname = getattr(layer, "data_file_path", None) or layer.filename
+        rows.append(f"{_hex16(e['start'])}{_hex16(e['length'])}{_hex16(e['offset'])}{fname}")
+    return "\n".join(rows) + "\n"
+
+
+def _hex16(v: int) -> str:
+    return f"{v:#x}".ljust(16) if v else "0".ljust(16)
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
