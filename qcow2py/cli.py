@@ -85,6 +85,39 @@ def _cmd_map(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .check import check_image
+    from .qcow2 import Qcow2Image
+    with open_image(args.filename, format=args.f) as img:
+        if not isinstance(img, Qcow2Image):
+            print(f"qcow2py: This image format does not support checks", file=sys.stderr)
+            return 63
+        res = check_image(img)
+    if args.output == "json":
+        sys.stdout.write(qemu_json(res.to_json_dict()) + "\n")
+    else:
+        for m in res.messages:
+            print(m, file=sys.stderr)
+        out = []
+        if res.corruptions:
+            out.append(f"\n{res.corruptions} errors were found on the image.\nData may be "
+                       f"corrupted, or further writes to the image may corrupt it.")
+        if res.leaks:
+            out.append(f"\n{res.leaks} leaked clusters were found on the image.\nThis means "
+                       f"waste of disk space, but no harm to data.")
+        if not res.corruptions and not res.leaks and not res.check_errors:
+            out.append("No errors were found on the image.")
+        t = res.total_clusters or 1
+        out.append(f"{res.allocated_clusters}/{res.total_clusters} = "
+                   f"{100 * res.allocated_clusters / t:.2f}% allocated, "
+                   f"{100 * res.fragmented_clusters / max(res.allocated_clusters, 1):.2f}% "
+                   f"fragmented, {100 * res.compressed_clusters / max(res.allocated_clusters, 1):.2f}% "
+                   f"compressed clusters")
+        out.append(f"Image end offset: {res.image_end_offset}")
+        print("\n".join(out))
+    return res.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
                                 "(qemu-img compatible where the subcommands overlap)")
@@ -108,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-U", "--force-share", action="store_true")
     m.add_argument("filename")
     m.set_defaults(func=_cmd_map)
+
+    c = sub.add_parser("check", help="check refcounts and metadata (qemu-img check)")
+    c.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
+    c.add_argument("--output", choices=["human", "json"], default="human")
+    c.add_argument("-U", "--force-share", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("filename")
+    c.set_defaults(func=_cmd_check)
     return p
 
 
