@@ -172,7 +172,7 @@ class Qcow2Image(Image):
         if l2_off == 0:
             t = self._empty_table()
         else:
-            raw = self.storage.pread(l2_off, self.cluster_size)
+            raw = self._l2_bytes(l1_index, l2_off)
             try:
                 kinds, hosts = native.decode_l2(raw, self.cluster_bits, self.extended_l2,
                                                 self.header.has_data_file)
@@ -189,6 +189,17 @@ class Qcow2Image(Image):
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
         return t
+
+    def _l2_bytes(self, l1_index: int, l2_off: int) -> bytes:
+        """Raw bytes of an L2 table (the writer overrides this with its own cache)."""
+        return self.storage.pread(l2_off, self.cluster_size)
+
+    def _forget_table(self, l1_index: int) -> None:
+        """Drop a decoded table from the cache after its L2 entries changed."""
+        with self._cache_lock:
+            t = self._cache.pop(l1_index, None)
+            if t is not None:
+                self._cache_bytes -= t.nbytes
 
     _empty: Optional[_UnitTable] = None
 
