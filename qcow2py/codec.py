@@ -29,8 +29,18 @@ def decompress_cluster(codec: str, data: bytes, cluster_size: int) -> bytes:
         elif codec == "zstd":
             if _zstd is None:
                 raise UnsupportedFeatureError("zstd-compressed image needs the zstandard package")
-            d = _zstd.ZstdDecompressor().decompressobj()
-            out = d.decompress(data)[:cluster_size]
+            # stream, and stop at one cluster: a hostile frame may expand to
+            # gigabytes or claim any content size (QEMU also stops when full)
+            reader = _zstd.ZstdDecompressor().stream_reader(bytes(data),
+                                                            read_across_frames=True)
+            parts, got = [], 0
+            while got < cluster_size:
+                part = reader.read(cluster_size - got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            out = b"".join(parts)
         else:
             raise UnsupportedFeatureError(f"unknown compression type {codec!r}")
     except (zlib.error, getattr(_zstd, "ZstdError", zlib.error)) as e:
