@@ -73,7 +73,8 @@ class BitmapsExtension:
     @classmethod
     def parse(cls, data: bytes) -> "BitmapsExtension":
         if len(data) < _BITMAPS_EXT.size:
-            raise FormatError("bitmaps extension is too short")
+            raise FormatError(f"bitmaps extension is too short ({len(data)} bytes, "
+                              f"{_BITMAPS_EXT.size} needed)")
         nb, reserved, size, off = _BITMAPS_EXT.unpack_from(data)
         return cls(nb, size, off, reserved)
 
@@ -190,17 +191,20 @@ class Header:
                 rt_off, rt_clusters, nb_snap, snap_off)
         if version == 3:
             if len(buf) < V3_MIN_HEADER_LENGTH:
-                raise FormatError("file too short for a qcow2 v3 header")
+                raise FormatError(f"file too short for a qcow2 v3 header ({len(buf)} bytes, "
+                                  f"{V3_MIN_HEADER_LENGTH} needed)")
             (h.incompatible_features, h.compatible_features, h.autoclear_features,
              h.refcount_order, h.header_length) = _V3.unpack_from(buf, 72)
             if h.header_length < V3_MIN_HEADER_LENGTH:
                 raise FormatError(f"qcow2 header too short (header_length {h.header_length})")
             if h.header_length > cluster_size:
-                raise FormatError("qcow2 header exceeds cluster size")
+                raise FormatError(f"qcow2 header_length {h.header_length} exceeds the "
+                                  f"cluster size ({cluster_size})")
             if h.header_length % 8:
                 raise FormatError(f"header_length {h.header_length} is not a multiple of 8")
             if len(buf) < h.header_length:
-                raise FormatError("file too short for its header_length")
+                raise FormatError(f"file too short for its header_length ({len(buf)} bytes, "
+                                  f"header_length {h.header_length})")
             if h.header_length > V3_MIN_HEADER_LENGTH:
                 h.compression_type = buf[104]
             # padding and any fields a newer writer added, kept verbatim
@@ -218,17 +222,24 @@ class Header:
         if self.version == 2 and self.refcount_order != 4:
             raise FormatError("v2 images must use 16-bit refcounts")
         if self.size > (1 << 63) - 1:
-            raise FormatError("virtual size too large")
+            raise FormatError(f"virtual size too large ({self.size} bytes)")
         # backing file name
         if self.backing_file_offset:
             if self.backing_file_offset > cs:
-                raise FormatError(f"invalid backing file offset {self.backing_file_offset}")
+                raise FormatError(f"invalid backing file offset {self.backing_file_offset} "
+                                  f"(past cluster 0 of {cs} bytes)")
             if self.backing_file_size > min(MAX_BACKING_NAME, cs - self.backing_file_offset):
-                raise FormatError(f"backing file name too long ({self.backing_file_size} bytes)")
+                raise FormatError(f"backing file name too long ({self.backing_file_size} bytes "
+                                  f"at offset {self.backing_file_offset}; at most "
+                                  f"{min(MAX_BACKING_NAME, cs - self.backing_file_offset)} fit)")
+        if self.extended_l2 and self.cluster_bits < 14:
+            raise FormatError(f"extended L2 entries need clusters of at least 16 KiB "
+                              f"(cluster size {cs})")
         # L1 table
         l2_entries = cs // (16 if self.extended_l2 else 8)
         if self.l1_size * 8 > MAX_L1_BYTES:
-            raise FormatError(f"L1 table too large ({self.l1_size} entries)")
+            raise FormatError(f"L1 table too large ({self.l1_size} entries; at most "
+                              f"{MAX_L1_BYTES // 8})")
         needed = -(-self.size // (cs * l2_entries)) if self.size else 0
         if self.l1_size < needed:
             raise FormatError(f"L1 table is too small ({self.l1_size} entries, "
@@ -239,21 +250,23 @@ class Header:
         if self.refcount_table_offset == 0:
             raise FormatError("image does not contain a reference count table")
         if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
-            raise FormatError(f"refcount table too large ({self.refcount_table_clusters} clusters)")
+            raise FormatError(f"refcount table too large ({self.refcount_table_clusters} "
+                              f"clusters; at most {MAX_REFTABLE_BYTES // cs})")
         self._check_table("refcount table", self.refcount_table_offset,
                           self.refcount_table_clusters * cs, file_size, required=True)
         # snapshots
         if self.nb_snapshots > MAX_SNAPSHOTS:
-            raise FormatError(f"too many snapshots ({self.nb_snapshots})")
+            raise FormatError(f"too many snapshots ({self.nb_snapshots}; at most "
+                              f"{MAX_SNAPSHOTS})")
         if self.nb_snapshots:
-            self._check_table("snapshot table", self.snapshots_offset, 40, file_size,
-                              required=True)
+            # each entry is at least 40 bytes
+            self._check_table("snapshot table", self.snapshots_offset, 40 * self.nb_snapshots,
+                              file_size, required=True)
         if self.compression_type not in COMPRESSION_NAMES:
             raise UnsupportedFeatureError(f"unknown compression type {self.compression_type}")
         if bool(self.compression_type) != bool(self.incompatible_features & INCOMPAT_COMPRESSION):
-            raise FormatError("compression_type field and incompatible bit 3 disagree")
-        if self.extended_l2 and self.cluster_bits < 14:
-            raise FormatError("extended L2 entries need clusters of at least 16 KiB")
+            raise FormatError(f"compression_type field ({self.compression_type}) and "
+                              f"incompatible bit 3 (compression type) disagree")
 
     def _check_table(self, what: str, offset: int, length: int,
                      file_size: Optional[int], required: bool) -> None:
@@ -295,7 +308,8 @@ class Header:
             elif magic == EXT_FEATURE_TABLE:
                 self.has_feature_table = True
                 if length % 48:
-                    raise FormatError("feature name table length is not a multiple of 48")
+                    raise FormatError(f"feature name table length {length} is not a "
+                                      f"multiple of 48")
                 for i in range(0, length, 48):
                     t, bit = data[i], data[i + 1]
                     name = data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -304,7 +318,11 @@ class Header:
                 self.bitmaps = BitmapsExtension.parse(data)
             elif magic == EXT_CRYPTO:
                 if length < 16:
-                    raise FormatError("crypto header extension is too short")
+                    raise FormatError(f"crypto header extension is too short ({length} bytes, "
+                                      f"16 needed)")
+                if self.crypt_method != 2:
+                    raise FormatError(f"crypto header extension present but crypt_method is "
+                                      f"{self.crypt_method}, not 2 (LUKS)")
                 self.crypto = _CRYPTO_EXT.unpack_from(data)
             elif magic == EXT_DATA_FILE:
                 self.data_file = _decode_name(data, "data file")
@@ -314,7 +332,9 @@ class Header:
             lo = self.backing_file_offset
             raw = buf[lo:lo + self.backing_file_size]
             if len(raw) != self.backing_file_size:
-                raise FormatError("backing file name extends past the end of the file")
+                raise FormatError(f"backing file name at {lo} (+{self.backing_file_size}) "
+                                  f"extends past the end of the file ({len(buf)} bytes "
+                                  f"of cluster 0)")
             self.backing_file = _decode_name(raw, "backing file")
 
     def _validate_features(self) -> None:
