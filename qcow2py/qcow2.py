@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import native
-from .codec import decompress_cluster
+from .decompress import decompress_into, pool as decompress_pool
 from .errors import BackingChainError, CorruptImageError, FormatError, UnsupportedFeatureError
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
@@ -33,17 +32,7 @@ L1E_RESERVED_MASK = 0x7F000000000001FF
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 _MAX_HEADER_READ = 1 << 21
 
-_decompress_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _decompress_pool
-    with _pool_lock:
-        if _decompress_pool is None:
-            _decompress_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                                  thread_name_prefix="qcow2py-inflate")
-        return _decompress_pool
+_pool = decompress_pool     # the decompression threads (started on first use)
 
 
 class _UnitTable:
@@ -340,41 +329,51 @@ class Qcow2Image(Image):
 
     def _read_compressed(self, mv, rel, starts, lens, coffs, csizes) -> None:
         cs = self.cluster_size
+        last_off, last_data = self._last_cluster
         jobs = []        # (mv_offset, offset_in_cluster, length, coff, csize)
         for r, s, n, co, sz in zip(rel.tolist(), starts.tolist(), lens.tolist(),
                                    coffs.tolist(), csizes.tolist()):
-            if co == self._last_cluster[0]:
-                mv[r:r + n] = self._last_cluster[1][s % cs:s % cs + n]
+            if co == last_off:
+                w = s % cs
+                mv[r:r + n] = last_data[w:w + n]
                 continue
             jobs.append((r, s % cs, n, co, sz))
         if not jobs:
             return
-        # read all compressed streams with as few requests as possible
-        jobs.sort(key=lambda j: j[3])
-        spans = []       # [start, end, [job indexes]]
-        for i, (_, _, _, co, sz) in enumerate(jobs):
+        # read all compressed streams into one buffer with as few requests as possible
+        spans = []       # [start, end]
+        for _, _, _, co, sz in sorted(jobs, key=lambda j: j[3]):
             if co + sz > self._file_size + 512:
                 raise CorruptImageError(f"compressed cluster at {co:#x} (+{sz}) lies past "
                                         f"the end of the file")
             if spans and co <= spans[-1][1] + 4096:
                 spans[-1][1] = max(spans[-1][1], co + sz)
-                spans[-1][2].append(i)
             else:
-                spans.append([co, co + sz, [i]])
-        streams = [b""] * len(jobs)
-        for start, end, members in spans:
-            blob = self.storage.pread(start, end - start)
-            for i in members:
-                co, sz = jobs[i][3], jobs[i][4]
-                streams[i] = blob[co - start:co - start + sz]
-        codec = self.codec
-        if len(jobs) == 1:
-            outs = [decompress_cluster(codec, streams[0], cs)]
-        else:
-            outs = list(_pool().map(lambda s: decompress_cluster(codec, s, cs), streams))
-        for (r, within, n, co, _), out in zip(jobs, outs):
-            mv[r:r + n] = out[within:within + n]
-        self._last_cluster = (jobs[-1][3], outs[-1])
+                spans.append([co, co + sz])
+        src = bytearray(sum(e - b for b, e in spans))       # past EOF stays zero
+        smv = memoryview(src)
+        starts_in_src, pos = [], 0
+        for b, e in spans:
+            self.storage.pread_into(smv[pos:pos + e - b], b)
+            starts_in_src.append((b, pos))
+            pos += e - b
+        src_offs, src_lens, dsts, partial = [], [], [], []
+        k = 0
+        for r, within, n, co, sz in sorted(jobs, key=lambda j: j[3]):
+            while k + 1 < len(spans) and co >= spans[k + 1][0]:
+                k += 1
+            src_offs.append(starts_in_src[k][1] + co - starts_in_src[k][0])
+            src_lens.append(sz)
+            if n == cs:                   # a whole cluster: decompress in place
+                dsts.append(mv[r:r + cs])
+            else:
+                buf = bytearray(cs)
+                dsts.append(memoryview(buf))
+                partial.append((r, within, n, co, buf))
+        decompress_into(self.codec, src, src_offs, src_lens, dsts, cs)
+        for r, within, n, co, buf in partial:
+            mv[r:r + n] = buf[within:within + n]
+            self._last_cluster = (co, bytes(buf))   # a partial read often continues here
 
     # ------------------------------------------------------------ facts
     @property

@@ -1,0 +1,111 @@
+"""Batch decompression into caller buffers (qcow2py.decompress) and its use by reads."""
+
+import os
+import random
+import zlib
+
+import pytest
+
+from qcow2py import CorruptImageError, decompress
+from qcow2py.codec import compress_cluster, decompress_cluster
+
+CS = 65536
+
+
+def _clusters(n, seed=7):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            data = rng.randbytes(CS)                       # incompressible
+        elif kind == 1:
+            data = bytes([i % 251]) * CS                   # very compressible
+        else:
+            data = (b"qcow2 cluster %d " % i) * (CS // 16)
+            data = data[:CS]
+        out.append(data)
+    return out
+
+
+def _pack(streams, pad=300):
+    """Streams back to back at unaligned offsets, each followed by junk padding."""
+    src, offs, lens = bytearray(b"\x99" * 17), [], []
+    for s in streams:
+        offs.append(len(src))
+        lens.append(len(s) + pad)
+        src += s + os.urandom(pad)
+    return src, offs, lens
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_batch_matches_reference(codec, n):
+    data = _clusters(n)
+    streams = [compress_cluster(codec, d) for d in data]
+    src, offs, lens = _pack(streams)
+    out = bytearray(b"\xee" * (CS * n))
+    mv = memoryview(out)
+    decompress.decompress_into(codec, src, offs, lens, [mv[i * CS:(i + 1) * CS] for i in range(n)],
+                               CS)
+    for i in range(n):
+        assert out[i * CS:(i + 1) * CS] == data[i] == decompress_cluster(
+            codec, bytes(src[offs[i]:offs[i] + lens[i]]), CS)
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+@pytest.mark.parametrize("bad_at", [0, 17, 39])
+def test_batch_error_names_the_problem(codec, bad_at):
+    data = _clusters(40)
+    streams = [compress_cluster(codec, d) for d in data]
+    streams[bad_at] = b"\xff" * 64
+    src, offs, lens = _pack(streams)
+    dsts = [memoryview(bytearray(CS)) for _ in range(40)]
+    with pytest.raises(CorruptImageError, match="does not decompress"):
+        decompress.decompress_into(codec, src, offs, lens, dsts, CS)
+
+
+def test_batch_short_stream():
+    c = zlib.compressobj(6, zlib.DEFLATED, -12)
+    short = c.compress(b"x" * 100) + c.flush()
+    streams = [compress_cluster("zlib", d) for d in _clusters(9)]
+    streams[5] = short
+    src, offs, lens = _pack(streams, pad=0)
+    dsts = [memoryview(bytearray(CS)) for _ in range(9)]
+    with pytest.raises(CorruptImageError, match="100 bytes"):
+        decompress.decompress_into("zlib", src, offs, lens, dsts, CS)
+
+
+def test_batch_stream_longer_than_a_cluster_is_cut():
+    data = _clusters(4)
+    streams = [compress_cluster("zlib", d + d) for d in data]          # 2 clusters each
+    src, offs, lens = _pack(streams)
+    dsts = [memoryview(bytearray(CS)) for _ in range(4)]
+    decompress.decompress_into("zlib", src, offs, lens, dsts, CS)
+    assert [bytes(d) for d in dsts] == data
+
+
+def test_unknown_codec_raises():
+    from qcow2py import UnsupportedFeatureError
+    with pytest.raises(UnsupportedFeatureError):
+        decompress.decompress_into("lz4", b"abc", [0, 0], [3, 3],
+                                   [memoryview(bytearray(CS))] * 2, CS)
+
+
+def test_sequential_small_reads_decompress_each_cluster_once(tmp_path):
+    """4 KiB reads through compressed clusters fetch each stream from the file once."""
+    import qcow2py
+    from qcow2py.storage import TracingStorage
+    from qemu import qemu_img
+
+    data = b"".join(c for i, c in enumerate(_clusters(6, seed=3)) if i % 3)   # compressible
+    raw = tmp_path / "c.raw"
+    raw.write_bytes(data)
+    p = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, p)
+    with qcow2py.open(str(p)) as img:
+        assert img.read(len(data) - 1, 1) == data[-1:]      # loads the L2 table
+        img.storage = tr = TracingStorage(img.storage)
+        got = b"".join(img.read(off, 4096) for off in range(0, len(data), 4096))
+        assert got == data
+        assert len(tr.reads()) == 4, tr.reads()
