@@ -19,7 +19,9 @@ class RawImage(Image):
         super().__init__()
         self.storage = storage
         self.filename = filename
-        self.size = storage.size()
+        # QEMU counts whole 512-byte sectors: a file with a partial last sector has
+        # its size rounded up, and the bytes past the end of the file read as zeros
+        self.size = -(-storage.size() // 512) * 512
 
     def _read_zeroed(self, mv: memoryview, offset: int) -> None:
         self._check_open()

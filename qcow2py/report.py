@@ -38,14 +38,41 @@ def qemu_json(obj, indent: int = 0) -> str:
     end = "    " * indent
     if isinstance(obj, dict):
         if not obj:
-            return "{}"
-        items = [f"{pad}{json.dumps(k)}: {qemu_json(obj[k], indent + 1)}" for k in _qdict_order(obj)]
+            return "{\n" + end + "}"      # QEMU's writer breaks the line even when empty
+        items = [f"{pad}{_qemu_str(k)}: {qemu_json(obj[k], indent + 1)}" for k in _qdict_order(obj)]
         return "{\n" + ",\n".join(items) + "\n" + end + "}"
     if isinstance(obj, (list, tuple)):
         if not obj:
-            return "[]"
+            return "[\n" + end + "]"
         return "[\n" + ",\n".join(pad + qemu_json(v, indent + 1) for v in obj) + "\n" + end + "]"
+    if isinstance(obj, str):
+        return _qemu_str(obj)
     return json.dumps(obj)
+
+
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n",
+                  "\r": "\\r", "\t": "\\t"}
+
+
+def _qemu_str(s: str) -> str:
+    """A JSON string as QEMU writes it: printable ASCII as is (``/`` too), every
+    other character as ``\\uXXXX`` with upper-case hex, surrogate pairs above the BMP."""
+    out = ['"']
+    for ch in s:
+        c = ord(ch)
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif 0x20 <= c < 0x7F:
+            out.append(ch)
+        elif c > 0xFFFF:
+            c -= 0x10000
+            out.append(f"\\u{0xD800 + (c >> 10):04X}\\u{0xDC00 + (c & 0x3FF):04X}")
+        else:
+            if 0xD800 <= c < 0xE000:       # a lone surrogate (from undecodable bytes)
+                c = 0xFFFD
+            out.append(f"\\u{c:04X}")
+    out.append('"')
+    return "".join(out)
 
 
 # ------------------------------------------------------------------ info
@@ -76,11 +103,8 @@ def image_info(img: Image) -> dict:
 
 
 def _actual_size(img: Image) -> int:
-    size = img.storage.allocated_size()
-    data = getattr(img, "data_storage", img.storage)
-    if data is not img.storage:
-        size += data.allocated_size()
-    return size
+    # QEMU 7.2 counts the image's own file only: an external data file is left out
+    return img.storage.allocated_size()
 
 
 def _full_name(img: Image, name: str) -> str:
@@ -187,6 +211,8 @@ def map_human(img: Image, entries: List[dict]) -> str:
         if "offset" not in e:
             raise UnsupportedFeatureError("File contains external, encrypted or compressed "
                                           "clusters.")
+        if e["zero"]:       # data that reads as zeros (a hole under preallocated metadata)
+            continue
         layer = chain[e["depth"]]
         fname = getattr(layer, "data_file_path", None) or layer.filename
         rows.append(f"{_hex16(e['start'])}{_hex16(e['length'])}{_hex16(e['offset'])}{fname}")
