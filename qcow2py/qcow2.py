@@ -383,3 +383,56 @@ class Qcow2Image(Image):
     @property
     def corrupt(self) -> bool:
         return bool(self.header.incompatible_features & 2)
+
+    _metadata_prealloc: Optional[bool] = None
+
+    @property
+    def metadata_preallocated(self) -> bool:
+        """Whether QEMU 7.2 would take this image for a metadata-preallocated one.
+
+        QEMU's block status decides it once per open: it counts the host
+        clusters (below the end of the file) whose refcount is not zero and
+        compares that with the space the file really occupies; at least
+        ``max(real * 10/9, real + 2)`` referenced clusters, ``real`` being the
+        allocated bytes in whole clusters, means metadata preallocation.  Then
+        each data range is also checked against the host file's holes, which
+        ``map`` reports as zeros.  Any refcount error means "no", as in QEMU.
+        """
+        if self._metadata_prealloc is None:
+            cs = self.cluster_size
+            real = self.storage.allocated_size() // cs
+            threshold = max(real * 10 // 9, real + 2)
+            end_cluster = -(-self.storage.size() // cs)
+            try:
+                self._metadata_prealloc = self._count_referenced(end_cluster) >= threshold
+            except (CorruptImageError, FormatError, ValueError):
+                self._metadata_prealloc = False
+        return self._metadata_prealloc
+
+    def _count_referenced(self, end_cluster: int) -> int:
+        """Number of host clusters below ``end_cluster`` with a refcount above 0."""
+        h = self.header
+        cs = self.cluster_size
+        order = h.refcount_order
+        per_block = (cs * 8) >> order
+        nblocks = min(-(-end_cluster // per_block), h.refcount_table_clusters * cs // 8)
+        if nblocks <= 0:
+            return 0
+        table = np.frombuffer(self.storage.pread(h.refcount_table_offset, nblocks * 8),
+                              dtype=">u8").astype(np.uint64) & np.uint64(~511 & (2**64 - 1))
+        count = 0
+        for bi in np.flatnonzero(table).tolist():
+            off = int(table[bi])
+            if off % cs or off + cs > self._file_size:
+                raise CorruptImageError(f"refcount block {bi} at {off:#x} is misaligned or "
+                                        f"past the end of the file")
+            raw = np.frombuffer(self.storage.pread(off, cs), dtype=np.uint8)
+            if order >= 3:
+                entries = raw.view(f">u{1 << (order - 3)}")
+            else:
+                width = 1 << order          # sub-byte entries, first entry in the low bits
+                shifts = np.arange(0, 8, width, dtype=np.uint8)
+                entries = ((raw[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)
+            entries = entries[:max(0, end_cluster - bi * per_block)]
+            count += int(np.count_nonzero(entries))
+        return count

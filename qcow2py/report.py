@@ -160,6 +160,9 @@ def _entry(start: int, length: int, depth: int, present: bool, zero: bool, data:
 def _chain_status(img: Image, offset: int, length: int, depth: int):
     """Block status over the chain, as QEMU's get_block_status walks it."""
     for r in img.layer_runs(offset, length):
+        if r.data and r.offset is not None and getattr(img, "metadata_preallocated", False):
+            yield from _host_status(img, r, depth)
+            continue
         if r.allocated:
             yield _entry(r.start, r.length, depth, True, r.zero, r.data, r.offset)
             continue
@@ -175,6 +178,14 @@ def _chain_status(img: Image, offset: int, length: int, depth: int):
             s2 = max(s, b.size)
             off = None if r.offset is None else r.offset + (s2 - s)
             yield _entry(s2, e - s2, depth, False, True, False, off)
+
+
+def _host_status(img: Image, r, depth: int):
+    """A data run of a metadata-preallocated qcow2 layer, split where the host file
+    has holes (or ends): QEMU then asks the file, and reports holes as zeros."""
+    for start, n, is_data in img.data_storage.allocation(r.offset, r.length):
+        guest = r.start + (start - r.offset)
+        yield _entry(guest, n, depth, True, not is_data, True, start)
 
 
 def _mergeable(a: dict, b: dict) -> bool:
