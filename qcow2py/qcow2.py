@@ -279,11 +279,31 @@ class Qcow2Image(Image):
         rcs = csizes[first] if csizes is not None else None
         return starts, ends - starts, rkinds, rhosts, rcs
 
+    def _next_allocated_table(self, t: int) -> Optional[int]:
+        """First L1 index >= ``t`` with an L2 table, or None (scans in growing steps)."""
+        l1 = self._l1
+        step = 64
+        while t < l1.size:
+            nz = np.flatnonzero(l1[t:t + step])
+            if nz.size:
+                return t + int(nz[0])
+            t += step
+            step *= 2
+        return None
+
     def layer_runs(self, offset: int, length: int) -> Iterator[Run]:
         end = min(offset + length, self.size)
         window = self.units_per_table << self.unit_bits
         pos = offset
         while pos < end:
+            # a stretch of L1 entries without L2 tables is one unallocated run: a
+            # hostile image with a huge, empty L1 must not cost one pass per entry
+            nxt = self._next_allocated_table(pos // window)
+            if nxt != pos // window:
+                stop = end if nxt is None else min(end, nxt * window)
+                yield Run(pos, stop - pos, False, False)
+                pos = stop
+                continue
             n = min(end - pos, window - pos % window)
             starts, lens, kinds, hosts, _ = self.run_arrays(pos, n)
             for s, ln, k, h in zip(starts.tolist(), lens.tolist(), kinds.tolist(),
