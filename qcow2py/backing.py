@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,8 +51,32 @@ class BackingPolicy:
         if not self.allow_files:
             raise BackingChainError(f"{what} {name!r} refused by the backing policy")
         if os.path.isabs(name) or parent_path is None:
-            return name
-        return os.path.join(os.path.dirname(parent_path), name)
+            path = name
+        else:
+            path = os.path.join(os.path.dirname(parent_path), name)
+        _check_file_type(path, what)
+        return path
+
+
+def _check_file_type(path: str, what: str) -> None:
+    """Refuse names of directories, FIFOs, sockets and character devices.
+
+    Opening a FIFO blocks until a writer appears and a directory fails on the
+    first read, so an image naming ``.`` or ``/dev/stdin`` must be refused
+    before anything is opened.  A missing file is left to the caller.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise BackingChainError(f"{what} {path!r} cannot be examined: {e.strerror}") from None
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device"
+            if stat.S_ISCHR(mode) else "not a regular file")
+    raise BackingChainError(f"{what} {path!r} is {kind}, not a regular file or block device")
 
 
 DEFAULT_POLICY = BackingPolicy()
