@@ -575,6 +575,29 @@ def test_extended_l2_small_clusters(tmp_path):
     open_fails(p, FormatError, "extended L2", "16 KiB")
 
 
+def test_map_of_huge_empty_l1_is_fast(tmp_path):
+    """128 Ki empty L1 entries (4 GiB of 512-byte clusters) map in one pass, like QEMU."""
+    import time
+    p = image(tmp_path, "s.qcow2", "1M", "cluster_size=512", writes=("write -P 1 0 16k",))
+    h = header(p)
+    first = peek(p, h.l1_table_offset, "Q")
+    end = -(-os.path.getsize(p) // 512) * 512
+    n = (1 << 20) // 8
+    with open(p, "r+b") as f:
+        f.seek(end)
+        f.write(struct.pack(">Q", first) + bytes(n * 8 - 8))
+    poke(p, L1_SIZE, "IQ", n, end)
+    poke(p, SIZE, "Q", n * 64 * 512)
+    t0 = time.monotonic()
+    with qcow2py.open(p) as img:
+        m = img.map()
+        assert img.read(img.size - 4096, 4096) == bytes(4096)
+    took = time.monotonic() - t0
+    assert m[-1] == {"start": 16384, "length": n * 64 * 512 - 16384, "depth": 0,
+                     "present": False, "zero": True, "data": False}
+    assert took < 1.0, f"map took {took:.2f} s"
+
+
 # ----------------------------------------------------------------- backing chains
 def test_backing_loop(tmp_path):
     create(tmp_path / "b.qcow2", "1M")
@@ -629,6 +652,22 @@ def test_backing_protocol_refused(tmp_path, name, proto):
     create(tmp_path / "a.qcow2", "1M")
     qemu_img("rebase", "-u", "-b", name, "-F", "raw", tmp_path / "a.qcow2")
     open_fails(tmp_path / "a.qcow2", BackingChainError, f"protocol '{proto}'", "refuses")
+
+
+@pytest.mark.timeout(60)          # before the fix, the FIFO blocked the open forever
+@pytest.mark.parametrize("name, kind", [(".", "a directory"), ("/", "a directory"),
+                                        ("fifo", "a FIFO"), ("/dev/null", "a character device")])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", None])
+def test_backing_not_a_regular_file(tmp_path, name, kind, fmt):
+    """A directory fails on read and a FIFO blocks open: refuse both up front."""
+    os.mkfifo(tmp_path / "fifo")
+    p = image(tmp_path, "a.qcow2", "1M", writes=())
+    qemu_img("rebase", "-u", "-b", name, "-F", fmt or "raw", p)
+    if fmt is None:
+        exts, _ = walk_extensions(p)
+        [(pos, _, _)] = [e for e in exts if e[1] == 0xE2792ACA]
+        poke(p, pos, "I", 0x12345678)     # the format becomes an unknown extension: probe
+    open_fails(p, BackingChainError, "backing file", kind)
 
 
 def test_no_backing_policy(tmp_path):
