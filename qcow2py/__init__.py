@@ -8,12 +8,14 @@
 from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
 from .errors import (BackingChainError, CorruptImageError, FormatError, ImageClosedError,
                      Qcow2Error, UnsupportedFeatureError)
+from .create import CreateError, create
 from .image import Image, Run, open
+from .locking import ImageLockedError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
+    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "__version__",
 ]

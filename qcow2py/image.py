@@ -156,25 +156,30 @@ def probe_format(storage: Storage) -> str:
 class _OpenContext:
     """State shared while opening one chain: policy, depth and loop detection."""
 
-    def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int]):
+    def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
+                 writable: bool = False, lock: bool = True):
         self.policy = policy
         self.l2_cache_bytes = l2_cache_bytes
+        self.writable = writable          # applies to the top image only
+        self.lock = lock
         self.seen: Set[Tuple[int, int]] = set()
         self.depth = 0
 
 
 def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
-         l2_cache_bytes: Optional[int] = None) -> Image:
+         l2_cache_bytes: Optional[int] = None, lock: bool = True) -> Image:
     """Open an image file; the format is probed unless given.
 
-    ``mode`` is "r" (read-only; the default).  Backing and data files named
-    inside the image are opened read-only through ``backing_policy``.
-    ``l2_cache_bytes`` bounds the memory of decoded L2 tables (per image).
+    ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
+    takes QEMU's write locks unless ``lock`` is False).  Backing and data
+    files named inside the image are opened read-only through
+    ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
+    tables (per image).
     """
-    if mode not in ("r",):
-        raise ValueError(f"unsupported mode {mode!r} (this version reads images: use 'r')")
-    ctx = _OpenContext(backing_policy, l2_cache_bytes)
+    if mode not in ("r", "r+"):
+        raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
+    ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock)
     return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
 
 
@@ -183,8 +188,9 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
     if ctx.depth > ctx.policy.max_depth:
         raise BackingChainError(f"backing chain deeper than {ctx.policy.max_depth} images "
                                 f"at {display_name!r}")
+    writable = ctx.writable and ctx.depth == 0
     try:
-        storage = FileStorage(path)
+        storage = FileStorage(path, writable=writable)
     except FileNotFoundError as e:
         if ctx.depth:
             raise BackingChainError(f"backing file {display_name!r} not found") from e
@@ -197,9 +203,12 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         ctx.seen.add(key)
         if fmt is None:
             fmt = probe_format(storage)
-        if fmt == "qcow2":
+        if fmt == "qcow2" and writable:
+            from .writer import WritableQcow2Image
+            img: Image = WritableQcow2Image(storage, display_name, ctx)
+        elif fmt == "qcow2":
             from .qcow2 import Qcow2Image
-            img: Image = Qcow2Image(storage, display_name, ctx)
+            img = Qcow2Image(storage, display_name, ctx)
         elif fmt == "raw":
             from .raw import RawImage
             img = RawImage(storage, display_name)

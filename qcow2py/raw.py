@@ -32,3 +32,36 @@ class RawImage(Image):
         end = min(offset + length, self.size)
         for start, n, is_data in self.storage.allocation(offset, end - offset):
             yield Run(start, n, is_data, not is_data, start)
+
+    # ------------------------------------------------------------ writing
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check_open()
+        if not self.storage.writable:
+            raise ValueError(f"image {self.filename!r} is open read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"write of {length} bytes at {offset} is outside the image "
+                             f"({self.size} bytes)")
+
+    def write(self, offset: int, data) -> None:
+        mv = memoryview(data).cast("B")
+        self._check_write(offset, len(mv))
+        self.storage.pwrite(mv, offset)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zero a range (holes where the range is already sparse are kept)."""
+        self._check_write(offset, length)
+        chunk = bytes(min(length, 1 << 20))
+        for start, n, is_data in self.storage.allocation(offset, length):
+            if not is_data:
+                continue
+            for pos in range(start, start + n, len(chunk)):
+                k = min(len(chunk), start + n - pos)
+                self.storage.pwrite(chunk[:k], pos)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discarded ranges of a raw file read as zeros afterwards."""
+        self.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self._check_open()
+        self.storage.fsync()

@@ -1,0 +1,558 @@
+"""Writing qcow2 images: allocation, copy-on-write, zero clusters, discard.
+
+Crash safety
+------------
+Guest data goes straight to the file; metadata (L2 tables, the L1 table,
+refcount blocks, the refcount table) is kept in memory and written back by
+:meth:`WritableQcow2Image.flush` in this order, each step made durable with an
+fsync before the next one starts:
+
+1. refcount blocks (increments only) — together with all data written so far;
+2. the refcount table (entries for new refcount blocks);
+3. L2 tables (they may now point at the new data and the new clusters are
+   already counted);
+4. L1 entries (pointing at new L2 tables, which are on disk by now);
+5. refcount *decrements* for references the steps above removed; only now do
+   freed clusters become reusable.
+
+A crash at any instant therefore leaves references that are all counted:
+it may leak clusters, never corrupt.  With lazy refcounts the dirty bit is
+made durable before the first L2 write and steps 1–2 need no separate fsync.
+
+Locks
+-----
+One re-entrant lock (``_lock``) serialises every operation that reads or
+changes metadata; data I/O to clusters the operation owns happens under it
+as well, with the GIL released inside the system calls.  The reader's L2
+cache lock (``_cache_lock``) is only ever taken inside ``_lock``, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from . import locking
+from .errors import CorruptImageError, FormatError, ImageClosedError, UnsupportedFeatureError
+from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+                            INCOMPAT_DIRTY)
+from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
+from .refcounts import RefcountManager
+from .storage import Storage
+
+_COPIED = np.uint64(1 << 63)
+_COMPRESSED = np.uint64(1 << 62)
+_ZERO = np.uint64(1)
+_OFFSET_MASK = np.uint64(0x00FFFFFFFFFFFE00)
+_INCOMPAT_FIELD = 72           # header offset of incompatible_features
+#: flush metadata by itself once this many L2 tables are dirty (bounds memory)
+MAX_DIRTY_L2 = 256
+
+
+class WritableQcow2Image(Qcow2Image):
+    """A qcow2 image opened "r+"."""
+
+    def __init__(self, storage: Storage, filename: str, ctx) -> None:
+        super().__init__(storage, filename, ctx)
+        h = self.header
+        try:
+            self._refuse_unsupported()
+            fd = storage.fileno()
+            self._locked_fd: Optional[int] = None
+            if fd is not None and ctx.lock:
+                locking.lock_for_write(fd, filename)
+                self._locked_fd = fd
+        except BaseException:
+            self.close()
+            raise
+        self._lock = threading.RLock()
+        self.refcounts = RefcountManager(storage, h)
+        raw = storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        self._l1_raw = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l2: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._dirty_l2: Set[int] = set()
+        self._dirty_l1 = False
+        self._metadata_map: Optional[np.ndarray] = None
+        self._lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        self._marked_dirty = False
+        self._corrupt_reason: Optional[str] = None
+        if h.autoclear_features & ~AUTOCLEAR_KNOWN:
+            # a program that does not know a feature must clear its autoclear bit (spec)
+            h.autoclear_features &= AUTOCLEAR_KNOWN
+            self._write_header()
+
+    def _refuse_unsupported(self) -> None:
+        h = self.header
+        if h.incompatible_features & INCOMPAT_CORRUPT:
+            raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
+                                    f"opened read-only (or repaired)")
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            raise UnsupportedFeatureError(
+                f"{self.filename}: image is dirty (lazy refcounts after a crash); repair it "
+                f"with `qemu-img check -r all` before writing")
+        self._write_refusal: Optional[str] = None
+        if h.extended_l2:
+            self._write_refusal = "writing images with extended L2 entries is not supported " \
+                                  "yet (reading is)"
+        elif h.has_data_file:
+            self._write_refusal = "writing images with an external data file is not " \
+                                  "supported yet (reading is)"
+        if h.bitmaps is not None and self.bitmaps:
+            raise UnsupportedFeatureError("this image has persistent dirty bitmaps, which "
+                                          "qcow2py does not update on write yet; refusing to "
+                                          "write so that they stay correct")
+
+    # ------------------------------------------------------------ header
+    def _write_header(self) -> None:
+        self.storage.pwrite(self.header.encode(), 0)
+        self.storage.fsync()
+
+    def _set_incompat(self, bit: int, on: bool) -> None:
+        h = self.header
+        value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)
+        self.storage.pwrite(struct.pack(">Q", value), _INCOMPAT_FIELD)
+        self.storage.fsync()
+        h.incompatible_features = value
+
+    def _mark_corrupt(self, why: str) -> None:
+        try:
+            self._set_incompat(INCOMPAT_CORRUPT, True)
+        finally:
+            self._corrupt_reason = why
+        raise CorruptImageError(f"{self.filename}: marking image as corrupt: {why}")
+
+    # ------------------------------------------------------------ L2 access
+    def _l2_bytes(self, l1_index: int, l2_off: int) -> bytes:
+        t = self._l2.get(l1_index)
+        if t is not None:
+            return t.astype(">u8").tobytes()
+        return super()._l2_bytes(l1_index, l2_off)
+
+    def _load_l2(self, l1_index: int) -> np.ndarray:
+        t = self._l2.get(l1_index)
+        if t is None:
+            off = int(self._l1_raw[l1_index] & np.uint64(L1E_OFFSET_MASK))
+            raw = self.storage.pread(off, self.cluster_size)
+            t = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            self._l2[l1_index] = t
+            if len(self._l2) > 2 * MAX_DIRTY_L2:
+                self._evict_clean()
+        else:
+            self._l2.move_to_end(l1_index)
+        return t
+
+    def _evict_clean(self) -> None:
+        for key in list(self._l2):
+            if len(self._l2) <= MAX_DIRTY_L2:
+                break
+            if key not in self._dirty_l2:
+                del self._l2[key]
+
+    def _writable_l2(self, l1_index: int) -> np.ndarray:
+        """The L2 table for ``l1_index``, owned by the active L1 alone (allocated or COW'd)."""
+        entry = self._l1_raw[l1_index]
+        off = int(entry & np.uint64(L1E_OFFSET_MASK))
+        if off and entry & _COPIED:
+            return self._load_l2(l1_index)
+        rc = self.refcounts
+        if off and rc.get(off >> self.cluster_bits) == 1:
+            # refcount says exclusive although COPIED was clear: just fix the flag
+            self._set_l1(l1_index, off)
+            return self._load_l2(l1_index)
+        content = self._load_l2(l1_index).copy() if off else \
+            np.zeros(self.cluster_size // 8, dtype=np.uint64)
+        if off:
+            # the old table stays with its other owners (snapshots): COPIED no longer holds
+            content &= ~_COPIED
+            content = np.where((content & _COMPRESSED) != 0, content,
+                               self._with_copied_from_refcounts(content))
+        new = self._allocate(1)
+        self._overlap_check(new, self.cluster_size)
+        self._l2.pop(l1_index, None)
+        self._l2[l1_index] = content
+        self._dirty_l2.add(l1_index)
+        self._set_l1(l1_index, new)
+        if off:
+            rc.free_later(np.array([off >> self.cluster_bits]))
+        self._forget_table(l1_index)
+        return content
+
+    def _with_copied_from_refcounts(self, entries: np.ndarray) -> np.ndarray:
+        hosts = (entries & _OFFSET_MASK).astype(np.int64)
+        live = (hosts != 0) & ((entries & _COMPRESSED) == 0)
+        out = entries & ~_COPIED
+        if live.any():
+            counts = self.refcounts.get_many(hosts[live] >> self.cluster_bits)
+            sub = out[live]
+            sub[counts == 1] |= _COPIED
+            out[live] = sub
+        return out
+
+    def _allocate(self, n: int) -> int:
+        """Allocate ``n`` contiguous host clusters; returns the offset of the first."""
+        rc = self.refcounts
+        version = rc.layout_version
+        host = rc.allocate(n)
+        if rc.layout_version != version:
+            self._metadata_map = None          # new refcount blocks or table
+        self._file_size = max(self._file_size, host + n * self.cluster_size)
+        return host
+
+    def _set_l1(self, l1_index: int, l2_offset: int) -> None:
+        self._l1_raw[l1_index] = np.uint64(l2_offset) | _COPIED
+        self._l1[l1_index] = l2_offset
+        self._dirty_l1 = True
+        self._metadata_map = None
+
+    # ------------------------------------------------------------ overlap checks
+    def _metadata_clusters(self) -> np.ndarray:
+        """Sorted host cluster indexes holding metadata (QEMU's "cached" overlap template)."""
+        if self._metadata_map is None:
+            h = self.header
+            cb = self.cluster_bits
+            parts = [np.array([0], dtype=np.int64)]
+
+            def span(off: int, length: int) -> None:
+                if length > 0:
+                    parts.append(np.arange(off >> cb, ((off + length - 1) >> cb) + 1,
+                                           dtype=np.int64))
+
+            span(h.l1_table_offset, h.l1_size * 8)
+            span(h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size)
+            rt = self.refcounts.reftable
+            parts.append((rt[rt != 0] >> cb).astype(np.int64))
+            parts.append((self._l1[self._l1 != 0] >> cb).astype(np.int64))
+            if h.nb_snapshots:
+                span(h.snapshots_offset, 1)
+                for s in self.snapshots:
+                    span(s.l1_table_offset, s.l1_size * 8)
+            if h.bitmaps is not None:
+                span(h.bitmaps.directory_offset, h.bitmaps.directory_size)
+            self._metadata_map = np.unique(np.concatenate(parts))
+        return self._metadata_map
+
+    def _overlap_check(self, host: int, length: int) -> None:
+        m = self._metadata_clusters()
+        first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
+        i = np.searchsorted(m, first)
+        if i < m.size and m[i] <= last:
+            self._mark_corrupt(f"write to host cluster {int(m[i])} ({host:#x}+{length}) "
+                               f"would overwrite metadata")
+
+    # ------------------------------------------------------------ guest writes
+    def _check_range(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        if self._write_refusal:
+            raise UnsupportedFeatureError(self._write_refusal)
+        if self._corrupt_reason:
+            raise CorruptImageError(f"{self.filename}: image was marked corrupt: "
+                                    f"{self._corrupt_reason}")
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        if offset + length > self.size:
+            raise ValueError(f"write of {length} bytes at {offset} goes past the end of the "
+                             f"image ({self.size} bytes)")
+
+    def _table_chunks(self, offset: int, length: int):
+        """Split a guest range at L2 table boundaries: (l1_index, start, length)."""
+        span_bits = self.cluster_bits + (self.cluster_bits - 3)
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i = pos >> span_bits
+            n = min(end, (l1i + 1) << span_bits) - pos
+            yield l1i, pos, n
+            pos += n
+
+    def write(self, offset: int, data) -> None:
+        """Write guest bytes (any offset and length)."""
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if not len(mv):
+            return
+        with self._lock:
+            for l1i, start, n in self._table_chunks(offset, len(mv)):
+                rel = start - offset
+                self._write_in_table(l1i, start, mv[rel:rel + n])
+            self._flush_if_full()
+
+    def _old_content(self, cluster: int) -> bytearray:
+        """What the guest sees in one cluster now (used for copy-on-write)."""
+        cs = self.cluster_size
+        buf = bytearray(cs)
+        start = cluster * cs
+        n = min(cs, self.size - start)
+        if n > 0:
+            self._read_zeroed(memoryview(buf)[:n], start)
+        return buf
+
+    def _write_in_table(self, l1i: int, start: int, mv: memoryview) -> None:
+        cs, cb = self.cluster_size, self.cluster_bits
+        length = len(mv)
+        c0, c1 = start >> cb, ((start + length - 1) >> cb) + 1
+        head_partial = start % cs != 0
+        tail_partial = (start + length) % cs != 0
+        # copy-on-write sources must be read before the L2 table changes
+        l2 = self._writable_l2(l1i)
+        idx = np.arange(c0, c1, dtype=np.int64) % (cs // 8)
+        entries = l2[idx]
+        compressed = (entries & _COMPRESSED) != 0
+        hosts = (entries & _OFFSET_MASK).astype(np.int64)
+        hosts[compressed] = 0
+        copied = (entries & _COPIED) != 0
+        zero = (entries & _ZERO) != 0
+        inplace = ~compressed & (hosts != 0) & copied & ~zero
+        reuse = ~compressed & (hosts != 0) & copied & zero       # preallocated zero cluster
+        alloc = ~(inplace | reuse)
+        n = c1 - c0
+        cow: Dict[int, bytearray] = {}
+        for i in {0, n - 1}:
+            partial = (i == 0 and head_partial) or (i == n - 1 and tail_partial)
+            if partial and not inplace[i]:
+                cow[i] = self._old_content(c0 + i)
+        new_hosts = hosts.copy()
+        m = int(alloc.sum())
+        if m:
+            base = self._allocate(m)
+            new_hosts[alloc] = base + np.arange(m, dtype=np.int64) * cs
+        targets = new_hosts
+        # write: partial edge clusters with their own buffers, the middle straight from mv
+        within0 = start % cs
+        for i, buf in cow.items():
+            g = (c0 + i) * cs
+            a, b = max(start, g), min(start + length, g + cs)
+            buf[a - g:b - g] = mv[a - start:b - start]
+            self._overlap_check(int(targets[i]), cs)
+            self.data_storage.pwrite(buf, int(targets[i]))
+        first = 0
+        if 0 in cow or (head_partial and inplace[0]):
+            if 0 not in cow:
+                g = c0 * cs
+                b = min(start + length, g + cs)
+                self._overlap_check(int(targets[0]) + within0, b - start)
+                self.data_storage.pwrite(mv[:b - start], int(targets[0]) + within0)
+            first = 1
+        last = n
+        if n - 1 >= first and ((n - 1) in cow or (tail_partial and inplace[n - 1])):
+            if (n - 1) not in cow:
+                g = (c1 - 1) * cs
+                self._overlap_check(int(targets[n - 1]), start + length - g)
+                self.data_storage.pwrite(mv[g - start:], int(targets[n - 1]))
+            last = n - 1
+        if last > first:
+            t = targets[first:last]
+            brk = np.flatnonzero(np.diff(t) != cs) + 1
+            bounds = np.concatenate(([0], brk, [t.size]))
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                g = (c0 + first + a) * cs
+                self._overlap_check(int(t[a]), (b - a) * cs)
+                self.data_storage.pwrite(mv[g - start:g - start + (b - a) * cs], int(t[a]))
+        changed = alloc | reuse
+        if changed.any():
+            old = entries[alloc]
+            self._release(old)
+            l2[idx[changed]] = new_hosts[changed].astype(np.uint64) | _COPIED
+            self._touch_l2(l1i)
+
+    def _release(self, old_entries: np.ndarray) -> None:
+        """Queue the refcount decrements for L2 entries that are being replaced."""
+        if not old_entries.size:
+            return
+        cb = self.cluster_bits
+        comp = (old_entries & _COMPRESSED) != 0
+        std = old_entries[~comp]
+        hosts = (std & _OFFSET_MASK).astype(np.int64)
+        clusters = [hosts[hosts != 0] >> cb]
+        if comp.any():
+            e = old_entries[comp]
+            shift = np.uint64(62 - (cb - 8))
+            coff = (e & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
+            nsect = ((e >> shift) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
+            first = (coff & ~511) >> cb
+            last = ((coff & ~511) + nsect * 512 - 1) >> cb
+            for f, l in zip(first.tolist(), last.tolist()):
+                clusters.append(np.arange(f, l + 1, dtype=np.int64))
+        self.refcounts.free_later(np.concatenate(clusters))
+
+    def _touch_l2(self, l1i: int) -> None:
+        self._dirty_l2.add(l1i)
+        self._forget_table(l1i)
+
+    # ------------------------------------------------------------ zeroes and discard
+    def _full_clusters(self, offset: int, length: int) -> Tuple[int, int]:
+        """The whole clusters inside a range (the last partial cluster of the image counts)."""
+        cs = self.cluster_size
+        first = -(-offset // cs)
+        end = offset + length
+        last = end // cs if end != self.size else -(-end // cs)
+        return first, max(first, last)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make a range read as zeros, with zero clusters where the format allows (v3).
+
+        Without ``unmap`` a cluster owned by this image alone keeps its host
+        cluster (a preallocated zero cluster); with it the cluster is released.
+        """
+        self._check_range(offset, length)
+        if not length:
+            return
+        cs = self.cluster_size
+        end = offset + length
+        with self._lock:
+            c_first, c_last = self._full_clusters(offset, length)
+            partial = []
+            for c in sorted({offset // cs, (end - 1) // cs}):
+                if not c_first <= c < c_last:
+                    partial.append((max(offset, c * cs), min(end, (c + 1) * cs)))
+            for a, b in partial:
+                self._zero_partial(a, b)
+            if c_last > c_first:
+                full_end = min(c_last * cs, self.size)
+                if self.header.version >= 3:
+                    for l1i, s, n in self._table_chunks(c_first * cs, full_end - c_first * cs):
+                        self._zero_clusters(l1i, s, n, unmap)
+                else:
+                    self._zero_v2(c_first * cs, full_end)
+            self._flush_if_full()
+
+    def _zero_partial(self, a: int, b: int) -> None:
+        cs = self.cluster_size
+        cluster = a // cs
+        g = cluster * cs
+        old = self._old_content(cluster)
+        old[a - g:b - g] = bytes(b - a)
+        ce = min(g + cs, self.size)
+        if self.header.version >= 3 and not any(old[:ce - g]):
+            for l1i, s, n in self._table_chunks(g, ce - g):
+                self._zero_clusters(l1i, s, n, unmap=False)
+        else:
+            self.write(a, bytes(b - a))
+
+    def _zero_v2(self, a: int, b: int) -> None:
+        # v2 has no zero flag: write zeros where the range does not already read as zero
+        step = 1 << 20
+        for pos in range(a, b, step):
+            n = min(step, b - pos)
+            if any(r.data or (not r.allocated and self.backing is not None)
+                   for r in self.layer_runs(pos, n)):
+                self.write(pos, bytes(n))
+
+    def _zero_clusters(self, l1i: int, start: int, length: int, unmap: bool) -> None:
+        cs, cb = self.cluster_size, self.cluster_bits
+        c0, c1 = start >> cb, ((start + length - 1) >> cb) + 1
+        l2 = self._writable_l2(l1i)
+        idx = np.arange(c0, c1, dtype=np.int64) % (cs // 8)
+        entries = l2[idx]
+        compressed = (entries & _COMPRESSED) != 0
+        hosts = entries & _OFFSET_MASK
+        keep = ~compressed & (hosts != 0) & ((entries & _COPIED) != 0) & (not unmap)
+        new = np.where(keep, hosts | _COPIED | _ZERO, _ZERO)
+        changed = new != entries
+        if not changed.any():
+            return
+        self._release(entries[changed & ~keep])
+        l2[idx[changed]] = new[changed]
+        self._touch_l2(l1i)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release whole clusters in a range, as QEMU does.
+
+        Afterwards the clusters read as zeros.  Partial clusters are left
+        alone, and so is everything on a v2 image with a backing file: without
+        the zero flag, discarding would expose the backing file's stale data,
+        so QEMU 7.2 refuses (ENOTSUP, which discard ignores), and so do we.
+        """
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        if self.header.version < 3 and self.backing is not None:
+            return
+        with self._lock:
+            c_first, c_last = self._full_clusters(offset, length)
+            if c_last <= c_first:
+                return
+            end = min(c_last * cs, self.size)
+            for l1i, s, n in self._table_chunks(c_first * cs, end - c_first * cs):
+                if self._l1[l1i] == 0 and self.backing is None:
+                    continue          # nothing allocated and nothing to shadow
+                l2 = self._writable_l2(l1i)
+                c0, c1 = s >> self.cluster_bits, ((s + n - 1) >> self.cluster_bits) + 1
+                idx = np.arange(c0, c1, dtype=np.int64) % (cs // 8)
+                entries = l2[idx]
+                allocated = ((entries & _COMPRESSED) != 0) | ((entries & _OFFSET_MASK) != 0)
+                target = _ZERO if self.header.version >= 3 else np.uint64(0)   # v2: no backing
+                act = allocated | (self.backing is not None)
+                new = np.where(act, target, entries)
+                changed = new != entries
+                if changed.any():
+                    self._release(entries[changed])
+                    l2[idx[changed]] = new[changed]
+                    self._touch_l2(l1i)
+            self._flush_if_full()
+
+    # ------------------------------------------------------------ flushing
+    def _flush_if_full(self) -> None:
+        if len(self._dirty_l2) >= MAX_DIRTY_L2:
+            self._flush_metadata()
+
+    def _flush_metadata(self) -> None:
+        st, rc = self.storage, self.refcounts
+        if not (self._dirty_l2 or self._dirty_l1 or rc.dirty):
+            st.fsync()
+            return
+        if self._lazy and not self._marked_dirty and (self._dirty_l2 or self._dirty_l1):
+            self._set_incompat(INCOMPAT_DIRTY, True)
+            self._marked_dirty = True
+        if self.data_storage is not st:
+            self.data_storage.fsync()
+        # 1: refcount increments, together with every data write so far
+        if rc.dirty_blocks:
+            rc.write_dirty_blocks()
+        st.fsync()
+        # 2: refcount table entries for new refcount blocks
+        if rc.dirty_reftable:
+            rc.write_reftable()
+            st.fsync()
+        # 3: L2 tables
+        if self._dirty_l2:
+            for l1i in sorted(self._dirty_l2, key=lambda i: int(self._l1[i])):
+                st.pwrite(self._l2[l1i].astype(">u8").tobytes(), int(self._l1[l1i]))
+            self._dirty_l2.clear()
+            st.fsync()
+        # 4: L1 table
+        if self._dirty_l1:
+            st.pwrite(self._l1_raw.astype(">u8").tobytes(), self.header.l1_table_offset)
+            self._dirty_l1 = False
+            st.fsync()
+        # 5: decrements, now that no durable metadata refers to the freed clusters
+        if rc.pending:
+            rc.apply_frees()
+            rc.write_dirty_blocks()
+            st.fsync()
+        self._metadata_map = None
+
+    def flush(self) -> None:
+        """Make every write issued so far durable (fsync included)."""
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        with self._lock:
+            self._flush_metadata()
+
+    def _close_layer(self) -> None:
+        try:
+            if hasattr(self, "_lock") and not self._corrupt_reason:
+                with self._lock:
+                    self._flush_metadata()
+                    if self._marked_dirty:
+                        self._set_incompat(INCOMPAT_DIRTY, False)
+                        self._marked_dirty = False
+        finally:
+            if getattr(self, "_locked_fd", None) is not None:
+                locking.unlock(self._locked_fd)
+                self._locked_fd = None
+            super()._close_layer()
