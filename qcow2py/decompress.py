@@ -1,9 +1,9 @@
 """Decompress a batch of compressed clusters straight into the caller's buffers.
 
-A read of many compressed clusters is split into small chunks that the
-calling thread and the pool's workers take in turn from a shared counter, so
-every core decompresses (zlib and zstandard release the GIL while they work)
-and the calling thread never sits idle waiting for the pool.  Each cluster is
+The clusters of a read are handed out one at a time, from a shared counter,
+to the calling thread and the pool's workers, so every core reads and
+decompresses (file reads, zlib and zstandard all release the GIL) and the
+calling thread never sits idle waiting for the pool.  Each cluster is
 decompressed into its destination (zstd without any intermediate copy).
 
 Semantics are those of :func:`qcow2py.codec.decompress_cluster`: a stream
@@ -108,56 +108,41 @@ def _decoder(codec: str):
 
 
 class _Batch:
-    __slots__ = ("decode", "src", "offs", "lens", "dsts", "cs", "chunk", "nchunks",
-                 "counter", "failed")
+    """Clusters handed out one at a time, from a shared counter, to every thread."""
 
-    def __init__(self, decode, src, offs, lens, dsts, cs, chunk):
-        self.decode, self.src, self.offs, self.lens, self.dsts = decode, src, offs, lens, dsts
-        self.cs, self.chunk = cs, chunk
-        self.nchunks = -(-len(dsts) // chunk)
+    __slots__ = ("decode", "fetch", "dsts", "cs", "counter", "failed")
+
+    def __init__(self, decode, fetch, dsts, cs):
+        self.decode, self.fetch, self.dsts, self.cs = decode, fetch, dsts, cs
         self.counter = itertools.count()       # next() is atomic under the GIL
         self.failed = False
 
     def drain(self) -> None:
-        decode, src, offs, lens, dsts, cs = (self.decode, self.src, self.offs, self.lens,
-                                             self.dsts, self.cs)
+        decode, fetch, dsts, cs, counter = self.decode, self.fetch, self.dsts, self.cs, \
+            self.counter
+        n = len(dsts)
         try:
             while not self.failed:
-                c = next(self.counter)
-                if c >= self.nchunks:
+                i = next(counter)
+                if i >= n:
                     return
-                for i in range(c * self.chunk, min((c + 1) * self.chunk, len(dsts))):
-                    a = offs[i]
-                    decode(src[a:a + lens[i]], dsts[i], cs)
+                decode(fetch(i), dsts[i], cs)
         except BaseException:
             self.failed = True
             raise
 
 
-def decompress_into(codec: str, src, src_offsets: Sequence[int], src_lengths: Sequence[int],
-                    dsts: List[memoryview], cluster_size: int) -> None:
-    """Decompress stream ``i`` (``src[src_offsets[i]:+src_lengths[i]]``) into ``dsts[i]``.
-
-    Every ``dsts[i]`` is a writable byte memoryview of ``cluster_size`` bytes
-    and is filled completely, or an error is raised (after every thread has
-    stopped touching the buffers).
-    """
+def _run(codec: str, fetch, dsts: List[memoryview], cluster_size: int) -> None:
     n = len(dsts)
     if n == 0:
         return
-    smv = memoryview(src).cast("B")
     decode = _decoder(codec)
-    parts = min(WORKERS + 1, n)
-    if parts == 1:
+    if n == 1 or WORKERS == 0:
         for i in range(n):
-            a = src_offsets[i]
-            decode(smv[a:a + src_lengths[i]], dsts[i], cluster_size)
+            decode(fetch(i), dsts[i], cluster_size)
         return
-    # chunks of a few clusters: small enough to balance the threads, large
-    # enough that the hand-out costs nothing next to the decompression
-    chunk = max(1, n // (parts * 4))
-    batch = _Batch(decode, smv, src_offsets, src_lengths, dsts, cluster_size, chunk)
-    futures = [pool().submit(batch.drain) for _ in range(parts - 1)]
+    batch = _Batch(decode, fetch, dsts, cluster_size)
+    futures = [pool().submit(batch.drain) for _ in range(min(WORKERS, n - 1))]
     error: Optional[BaseException] = None
     try:
         batch.drain()
@@ -171,3 +156,43 @@ def decompress_into(codec: str, src, src_offsets: Sequence[int], src_lengths: Se
                 error = e
     if error is not None:
         raise error
+
+
+def decompress_into(codec: str, src, src_offsets: Sequence[int], src_lengths: Sequence[int],
+                    dsts: List[memoryview], cluster_size: int) -> None:
+    """Decompress stream ``i`` (``src[src_offsets[i]:+src_lengths[i]]``) into ``dsts[i]``.
+
+    Every ``dsts[i]`` is a writable byte memoryview of ``cluster_size`` bytes
+    and is filled completely, or an error is raised (after every thread has
+    stopped touching the buffers).
+    """
+    smv = memoryview(src).cast("B")
+    _run(codec, lambda i: smv[src_offsets[i]:src_offsets[i] + src_lengths[i]], dsts,
+         cluster_size)
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's reusable buffer of at least ``n`` bytes."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _local.scratch = memoryview(bytearray(max(n, 1 << 17)))
+    return buf
+
+
+def read_and_decompress(codec: str, storage, offsets: Sequence[int], lengths: Sequence[int],
+                        dsts: List[memoryview], cluster_size: int) -> None:
+    """Like :func:`decompress_into`, each thread reading its streams from ``storage``.
+
+    Stream ``i`` is ``lengths[i]`` bytes at ``offsets[i]`` of the storage
+    (bytes past its end read as zeros).  The reads happen on the threads that
+    decompress, so they overlap with the decompression of other clusters.
+    """
+    def fetch(i: int) -> memoryview:
+        n = lengths[i]
+        buf = _scratch(n)[:n]
+        got = storage.pread_into(buf, offsets[i])
+        if got < n:
+            buf[got:] = bytes(n - got)
+        return buf
+
+    _run(codec, fetch, dsts, cluster_size)

@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import native
-from .decompress import decompress_into, pool as decompress_pool
+from .decompress import pool as decompress_pool, read_and_decompress
 from .errors import BackingChainError, CorruptImageError, FormatError, UnsupportedFeatureError
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
@@ -360,37 +360,21 @@ class Qcow2Image(Image):
             jobs.append((r, s % cs, n, co, sz))
         if not jobs:
             return
-        # read all compressed streams into one buffer with as few requests as possible
-        spans = []       # [start, end]
-        for _, _, _, co, sz in sorted(jobs, key=lambda j: j[3]):
+        coffs_, csizes_, dsts, partial = [], [], [], []
+        for r, within, n, co, sz in jobs:
             if co + sz > self._file_size + 512:
                 raise CorruptImageError(f"compressed cluster at {co:#x} (+{sz}) lies past "
                                         f"the end of the file")
-            if spans and co <= spans[-1][1] + 4096:
-                spans[-1][1] = max(spans[-1][1], co + sz)
-            else:
-                spans.append([co, co + sz])
-        src = bytearray(sum(e - b for b, e in spans))       # past EOF stays zero
-        smv = memoryview(src)
-        starts_in_src, pos = [], 0
-        for b, e in spans:
-            self.storage.pread_into(smv[pos:pos + e - b], b)
-            starts_in_src.append((b, pos))
-            pos += e - b
-        src_offs, src_lens, dsts, partial = [], [], [], []
-        k = 0
-        for r, within, n, co, sz in sorted(jobs, key=lambda j: j[3]):
-            while k + 1 < len(spans) and co >= spans[k + 1][0]:
-                k += 1
-            src_offs.append(starts_in_src[k][1] + co - starts_in_src[k][0])
-            src_lens.append(sz)
+            coffs_.append(co)
+            csizes_.append(sz)
             if n == cs:                   # a whole cluster: decompress in place
                 dsts.append(mv[r:r + cs])
             else:
                 buf = bytearray(cs)
                 dsts.append(memoryview(buf))
                 partial.append((r, within, n, co, buf))
-        decompress_into(self.codec, src, src_offs, src_lens, dsts, cs)
+        # every thread reads and decompresses its share of the clusters
+        read_and_decompress(self.codec, self.storage, coffs_, csizes_, dsts, cs)
         for r, within, n, co, buf in partial:
             mv[r:r + n] = buf[within:within + n]
             self._last_cluster = (co, bytes(buf))   # a partial read often continues here
