@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 from .backing import DEFAULT_POLICY, BackingPolicy
 from .errors import BackingChainError, FormatError, ImageClosedError
@@ -157,29 +157,34 @@ class _OpenContext:
     """State shared while opening one chain: policy, depth and loop detection."""
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
-                 writable: bool = False, lock: bool = True):
+                 writable: bool = False, lock: bool = True, storage_wrapper=None):
         self.policy = policy
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
+        self.storage_wrapper = storage_wrapper   # applies to the top image only
         self.seen: Set[Tuple[int, int]] = set()
         self.depth = 0
 
 
 def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
-         l2_cache_bytes: Optional[int] = None, lock: bool = True) -> Image:
+         l2_cache_bytes: Optional[int] = None, lock: bool = True,
+         storage_wrapper: Optional[Callable[[Storage], Storage]] = None) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
     takes QEMU's write locks unless ``lock`` is False).  Backing and data
     files named inside the image are opened read-only through
     ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
-    tables (per image).
+    tables (per image).  ``storage_wrapper`` wraps the top image's
+    :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
+    crash tests, or feed a disk model).
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
-    ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock)
+    ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
+                       storage_wrapper=storage_wrapper)
     return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
 
 
@@ -201,6 +206,8 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         if key in ctx.seen:
             raise BackingChainError(f"backing chain loops back to {display_name!r}")
         ctx.seen.add(key)
+        if ctx.depth == 0 and ctx.storage_wrapper is not None:
+            storage = ctx.storage_wrapper(storage)
         if fmt is None:
             fmt = probe_format(storage)
         if fmt == "qcow2" and writable:

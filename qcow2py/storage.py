@@ -22,7 +22,7 @@ import numpy as np
 
 from . import native
 
-__all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "Request"]
+__all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "RecordingStorage", "Request"]
 
 
 class Storage:
@@ -275,3 +275,82 @@ class TracingStorage(Storage):
     def reads(self) -> List[Tuple[int, int]]:
         """The (offset, length) of every read, in issue order."""
         return [(r.offset, r.length) for r in self.requests if r.kind == "read"]
+
+
+class RecordingStorage(Storage):
+    """Wraps another storage and journals every write and fsync, with the data.
+
+    :meth:`crash_image` rebuilds the file as a crash could have left it: every
+    write before the last completed fsync, plus any chosen subset of the
+    writes after it (the disk may have persisted any of them, in any order).
+    """
+
+    def __init__(self, inner: Storage, initial: bytes = b""):
+        self.inner = inner
+        self.name = inner.name
+        self.writable = inner.writable
+        self.initial = bytes(initial)
+        self.journal: List[Tuple[str, int, bytes]] = []     # ("write", off, data) / ("fsync",..)
+        self._lock = threading.Lock()
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def allocated_size(self) -> int:
+        return self.inner.allocated_size()
+
+    def fileno(self) -> Optional[int]:
+        return None        # keep every request in Python, where it is journaled
+
+    def pread_into(self, buf, offset: int) -> int:
+        return self.inner.pread_into(buf, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        data = bytes(memoryview(data).cast("B"))
+        with self._lock:
+            self.journal.append(("write", offset, data))
+        self.inner.pwrite(data, offset)
+
+    def fsync(self) -> None:
+        self.inner.fsync()
+        with self._lock:
+            self.journal.append(("fsync", 0, b""))
+
+    def truncate(self, size: int) -> None:
+        with self._lock:
+            self.journal.append(("truncate", size, b""))
+        self.inner.truncate(size)
+
+    def allocation(self, offset: int, length: int):
+        return self.inner.allocation(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def sync_points(self) -> List[int]:
+        """Journal indexes just after each fsync."""
+        return [i + 1 for i, (kind, _, _) in enumerate(self.journal) if kind == "fsync"]
+
+    def crash_image(self, upto: int, survivors) -> bytes:
+        """The file after a crash at journal index ``upto``.
+
+        Everything before the last fsync preceding ``upto`` is durable; of the
+        writes after it, only the journal indexes in ``survivors`` persisted.
+        """
+        durable = max([p for p in self.sync_points() if p <= upto], default=0)
+        buf = bytearray(self.initial)
+        keep = set(survivors)
+        for i, (kind, off, data) in enumerate(self.journal[:upto]):
+            if i >= durable and i not in keep:
+                continue
+            if kind == "write":
+                end = off + len(data)
+                if end > len(buf):
+                    buf.extend(bytes(end - len(buf)))
+                buf[off:end] = data
+            elif kind == "truncate":
+                if off < len(buf):
+                    del buf[off:]
+                else:
+                    buf.extend(bytes(off - len(buf)))
+        return bytes(buf)
