@@ -124,12 +124,20 @@ class Qcow2Image(Image):
         ext = self.header.bitmaps
         if ext is None or not (self.header.autoclear_features & AUTOCLEAR_BITMAPS):
             return []       # without the autoclear bit the extension is stale (spec)
+        if ext.reserved:
+            raise FormatError(f"bitmaps extension: reserved field is {ext.reserved:#x}, not 0")
+        if ext.nb_bitmaps == 0:
+            raise FormatError("bitmaps extension with zero bitmaps")
         if ext.directory_size > MAX_DIRECTORY_SIZE:
-            raise FormatError(f"bitmap directory too large ({ext.directory_size} bytes)")
-        if ext.directory_offset % self.cluster_size or \
-                ext.directory_offset + ext.directory_size > self._file_size:
-            raise FormatError(f"bitmap directory at {ext.directory_offset:#x} is misaligned "
-                              f"or past the end of the file")
+            raise FormatError(f"bitmap directory too large ({ext.directory_size} bytes; at "
+                              f"most {MAX_DIRECTORY_SIZE})")
+        if ext.directory_offset % self.cluster_size:
+            raise FormatError(f"bitmap directory offset {ext.directory_offset:#x} is not "
+                              f"cluster aligned")
+        if ext.directory_offset + ext.directory_size > self._file_size:
+            raise FormatError(f"bitmap directory at {ext.directory_offset:#x} "
+                              f"(+{ext.directory_size}) extends past the end of the file "
+                              f"({self._file_size} bytes)")
         raw = self.storage.pread(ext.directory_offset, ext.directory_size)
         return parse_bitmap_directory(raw, ext.nb_bitmaps)
 
