@@ -734,6 +734,25 @@ def test_bitmap_directory_too_large(tmp_path):
     open_fails(p, FormatError, "bitmap directory too large")
 
 
+def test_bitmap_directory_unaligned(tmp_path):
+    p = _bitmap_image(tmp_path)
+    exts, _ = walk_extensions(p)
+    [(pos, _, _)] = [e for e in exts if e[1] == 0x23852875]
+    poke(p, pos + 24, "Q", _bitmap_dir(p).directory_offset + 8)
+    open_fails(p, FormatError, "bitmap directory offset", "not cluster aligned")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    (4, 7, "reserved field is 0x7"), (0, 0, "zero bitmaps"), (0, 65536, "too many bitmaps"),
+])
+def test_bitmaps_extension_fields(tmp_path, field, value, fragment):
+    p = _bitmap_image(tmp_path)
+    exts, _ = walk_extensions(p)
+    [(pos, _, _)] = [e for e in exts if e[1] == 0x23852875]
+    poke(p, pos + 8 + field, "I", value)
+    open_fails(p, FormatError, fragment)
+
+
 def test_bitmap_stale_extension_is_ignored(tmp_path):
     # without autoclear bit 0 the extension is stale: QEMU ignores it (spec)
     p = _bitmap_image(tmp_path)
