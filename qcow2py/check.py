@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .format import refcount as rc
+from .errors import CorruptImageError
 from .format.header import Header
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
 
@@ -45,8 +46,14 @@ class CheckResult:
     compressed_clusters: int = 0
     image_end_offset: int = 0
     messages: List[str] = field(default_factory=list)
+    leaks_fixed: int = 0
+    corruptions_fixed: int = 0
     #: per-cluster (index, stored, computed) for every mismatch
     mismatches: List[tuple] = field(default_factory=list)
+    #: (l1_index, l2_index or -1, copied wanted) for every wrong COPIED flag
+    copied_fixes: List[tuple] = field(default_factory=list)
+    #: computed reference counts, one per host cluster (for repairs)
+    computed: Optional[np.ndarray] = None
 
     @property
     def exit_code(self) -> int:
@@ -64,6 +71,8 @@ class CheckResult:
                                 "check-errors": self.check_errors,
                                 "image-end-offset": self.image_end_offset}
         for key, val in (("corruptions", self.corruptions), ("leaks", self.leaks),
+                         ("corruptions-fixed", self.corruptions_fixed),
+                         ("leaks-fixed", self.leaks_fixed),
                          ("total-clusters", self.total_clusters),
                          ("allocated-clusters", self.allocated_clusters),
                          ("fragmented-clusters", self.fragmented_clusters),
@@ -145,6 +154,7 @@ def check_image(img: Qcow2Image) -> CheckResult:
             res.messages.append(f"Leaked cluster {i} refcount={a} reference={b}")
     used = np.flatnonzero((r1 > 0) | (r2 > 0))
     res.image_end_offset = (int(used[-1]) + 1) * cs if used.size else 0
+    res.computed = computed
     _check_copied(img, res, stored, active_l2)
     return res
 
@@ -296,10 +306,11 @@ def _check_copied(img: Qcow2Image, res: CheckResult, stored: np.ndarray, active)
     bad = live & ((refcount_of(offs) == 1) != copied)
     for i in np.flatnonzero(bad).tolist():
         res.corruptions += 1
+        res.copied_fixes.append((i, -1, not bool(copied[i])))
         res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
                             f"l1_entry={int(l1[i]):x} refcount={int(refcount_of(offs[i:i+1])[0])}")
     h = img.header
-    for _, off in tables:
+    for l1i, off in tables:
         words = np.frombuffer(img.storage.pread(off, cs), dtype=">u8").astype(np.uint64)
         entries = words[0::2] if h.extended_l2 else words
         std = (entries & _COMPRESSED) == 0
@@ -314,5 +325,86 @@ def _check_copied(img: Qcow2Image, res: CheckResult, stored: np.ndarray, active)
         bad = live & ((ref == 1) != copied)
         for i in np.flatnonzero(bad).tolist():
             res.corruptions += 1
+            res.copied_fixes.append((l1i, i, not bool(copied[i])))
             res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={int(entries[i]):x} "
                                 f"refcount={int(ref[i])}")
+
+
+def repair_image(img, mode: str) -> CheckResult:
+    """Repair like ``qemu-img check -r leaks|all`` and return the second check.
+
+    ``img`` must be a writable qcow2 image (opened for repair).  Leaks are
+    fixed by lowering refcounts to the computed ones; with ``"all"``, counts
+    that are too low are raised, and when a referenced cluster has no refcount
+    at all the refcount structures are rebuilt from scratch.  Wrong COPIED
+    flags are fixed last (with ``"leaks"`` only when nothing else is wrong).
+    """
+    if mode not in ("leaks", "all"):
+        raise ValueError(f"repair mode must be 'leaks' or 'all', not {mode!r}")
+    first = check_image(img)
+    rc = img.refcounts
+    leaks_fixed = corruptions_fixed = 0
+    with img._lock:
+        img._flush_metadata()
+        too_high = [(i, b) for i, a, b in first.mismatches if a > b]
+        too_low = [(i, a, b) for i, a, b in first.mismatches if a < b]
+        need_rebuild = any(a == 0 for _, a, _ in too_low) or \
+            any(i >= rc.reftable.size * rc.per_block for i, _, _ in too_low)
+        if too_high:
+            rc.set_counts(np.array([i for i, _ in too_high]), np.array([b for _, b in too_high]))
+            leaks_fixed = len(too_high)
+        if mode == "all":
+            if need_rebuild:
+                computed = first.computed.copy()
+                # the old refcount structures are dropped by the rebuild
+                h = img.header
+                old = (h.refcount_table_offset >> img.cluster_bits) + \
+                    np.arange(h.refcount_table_clusters, dtype=np.int64)
+                blocks = rc.reftable[rc.reftable != 0] >> img.cluster_bits
+                for arr in (old, blocks):
+                    arr = arr[arr < computed.size]
+                    np.subtract.at(computed, arr, 1)
+                computed = np.maximum(computed, 0)
+                rc.write_dirty_blocks()
+                img.storage.fsync()
+                rc.rebuild(computed)
+                img._metadata_map = None
+                corruptions_fixed += len(too_low)
+            elif too_low:
+                rc.set_counts(np.array([i for i, _, _ in too_low]),
+                              np.array([b for _, _, b in too_low]))
+                corruptions_fixed += len(too_low)
+            rc.write_dirty_blocks()
+            img.storage.fsync()
+        elif need_rebuild:
+            rc.write_dirty_blocks()
+            img.storage.fsync()
+            raise CorruptImageError("check failed: refcount structures need to be rebuilt "
+                                    "(repair 'all' does that)")
+        rc.write_dirty_blocks()
+        img.storage.fsync()
+        fix_copied = mode == "all" or not (too_low or too_high or first.check_errors)
+        if fix_copied:
+            second_pass = check_image(img)
+            corruptions_fixed += _fix_copied(img, second_pass.copied_fixes)
+        img._flush_metadata()
+    final = check_image(img)
+    final.leaks_fixed = leaks_fixed
+    final.corruptions_fixed = corruptions_fixed
+    if mode == "all" and not (final.corruptions or final.check_errors):
+        img._clear_problem_bits()
+    return final
+
+
+def _fix_copied(img, fixes) -> int:
+    copied = np.uint64(1 << 63)
+    for l1i, l2i, want in fixes:
+        if l2i < 0:
+            img._l1_raw[l1i] = (img._l1_raw[l1i] | copied) if want else \
+                (img._l1_raw[l1i] & ~copied)
+            img._dirty_l1 = True
+        else:
+            l2 = img._load_l2(l1i)
+            l2[l2i] = (l2[l2i] | copied) if want else (l2[l2i] & ~copied)
+            img._touch_l2(l1i)
+    return len(fixes)

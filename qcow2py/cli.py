@@ -88,17 +88,27 @@ def _cmd_map(args) -> int:
 def _cmd_check(args) -> int:
     from .check import check_image
     from .qcow2 import Qcow2Image
-    with open_image(args.filename, format=args.f) as img:
+    mode = "r+" if args.repair else "r"
+    with open_image(args.filename, mode, format=args.f, repair=bool(args.repair)) as img:
         if not isinstance(img, Qcow2Image):
-            print(f"qcow2py: This image format does not support checks", file=sys.stderr)
+            print("qcow2py: This image format does not support checks", file=sys.stderr)
             return 63
-        res = check_image(img)
+        try:
+            res = img.check(repair=args.repair) if args.repair else check_image(img)
+        except Qcow2Error as e:
+            print(f"qcow2py: Check failed: {e}", file=sys.stderr)
+            return 1
     if args.output == "json":
         sys.stdout.write(qemu_json(res.to_json_dict()) + "\n")
     else:
         for m in res.messages:
             print(m, file=sys.stderr)
         out = []
+        if res.leaks_fixed or res.corruptions_fixed:
+            out.append(f"The following inconsistencies were found and repaired:\n\n"
+                       f"    {res.leaks_fixed} leaked clusters\n"
+                       f"    {res.corruptions_fixed} corruptions\n\n"
+                       f"Double checking the fixed image now...")
         if res.corruptions:
             out.append(f"\n{res.corruptions} errors were found on the image.\nData may be "
                        f"corrupted, or further writes to the image may corrupt it.")
@@ -147,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", choices=["human", "json"], default="human")
     c.add_argument("-U", "--force-share", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("-r", dest="repair", choices=["leaks", "all"],
+                   help="repair leaks, or all errors (rebuilding refcounts if needed)")
     c.add_argument("filename")
     c.set_defaults(func=_cmd_check)
     return p

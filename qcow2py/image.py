@@ -157,12 +157,14 @@ class _OpenContext:
     """State shared while opening one chain: policy, depth and loop detection."""
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
-                 writable: bool = False, lock: bool = True, storage_wrapper=None):
+                 writable: bool = False, lock: bool = True, storage_wrapper=None,
+                 repair: bool = False):
         self.policy = policy
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
         self.storage_wrapper = storage_wrapper   # applies to the top image only
+        self.repair = repair                     # opening for check -r: corrupt/dirty allowed
         self.seen: Set[Tuple[int, int]] = set()
         self.depth = 0
 
@@ -170,7 +172,8 @@ class _OpenContext:
 def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
-         storage_wrapper: Optional[Callable[[Storage], Storage]] = None) -> Image:
+         storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
+         repair: bool = False) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -179,12 +182,13 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
     :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
-    crash tests, or feed a disk model).
+    crash tests, or feed a disk model).  ``repair=True`` (with "r+") opens a
+    corrupt or dirty image so that ``check(repair=...)`` can fix it.
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper)
+                       storage_wrapper=storage_wrapper, repair=repair)
     return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
 
 

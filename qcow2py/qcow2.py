@@ -387,6 +387,13 @@ class Qcow2Image(Image):
             mv[r:r + n] = buf[within:within + n]
             self._last_cluster = (co, bytes(buf))   # a partial read often continues here
 
+    def check(self, repair: Optional[str] = None):
+        """``qemu-img check`` of this image (repairs need the image opened "r+")."""
+        if repair is not None:
+            raise ValueError("repairing needs the image opened with mode 'r+'")
+        from .check import check_image
+        return check_image(self)
+
     # ------------------------------------------------------------ facts
     @property
     def dirty(self) -> bool:

@@ -247,6 +247,67 @@ class RefcountManager:
         old = (old_offset >> self.cluster_bits) + np.arange(old_clusters, dtype=np.int64)
         self.free_later(old)
 
+    # ------------------------------------------------------------ repairs
+    def set_counts(self, clusters: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite refcounts (repairs only); the blocks must exist."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        values = np.asarray(values, dtype=np.int64)
+        if (values > self.max_refcount).any():
+            raise FormatError(f"refcount does not fit in {1 << self.order} bits")
+        for c, v in zip(clusters.tolist(), values.tolist()):
+            blk = self._block(c // self.per_block)
+            if blk is None:
+                raise CorruptImageError(f"no refcount block for host cluster {c}")
+            blk[c % self.per_block] = v
+            self.dirty_blocks.add(c // self.per_block)
+            if v == 0:
+                self.free_hint = min(self.free_hint, c)
+
+    def rebuild(self, counts: np.ndarray) -> None:
+        """Replace all refcount structures by new ones holding ``counts``.
+
+        The new table and blocks go after the last used cluster; they are
+        written and synced before one synced header switch, so a crash leaves
+        either the old or the new structures in force.
+        """
+        cs, per = self.cs, self.per_block
+        used = np.flatnonzero(counts)
+        base = int(used[-1]) + 1 if used.size else 1
+        nblocks = tclusters = 0
+        while True:
+            total = base + tclusters + nblocks
+            need_blocks = -(-total // per)
+            need_t = -(-need_blocks * 8 // cs)
+            if (need_blocks, need_t) == (nblocks, tclusters):
+                break
+            nblocks, tclusters = need_blocks, need_t
+        if tclusters * cs > MAX_REFTABLE_BYTES:
+            raise FormatError("rebuilt refcount table would exceed QEMU's 8 MiB limit")
+        full = np.zeros(nblocks * per, dtype=np.uint64)
+        n = min(counts.size, full.size)
+        full[:n] = np.asarray(counts[:n], dtype=np.uint64)
+        full[base:base + tclusters + nblocks] = 1
+        table = np.zeros(tclusters * cs // 8, dtype=np.int64)
+        self.blocks = {}
+        for j in range(nblocks):
+            off = (base + tclusters + j) * cs
+            table[j] = off
+            blk = full[j * per:(j + 1) * per].copy()
+            self.blocks[j] = blk
+            self.storage.pwrite(rc.encode_block(blk, self.order), off)
+        self.storage.pwrite(table.astype(">u8").tobytes(), base * cs)
+        self.storage.fsync()
+        self.header.refcount_table_offset = base * cs
+        self.header.refcount_table_clusters = tclusters
+        self.storage.pwrite(struct.pack(">QI", base * cs, tclusters), _REFTABLE_FIELDS)
+        self.storage.fsync()
+        self.reftable = table
+        self.dirty_blocks.clear()
+        self.dirty_reftable = False
+        self.pending = []
+        self.free_hint = 0
+        self.layout_version += 1
+
     # ------------------------------------------------------------ write-back
     def _table_bytes(self) -> bytes:
         return self.reftable.astype(">u8").tobytes()

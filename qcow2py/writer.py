@@ -62,7 +62,7 @@ class WritableQcow2Image(Qcow2Image):
         super().__init__(storage, filename, ctx)
         h = self.header
         try:
-            self._refuse_unsupported()
+            self._refuse_unsupported(ctx.repair)
             fd = storage.fileno()
             self._locked_fd: Optional[int] = None
             if fd is not None and ctx.lock:
@@ -86,16 +86,19 @@ class WritableQcow2Image(Qcow2Image):
             # a program that does not know a feature must clear its autoclear bit (spec)
             h.autoclear_features &= AUTOCLEAR_KNOWN
             self._write_header()
+        if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
+            # refcounts may lag after a crash with lazy refcounts: rebuild them first
+            result = self.check(repair="all")
+            if result.corruptions or result.check_errors:
+                self.close()
+                raise CorruptImageError(f"{self.filename}: could not repair dirty image "
+                                        f"({result.corruptions} corruptions left)")
 
-    def _refuse_unsupported(self) -> None:
+    def _refuse_unsupported(self, repair: bool) -> None:
         h = self.header
-        if h.incompatible_features & INCOMPAT_CORRUPT:
+        if h.incompatible_features & INCOMPAT_CORRUPT and not repair:
             raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
-                                    f"opened read-only (or repaired)")
-        if h.incompatible_features & INCOMPAT_DIRTY:
-            raise UnsupportedFeatureError(
-                f"{self.filename}: image is dirty (lazy refcounts after a crash); repair it "
-                f"with `qemu-img check -r all` before writing")
+                                    f"opened read-only (or repaired with check -r all)")
         self._write_refusal: Optional[str] = None
         if h.extended_l2:
             self._write_refusal = "writing images with extended L2 entries is not supported " \
@@ -103,10 +106,10 @@ class WritableQcow2Image(Qcow2Image):
         elif h.has_data_file:
             self._write_refusal = "writing images with an external data file is not " \
                                   "supported yet (reading is)"
-        if h.bitmaps is not None and self.bitmaps:
-            raise UnsupportedFeatureError("this image has persistent dirty bitmaps, which "
-                                          "qcow2py does not update on write yet; refusing to "
-                                          "write so that they stay correct")
+        elif h.bitmaps is not None and self.bitmaps:
+            self._write_refusal = "this image has persistent dirty bitmaps, which qcow2py " \
+                                  "does not update on write yet; refusing to write so that " \
+                                  "they stay correct"
 
     # ------------------------------------------------------------ header
     def _write_header(self) -> None:
@@ -119,6 +122,21 @@ class WritableQcow2Image(Qcow2Image):
         self.storage.pwrite(struct.pack(">Q", value), _INCOMPAT_FIELD)
         self.storage.fsync()
         h.incompatible_features = value
+
+    def _clear_problem_bits(self) -> None:
+        """After a successful full repair: clear the corrupt and dirty bits."""
+        if self.header.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
+            self._set_incompat(INCOMPAT_CORRUPT | INCOMPAT_DIRTY, False)
+        self._marked_dirty = False
+
+    def check(self, repair: Optional[str] = None):
+        """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all"."""
+        from .check import check_image, repair_image
+        if repair is None:
+            with self._lock:
+                self._flush_metadata()
+                return check_image(self)
+        return repair_image(self, repair)
 
     def _mark_corrupt(self, why: str) -> None:
         try:

@@ -105,3 +105,92 @@ def test_dirty_lazy_refcount_image(tmp_path):
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     r = assert_same(path)
     assert r.exit_code == 2 and r.corruptions >= 2
+
+
+def _damaged(path, cluster, value):
+    create(path, "64M")
+    qemu_io(path, "write -P 1 0 128k", "write -P 2 4M 64k")
+    qemu_img("resize", path, "128M")
+    if cluster == 200:
+        with open(path, "r+b") as f:
+            f.truncate(201 * 65536)
+    _poke_refcount(path, cluster, value)
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+@pytest.mark.parametrize("cluster,value", [(0, 2), (5, 0), (5, 2), (200, 1)])
+def test_repair_matches_qemu(tmp_path, cluster, value, mode):
+    theirs, ours_path = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
+    _damaged(theirs, cluster, value)
+    _damaged(ours_path, cluster, value)
+    p = qemu_img("check", "--output=json", "-r", mode, theirs, check=False)
+    want = json.loads(p.stdout) if p.stdout.strip() else None
+    img = qcow2py.open(ours_path, "r+", repair=True)
+    try:
+        res = img.check(repair=mode)
+        got = res.to_json_dict()
+        got["filename"] = str(theirs)
+        code = res.exit_code
+    except qcow2py.Qcow2Error as e:
+        assert "rebuilt" in str(e)
+        got, code = None, 1
+    finally:
+        img.close()
+    assert (got, code) == (want, p.returncode)
+    # both images are now in the same state, as qemu-img check sees it
+    after_q = qemu_img("check", "--output=json", theirs, check=False)
+    after_o = qemu_img("check", "--output=json", ours_path, check=False)
+    assert after_o.returncode == after_q.returncode
+    assert qemu_img("compare", theirs, ours_path, check=False).returncode == 0
+
+
+def _lazy_crashed(path):
+    create(path, "16M", "lazy_refcounts=on")
+    subprocess.run(["qemu-io", "-c", "write -P 3 0 128k", "-c", "abort", str(path)],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_repair_dirty_image_cli(tmp_path):
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    _lazy_crashed(a)
+    b.write_bytes(a.read_bytes())
+    want = qemu_img("check", "--output=json", "-r", "all", a.name, cwd=tmp_path, check=False)
+    p = subprocess.run([sys.executable, "-m", "qcow2py", "check", "--output=json", "-r", "all",
+                        b.name], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    assert p.returncode == want.returncode == 0
+    assert p.stdout == want.stdout.replace("a.qcow2", "b.qcow2")
+    with qcow2py.open(b) as img:
+        assert not img.dirty
+    assert qemu_img("compare", a, b, check=False).returncode == 0
+
+
+def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path):
+    path = tmp_path / "d.qcow2"
+    _lazy_crashed(path)
+    with qcow2py.open(path) as img:
+        assert img.dirty                    # read-only access works as is
+        before = img.read(0, 1 << 20)
+    with qcow2py.open(path, "r+") as img:
+        assert not img.dirty
+        img.write(1 << 20, b"\x42" * 4096)
+    assert qemu_img("check", path, check=False).returncode == 0
+    with qcow2py.open(path) as img:
+        assert img.read(0, 1 << 20) == before
+        assert img.read(1 << 20, 4096) == b"\x42" * 4096
+
+
+def test_corrupt_bit_refuses_writing_until_repaired(tmp_path):
+    path = tmp_path / "c.qcow2"
+    create(path, "16M")
+    qemu_io(path, "write -P 1 0 64k")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(">Q", raw, 72, 2)         # incompatible bit 1: corrupt
+    path.write_bytes(bytes(raw))
+    with pytest.raises(qcow2py.CorruptImageError, match="corrupt"):
+        qcow2py.open(path, "r+")
+    with qcow2py.open(path, "r+", repair=True) as img:
+        res = img.check(repair="all")
+        assert res.exit_code == 0
+    with qcow2py.open(path, "r+") as img:
+        assert not img.corrupt
