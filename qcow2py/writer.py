@@ -44,7 +44,7 @@ from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COR
                             INCOMPAT_DIRTY)
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
 from .refcounts import RefcountManager
-from .storage import Storage
+from .storage import FileStorage, Storage
 
 _COPIED = np.uint64(1 << 63)
 _COMPRESSED = np.uint64(1 << 62)
@@ -72,6 +72,12 @@ class WritableQcow2Image(Qcow2Image):
             self.close()
             raise
         self._lock = threading.RLock()
+        if h.has_data_file and self.data_file_path is not None:
+            # guest data lives in the external file, at host offset == guest offset
+            ro = self.data_storage
+            self.data_storage = FileStorage(self.data_file_path, writable=True)
+            ro.close()
+        self._external = h.has_data_file
         self.refcounts = RefcountManager(storage, h)
         raw = storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
         self._l1_raw = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
@@ -103,9 +109,6 @@ class WritableQcow2Image(Qcow2Image):
         if h.extended_l2:
             self._write_refusal = "writing images with extended L2 entries is not supported " \
                                   "yet (reading is)"
-        elif h.has_data_file:
-            self._write_refusal = "writing images with an external data file is not " \
-                                  "supported yet (reading is)"
         elif h.bitmaps is not None and self.bitmaps:
             self._write_refusal = "this image has persistent dirty bitmaps, which qcow2py " \
                                   "does not update on write yet; refusing to write so that " \
@@ -256,6 +259,8 @@ class WritableQcow2Image(Qcow2Image):
         return self._metadata_map
 
     def _overlap_check(self, host: int, length: int) -> None:
+        if self._external:
+            return          # data goes to the external file, metadata stays in this one
         m = self._metadata_clusters()
         first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
         i = np.searchsorted(m, first)
@@ -325,8 +330,9 @@ class WritableQcow2Image(Qcow2Image):
         hosts[compressed] = 0
         copied = (entries & _COPIED) != 0
         zero = (entries & _ZERO) != 0
-        inplace = ~compressed & (hosts != 0) & copied & ~zero
-        reuse = ~compressed & (hosts != 0) & copied & zero       # preallocated zero cluster
+        has_host = (hosts != 0) | (copied & self._external)
+        inplace = ~compressed & has_host & copied & ~zero
+        reuse = ~compressed & has_host & copied & zero       # preallocated zero cluster
         alloc = ~(inplace | reuse)
         n = c1 - c0
         cow: Dict[int, bytearray] = {}
@@ -336,7 +342,9 @@ class WritableQcow2Image(Qcow2Image):
                 cow[i] = self._old_content(c0 + i)
         new_hosts = hosts.copy()
         m = int(alloc.sum())
-        if m:
+        if m and self._external:
+            new_hosts[alloc] = np.arange(c0, c1, dtype=np.int64)[alloc] * cs
+        elif m:
             base = self._allocate(m)
             new_hosts[alloc] = base + np.arange(m, dtype=np.int64) * cs
         targets = new_hosts
@@ -386,7 +394,8 @@ class WritableQcow2Image(Qcow2Image):
         comp = (old_entries & _COMPRESSED) != 0
         std = old_entries[~comp]
         hosts = (std & _OFFSET_MASK).astype(np.int64)
-        clusters = [hosts[hosts != 0] >> cb]
+        # external data clusters are not refcounted
+        clusters = [hosts[hosts != 0] >> cb] if not self._external else []
         if comp.any():
             e = old_entries[comp]
             shift = np.uint64(62 - (cb - 8))
@@ -396,7 +405,8 @@ class WritableQcow2Image(Qcow2Image):
             last = ((coff & ~511) + nsect * 512 - 1) >> cb
             for f, l in zip(first.tolist(), last.tolist()):
                 clusters.append(np.arange(f, l + 1, dtype=np.int64))
-        self.refcounts.free_later(np.concatenate(clusters))
+        if clusters:
+            self.refcounts.free_later(np.concatenate(clusters))
 
     def _touch_l2(self, l1i: int) -> None:
         self._dirty_l2.add(l1i)
@@ -469,7 +479,8 @@ class WritableQcow2Image(Qcow2Image):
         entries = l2[idx]
         compressed = (entries & _COMPRESSED) != 0
         hosts = entries & _OFFSET_MASK
-        keep = ~compressed & (hosts != 0) & ((entries & _COPIED) != 0) & (not unmap)
+        copied = (entries & _COPIED) != 0
+        keep = ~compressed & ((hosts != 0) | (copied & self._external)) & copied & (not unmap)
         new = np.where(keep, hosts | _COPIED | _ZERO, _ZERO)
         changed = new != entries
         if not changed.any():
@@ -477,6 +488,15 @@ class WritableQcow2Image(Qcow2Image):
         self._release(entries[changed & ~keep])
         l2[idx[changed]] = new[changed]
         self._touch_l2(l1i)
+        self._zero_raw_data_file(c0 * cs, min(c1 * cs, self.size))
+
+    def _zero_raw_data_file(self, start: int, end: int) -> None:
+        """A raw external data file must read like the guest disk: zero it too."""
+        if not (self._external and self.header.data_file_raw) or end <= start:
+            return
+        chunk = bytes(min(end - start, 1 << 20))
+        for pos in range(start, end, len(chunk)):
+            self.data_storage.pwrite(chunk[:min(len(chunk), end - pos)], pos)
 
     def discard(self, offset: int, length: int) -> None:
         """Release whole clusters in a range, as QEMU does.
@@ -511,6 +531,7 @@ class WritableQcow2Image(Qcow2Image):
                     self._release(entries[changed])
                     l2[idx[changed]] = new[changed]
                     self._touch_l2(l1i)
+                    self._zero_raw_data_file(c0 * cs, min(c1 * cs, self.size))
             self._flush_if_full()
 
     # ------------------------------------------------------------ flushing
