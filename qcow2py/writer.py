@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from . import locking
+from . import locking, native
 from .errors import CorruptImageError, FormatError, ImageClosedError, UnsupportedFeatureError
 from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                             INCOMPAT_DIRTY)
@@ -106,10 +106,7 @@ class WritableQcow2Image(Qcow2Image):
             raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
                                     f"opened read-only (or repaired with check -r all)")
         self._write_refusal: Optional[str] = None
-        if h.extended_l2:
-            self._write_refusal = "writing images with extended L2 entries is not supported " \
-                                  "yet (reading is)"
-        elif h.bitmaps is not None and self.bitmaps:
+        if h.bitmaps is not None and self.bitmaps:
             self._write_refusal = "this image has persistent dirty bitmaps, which qcow2py " \
                                   "does not update on write yet; refusing to write so that " \
                                   "they stay correct"
@@ -189,10 +186,10 @@ class WritableQcow2Image(Qcow2Image):
         content = self._load_l2(l1_index).copy() if off else \
             np.zeros(self.cluster_size // 8, dtype=np.uint64)
         if off:
-            # the old table stays with its other owners (snapshots): COPIED no longer holds
-            content &= ~_COPIED
-            content = np.where((content & _COMPRESSED) != 0, content,
-                               self._with_copied_from_refcounts(content))
+            # the old table stays with its other owners (snapshots): recompute COPIED
+            ent = content[0::2] if self.extended_l2 else content     # a view
+            ent[:] = np.where((ent & _COMPRESSED) != 0, ent & ~_COPIED,
+                              self._with_copied_from_refcounts(ent))
         new = self._allocate(1)
         self._overlap_check(new, self.cluster_size)
         self._l2.pop(l1_index, None)
@@ -285,7 +282,7 @@ class WritableQcow2Image(Qcow2Image):
 
     def _table_chunks(self, offset: int, length: int):
         """Split a guest range at L2 table boundaries: (l1_index, start, length)."""
-        span_bits = self.cluster_bits + (self.cluster_bits - 3)
+        span_bits = self.cluster_bits + (self.cluster_bits - (4 if self.extended_l2 else 3))
         pos, end = offset, offset + length
         while pos < end:
             l1i = pos >> span_bits
@@ -300,20 +297,126 @@ class WritableQcow2Image(Qcow2Image):
         if not len(mv):
             return
         with self._lock:
+            write_table = self._write_in_table_ext if self.extended_l2 else self._write_in_table
             for l1i, start, n in self._table_chunks(offset, len(mv)):
                 rel = start - offset
-                self._write_in_table(l1i, start, mv[rel:rel + n])
+                write_table(l1i, start, mv[rel:rel + n])
             self._flush_if_full()
 
     def _old_content(self, cluster: int) -> bytearray:
         """What the guest sees in one cluster now (used for copy-on-write)."""
-        cs = self.cluster_size
-        buf = bytearray(cs)
-        start = cluster * cs
-        n = min(cs, self.size - start)
+        return self._old_range(cluster * self.cluster_size, self.cluster_size)
+
+    def _old_range(self, start: int, length: int) -> bytearray:
+        """What the guest sees in a range now; zeros past the end of the image."""
+        buf = bytearray(length)
+        n = min(length, self.size - start)
         if n > 0:
             self._read_zeroed(memoryview(buf)[:n], start)
         return buf
+
+    def _put(self, data, host: int) -> None:
+        self._overlap_check(host, len(data))
+        self.data_storage.pwrite(data, host)
+
+    # ------------------------------------------------------------ extended L2
+    def _write_in_table_ext(self, l1i: int, start: int, mv: memoryview) -> None:
+        """Writes with subclusters: only the touched subclusters become allocated.
+
+        Subclusters not written keep their state (unallocated ones still read
+        from the backing file), so a small write costs one subcluster of
+        copy-on-write instead of a cluster.
+        """
+        cs, cb = self.cluster_size, self.cluster_bits
+        sc = cs >> 5
+        per = cs // 16
+        end = start + len(mv)
+        l2 = self._writable_l2(l1i)
+        released = []
+        for c in range((start >> cb), ((end - 1) >> cb) + 1):
+            i = c % per
+            e, bm = int(l2[2 * i]), int(l2[2 * i + 1])
+            g = c * cs
+            a, b = max(start, g) - g, min(end, g + cs) - g
+            s0, s1 = a // sc, -(-b // sc)
+            rng = ((1 << s1) - 1) ^ ((1 << s0) - 1)
+            data = mv[g + a - start:g + b - start]
+            compressed = bool(e & (1 << 62))
+            copied = bool(e & (1 << 63))
+            host = e & int(_OFFSET_MASK)
+            owned = not compressed and copied and (host != 0 or self._external)
+            alloc, zero = bm & 0xFFFFFFFF, bm >> 32
+            edge_cow = (a % sc and not (alloc >> s0) & 1) or (b % sc and not (alloc >> (s1 - 1)) & 1)
+            if owned:
+                if edge_cow:
+                    buf = self._old_range(g + s0 * sc, (s1 - s0) * sc)
+                    buf[a - s0 * sc:b - s0 * sc] = data
+                    self._put(buf, host + s0 * sc)
+                else:
+                    self._put(data, host + a)
+                new_host = host
+            else:
+                new_host = g if self._external else self._allocate(1)
+                if compressed or host:
+                    # copy the whole cluster: its allocated subclusters move with it
+                    buf = self._old_content(c)
+                    buf[a:b] = data
+                    self._put(buf, new_host)
+                    if compressed:
+                        alloc, zero = 0xFFFFFFFF, 0
+                    released.append(e)
+                else:
+                    buf = self._old_range(g + s0 * sc, (s1 - s0) * sc)
+                    buf[a - s0 * sc:b - s0 * sc] = data
+                    self._put(buf, new_host + s0 * sc)
+            l2[2 * i] = np.uint64(new_host | (1 << 63))
+            l2[2 * i + 1] = np.uint64(((zero & ~rng) << 32) | (alloc | rng))
+        if released:
+            self._release(np.array(released, dtype=np.uint64))
+        self._touch_l2(l1i)
+
+    def _zero_units_ext(self, l1i: int, start: int, length: int, unmap: bool) -> None:
+        """Zero whole subclusters: zero bits, or a whole zeroed cluster."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        sc = cs >> 5
+        per = cs // 16
+        end = start + length
+        l2 = self._writable_l2(l1i)
+        released = []
+        changed = False
+        for c in range((start >> cb), ((end - 1) >> cb) + 1):
+            i = c % per
+            e, bm = int(l2[2 * i]), int(l2[2 * i + 1])
+            g = c * cs
+            s0, s1 = (max(start, g) - g) // sc, -(-(min(end, g + cs) - g) // sc)
+            rng = ((1 << s1) - 1) ^ ((1 << s0) - 1)
+            compressed = bool(e & (1 << 62))
+            host = e & int(_OFFSET_MASK)
+            owned = not compressed and bool(e & (1 << 63)) and (host != 0 or self._external)
+            if rng == 0xFFFFFFFF:
+                if owned and not unmap:
+                    new_e = e
+                else:
+                    new_e = 0
+                    if compressed or host:
+                        released.append(e)
+                new_bm = 0xFFFFFFFF << 32
+            elif compressed:
+                # a compressed cluster cannot be zeroed in part: rewrite it
+                self._write_in_table_ext(l1i, g + s0 * sc, memoryview(bytes((s1 - s0) * sc)))
+                e, bm = int(l2[2 * i]), int(l2[2 * i + 1])
+                new_e, new_bm = e, bm
+            else:
+                new_e = e
+                new_bm = (((bm >> 32) | rng) << 32) | ((bm & 0xFFFFFFFF) & ~rng)
+            if (new_e, new_bm) != (e, bm):
+                l2[2 * i], l2[2 * i + 1] = np.uint64(new_e), np.uint64(new_bm)
+                changed = True
+        if released:
+            self._release(np.array(released, dtype=np.uint64))
+        if changed:
+            self._touch_l2(l1i)
+            self._zero_raw_data_file(start, min(end, self.size))
 
     def _write_in_table(self, l1i: int, start: int, mv: memoryview) -> None:
         cs, cb = self.cluster_size, self.cluster_bits
@@ -413,9 +516,10 @@ class WritableQcow2Image(Qcow2Image):
         self._forget_table(l1i)
 
     # ------------------------------------------------------------ zeroes and discard
-    def _full_clusters(self, offset: int, length: int) -> Tuple[int, int]:
-        """The whole clusters inside a range (the last partial cluster of the image counts)."""
-        cs = self.cluster_size
+    def _full_clusters(self, offset: int, length: int,
+                       cs: Optional[int] = None) -> Tuple[int, int]:
+        """The whole units inside a range (the last partial unit of the image counts)."""
+        cs = cs or self.cluster_size
         first = -(-offset // cs)
         end = offset + length
         last = end // cs if end != self.size else -(-end // cs)
@@ -424,41 +528,43 @@ class WritableQcow2Image(Qcow2Image):
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make a range read as zeros, with zero clusters where the format allows (v3).
 
-        Without ``unmap`` a cluster owned by this image alone keeps its host
-        cluster (a preallocated zero cluster); with it the cluster is released.
+        The unit is the cluster, or the subcluster with extended L2.  Whole
+        units become zero clusters/subclusters; partial ones get zero bytes
+        (or become zero units when they already read as zeros).  Without
+        ``unmap`` a cluster owned by this image alone keeps its host cluster
+        (a preallocated zero cluster); with it the host cluster is released.
         """
         self._check_range(offset, length)
         if not length:
             return
-        cs = self.cluster_size
+        unit = self.cluster_size >> 5 if self.extended_l2 else self.cluster_size
         end = offset + length
         with self._lock:
-            c_first, c_last = self._full_clusters(offset, length)
-            partial = []
-            for c in sorted({offset // cs, (end - 1) // cs}):
-                if not c_first <= c < c_last:
-                    partial.append((max(offset, c * cs), min(end, (c + 1) * cs)))
-            for a, b in partial:
-                self._zero_partial(a, b)
-            if c_last > c_first:
-                full_end = min(c_last * cs, self.size)
-                if self.header.version >= 3:
-                    for l1i, s, n in self._table_chunks(c_first * cs, full_end - c_first * cs):
-                        self._zero_clusters(l1i, s, n, unmap)
-                else:
-                    self._zero_v2(c_first * cs, full_end)
+            u_first, u_last = self._full_clusters(offset, length, unit)
+            for u in sorted({offset // unit, (end - 1) // unit}):
+                if not u_first <= u < u_last:
+                    self._zero_partial(max(offset, u * unit), min(end, (u + 1) * unit), unit)
+            if u_last > u_first:
+                full_end = min(u_last * unit, self.size)
+                self._zero_whole(u_first * unit, full_end, unmap)
             self._flush_if_full()
 
-    def _zero_partial(self, a: int, b: int) -> None:
-        cs = self.cluster_size
-        cluster = a // cs
-        g = cluster * cs
-        old = self._old_content(cluster)
+    def _zero_whole(self, start: int, end: int, unmap: bool) -> None:
+        """Zero whole units (v3: zero flags; v2: zero bytes where needed)."""
+        if self.header.version < 3:
+            self._zero_v2(start, end)
+            return
+        zero = self._zero_units_ext if self.extended_l2 else self._zero_clusters
+        for l1i, s, n in self._table_chunks(start, end - start):
+            zero(l1i, s, n, unmap)
+
+    def _zero_partial(self, a: int, b: int, unit: int) -> None:
+        g = a // unit * unit
+        ue = min(g + unit, self.size)
+        old = self._old_range(g, ue - g)
         old[a - g:b - g] = bytes(b - a)
-        ce = min(g + cs, self.size)
-        if self.header.version >= 3 and not any(old[:ce - g]):
-            for l1i, s, n in self._table_chunks(g, ce - g):
-                self._zero_clusters(l1i, s, n, unmap=False)
+        if self.header.version >= 3 and native.is_zero(old):
+            self._zero_whole(g, ue, unmap=False)
         else:
             self.write(a, bytes(b - a))
 
@@ -520,16 +626,26 @@ class WritableQcow2Image(Qcow2Image):
                     continue          # nothing allocated and nothing to shadow
                 l2 = self._writable_l2(l1i)
                 c0, c1 = s >> self.cluster_bits, ((s + n - 1) >> self.cluster_bits) + 1
-                idx = np.arange(c0, c1, dtype=np.int64) % (cs // 8)
+                ext = self.extended_l2
+                step = 2 if ext else 1
+                idx = (np.arange(c0, c1, dtype=np.int64) % (cs // (8 * step))) * step
                 entries = l2[idx]
-                allocated = ((entries & _COMPRESSED) != 0) | ((entries & _OFFSET_MASK) != 0)
-                target = _ZERO if self.header.version >= 3 else np.uint64(0)   # v2: no backing
+                allocated = ((entries & _COMPRESSED) != 0) | ((entries & _OFFSET_MASK) != 0) | \
+                    (((entries & _COPIED) != 0) & self._external)
                 act = allocated | (self.backing is not None)
-                new = np.where(act, target, entries)
-                changed = new != entries
+                if ext:
+                    new = np.where(act, np.uint64(0), entries)
+                    new_bm = np.where(act, np.uint64(0xFFFFFFFF << 32), l2[idx + 1])
+                    changed = (new != entries) | (new_bm != l2[idx + 1])
+                else:
+                    target = _ZERO if self.header.version >= 3 else np.uint64(0)   # v2: no backing
+                    new = np.where(act, target, entries)
+                    changed = new != entries
                 if changed.any():
-                    self._release(entries[changed])
+                    self._release(entries[changed & allocated])
                     l2[idx[changed]] = new[changed]
+                    if ext:
+                        l2[idx[changed] + 1] = new_bm[changed]
                     self._touch_l2(l1i)
                     self._zero_raw_data_file(c0 * cs, min(c1 * cs, self.size))
             self._flush_if_full()
