@@ -62,6 +62,8 @@ def _run(path, ops_seed, n_ops, size, backing_content=None):
     (("cluster_size=512", "refcount_bits=1"), 1 << 20),    # refcount blocks and table grow
     (("compat=0.10",), 4 << 20),
     (("cluster_size=4096", "refcount_bits=64"), 2 << 20),
+    (("extended_l2=on", "cluster_size=16k"), 2 << 20),
+    (("lazy_refcounts=on",), 2 << 20),
 ])
 def test_crash_points(tmp_path, opts, size):
     path = tmp_path / "img.qcow2"
