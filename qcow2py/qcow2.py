@@ -423,13 +423,15 @@ class Qcow2Image(Image):
             threshold = max(real * 10 // 9, real + 2)
             end_cluster = -(-self.storage.size() // cs)
             try:
-                self._metadata_prealloc = self._count_referenced(end_cluster) >= threshold
+                self._metadata_prealloc = \
+                    self._count_referenced(end_cluster, threshold) >= threshold
             except (CorruptImageError, FormatError, ValueError):
                 self._metadata_prealloc = False
         return self._metadata_prealloc
 
-    def _count_referenced(self, end_cluster: int) -> int:
-        """Number of host clusters below ``end_cluster`` with a refcount above 0."""
+    def _count_referenced(self, end_cluster: int, enough: int) -> int:
+        """Number of host clusters below ``end_cluster`` with a refcount above 0
+        (counting stops once it reaches ``enough``)."""
         h = self.header
         cs = self.cluster_size
         order = h.refcount_order
@@ -442,9 +444,10 @@ class Qcow2Image(Image):
         count = 0
         for bi in np.flatnonzero(table).tolist():
             off = int(table[bi])
-            if off % cs or off + cs > self._file_size:
-                raise CorruptImageError(f"refcount block {bi} at {off:#x} is misaligned or "
-                                        f"past the end of the file")
+            if off % cs:
+                raise CorruptImageError(f"refcount block {bi} at {off:#x} is misaligned")
+            if off >= self._file_size:
+                continue        # reads as zeros, as the past-the-end bytes of the file
             raw = np.frombuffer(self.storage.pread(off, cs), dtype=np.uint8)
             if order >= 3:
                 entries = raw.view(f">u{1 << (order - 3)}")
@@ -454,4 +457,6 @@ class Qcow2Image(Image):
                 entries = ((raw[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)
             entries = entries[:max(0, end_cluster - bi * per_block)]
             count += int(np.count_nonzero(entries))
+            if count >= enough:
+                break
         return count
