@@ -15,6 +15,12 @@ try:
 except ImportError:  # pragma: no cover - zstandard is a dependency
     _zstd = None
 
+#: Raw deflate with a 32 KiB window.  QEMU compresses with a 4 KiB window but
+#: inflates a cluster in a single call into the whole cluster buffer, so any
+#: back-reference into the output so far decodes; a 4 KiB-window inflate fed
+#: output in pieces (as Python's is) would reject such streams.
+ZLIB_WBITS = -15
+
 
 def decompress_cluster(codec: str, data: bytes, cluster_size: int) -> bytes:
     """Decompress one cluster; the stream may be followed by padding.
@@ -24,7 +30,7 @@ def decompress_cluster(codec: str, data: bytes, cluster_size: int) -> bytes:
     """
     try:
         if codec == "zlib":
-            d = zlib.decompressobj(-12)
+            d = zlib.decompressobj(ZLIB_WBITS)
             out = d.decompress(data, cluster_size)
         elif codec == "zstd":
             if _zstd is None:

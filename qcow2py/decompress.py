@@ -22,7 +22,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
-from .codec import decompress_cluster
+from .codec import ZLIB_WBITS, decompress_cluster
 from .errors import CorruptImageError
 
 try:
@@ -64,7 +64,9 @@ def _fail(codec: str, stream, cluster_size: int) -> CorruptImageError:
 
 def _zlib_into(src: memoryview, dst: memoryview, cluster_size: int) -> None:
     try:
-        out = zlib.decompressobj(-12).decompress(src, cluster_size)
+        # A 32 KiB window (see codec.ZLIB_WBITS): QEMU inflates the whole
+        # cluster in one call, so a back-reference reaches anything already out
+        out = zlib.decompressobj(ZLIB_WBITS).decompress(src, cluster_size)
     except zlib.error:
         out = b""
     if len(out) != cluster_size:

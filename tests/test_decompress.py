@@ -109,3 +109,38 @@ def test_sequential_small_reads_decompress_each_cluster_once(tmp_path):
         got = b"".join(img.read(off, 4096) for off in range(0, len(data), 4096))
         assert got == data
         assert len(tr.reads()) == 4, tr.reads()
+
+
+def test_deflate_stream_with_a_32k_window_reads_like_qemu(tmp_path):
+    """QEMU inflates a cluster in one call into the whole cluster buffer, so
+    back-references up to 32 KiB (a stream not written by QEMU, e.g. with a
+    15-bit window) decode; a 4 KiB-window inflate fed in pieces would reject them."""
+    import struct
+    import qcow2py
+    from qemu import create, qemu_img, qemu_io
+
+    p = tmp_path / "w.qcow2"
+    create(p, "1M")
+    qemu_io(p, "write -c -P 0x11 0 64k")
+    block = random.Random(5).randbytes(20000)
+    data = (block * 4)[:CS]
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = c.compress(data) + c.flush()
+    with pytest.raises(zlib.error, match="too far back"):       # the premise
+        zlib.decompressobj(-12).decompress(stream, CS)
+    with qcow2py.open(str(p)) as img:
+        l2 = int(img._l1[0])
+    size = os.path.getsize(p)
+    coff = size + 100                        # unaligned, past the old end
+    nsect = (coff % 512 + len(stream) + 511) // 512
+    with open(p, "r+b") as f:
+        f.seek(coff)
+        f.write(stream + bytes(-(coff + len(stream)) % 512))
+        f.seek(l2)
+        f.write(struct.pack(">Q", (1 << 62) | ((nsect - 1) << (62 - 8)) | coff))
+    qemu_img("convert", "-O", "raw", p, tmp_path / "w.raw")
+    want = (tmp_path / "w.raw").read_bytes()
+    assert want[:CS] == data
+    with qcow2py.open(str(p)) as img:
+        assert img.read(0, img.size) == want
+        assert img.read(100, 5000) == want[100:5100]          # partial read path too
