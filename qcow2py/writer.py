@@ -19,13 +19,19 @@ A crash at any instant therefore leaves references that are all counted:
 it may leak clusters, never corrupt.  With lazy refcounts the dirty bit is
 made durable before the first L2 write and steps 1–2 need no separate fsync.
 
-Locks
------
-One re-entrant lock (``_lock``) serialises every operation that reads or
-changes metadata; data I/O to clusters the operation owns happens under it
-as well, with the GIL released inside the system calls.  The reader's L2
-cache lock (``_cache_lock``) is only ever taken inside ``_lock``, never the
-other way round.
+Locks (always taken in this order)
+----------------------------------
+1. ``_ranges``: a shared/exclusive lock on guest cluster ranges.  A write
+   holds its clusters exclusively from planning to commit, so two writes to
+   one cluster never interleave into a torn allocation; a read holds its
+   clusters shared, so they cannot be freed and reused under it.
+2. ``_lock``: one re-entrant lock serialising every metadata change (L1/L2,
+   refcounts, flush).  A plain write takes it twice, briefly: to plan
+   (classify clusters, allocate) and to commit its L2 entries; the data moves
+   in between without it, so writes to different clusters run in parallel
+   (the GIL is released in the system calls).  write_zeroes, discard and
+   writes to extended-L2 images hold it throughout.
+3. the reader's L2 cache lock (``_cache_lock``), innermost.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .errors import CorruptImageError, FormatError, ImageClosedError, Unsupporte
 from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                             INCOMPAT_DIRTY)
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
+from .rangelock import RangeLock
 from .refcounts import RefcountManager
 from .storage import FileStorage, Storage
 
@@ -72,6 +79,7 @@ class WritableQcow2Image(Qcow2Image):
             self.close()
             raise
         self._lock = threading.RLock()
+        self._ranges = RangeLock()
         if h.has_data_file and self.data_file_path is not None:
             # guest data lives in the external file, at host offset == guest offset
             ro = self.data_storage
@@ -296,12 +304,27 @@ class WritableQcow2Image(Qcow2Image):
         self._check_range(offset, len(mv))
         if not len(mv):
             return
+        cb = self.cluster_bits
+        with self._ranges.hold(offset >> cb, ((offset + len(mv) - 1) >> cb) + 1, True):
+            self._write_range(offset, mv)
         with self._lock:
-            write_table = self._write_in_table_ext if self.extended_l2 else self._write_in_table
-            for l1i, start, n in self._table_chunks(offset, len(mv)):
-                rel = start - offset
-                write_table(l1i, start, mv[rel:rel + n])
             self._flush_if_full()
+
+    def _write_range(self, offset: int, mv: memoryview) -> None:
+        """Write with the range lock held by the caller."""
+        for l1i, start, n in self._table_chunks(offset, len(mv)):
+            rel = start - offset
+            if self.extended_l2:
+                with self._lock:
+                    self._write_in_table_ext(l1i, start, mv[rel:rel + n])
+            else:
+                self._write_in_table(l1i, start, mv[rel:rel + n])
+
+    def _read_zeroed(self, mv: memoryview, offset: int) -> None:
+        # readers hold their clusters shared: none can be freed and reused under them
+        cb = self.cluster_bits
+        with self._ranges.hold(offset >> cb, ((offset + len(mv) - 1) >> cb) + 1, False):
+            Qcow2Image._read_zeroed(self, mv, offset)
 
     def _old_content(self, cluster: int) -> bytearray:
         """What the guest sees in one cluster now (used for copy-on-write)."""
@@ -312,7 +335,8 @@ class WritableQcow2Image(Qcow2Image):
         buf = bytearray(length)
         n = min(length, self.size - start)
         if n > 0:
-            self._read_zeroed(memoryview(buf)[:n], start)
+            # the caller holds these clusters exclusively: read without the range lock
+            Qcow2Image._read_zeroed(self, memoryview(buf)[:n], start)
         return buf
 
     def _put(self, data, host: int) -> None:
@@ -419,75 +443,88 @@ class WritableQcow2Image(Qcow2Image):
             self._zero_raw_data_file(start, min(end, self.size))
 
     def _write_in_table(self, l1i: int, start: int, mv: memoryview) -> None:
+        """Write within one L2 table: plan under the metadata lock, move data without
+        it (the caller holds the clusters exclusively), then commit the L2 entries."""
         cs, cb = self.cluster_size, self.cluster_bits
         length = len(mv)
         c0, c1 = start >> cb, ((start + length - 1) >> cb) + 1
+        n = c1 - c0
         head_partial = start % cs != 0
         tail_partial = (start + length) % cs != 0
-        # copy-on-write sources must be read before the L2 table changes
-        l2 = self._writable_l2(l1i)
         idx = np.arange(c0, c1, dtype=np.int64) % (cs // 8)
-        entries = l2[idx]
-        compressed = (entries & _COMPRESSED) != 0
-        hosts = (entries & _OFFSET_MASK).astype(np.int64)
-        hosts[compressed] = 0
-        copied = (entries & _COPIED) != 0
-        zero = (entries & _ZERO) != 0
-        has_host = (hosts != 0) | (copied & self._external)
-        inplace = ~compressed & has_host & copied & ~zero
-        reuse = ~compressed & has_host & copied & zero       # preallocated zero cluster
-        alloc = ~(inplace | reuse)
-        n = c1 - c0
-        cow: Dict[int, bytearray] = {}
-        for i in {0, n - 1}:
-            partial = (i == 0 and head_partial) or (i == n - 1 and tail_partial)
-            if partial and not inplace[i]:
-                cow[i] = self._old_content(c0 + i)
-        new_hosts = hosts.copy()
-        m = int(alloc.sum())
-        if m and self._external:
-            new_hosts[alloc] = np.arange(c0, c1, dtype=np.int64)[alloc] * cs
-        elif m:
-            base = self._allocate(m)
-            new_hosts[alloc] = base + np.arange(m, dtype=np.int64) * cs
-        targets = new_hosts
-        # write: partial edge clusters with their own buffers, the middle straight from mv
-        within0 = start % cs
-        for i, buf in cow.items():
-            g = (c0 + i) * cs
-            a, b = max(start, g), min(start + length, g + cs)
-            buf[a - g:b - g] = mv[a - start:b - start]
-            self._overlap_check(int(targets[i]), cs)
-            self.data_storage.pwrite(buf, int(targets[i]))
-        first = 0
-        if 0 in cow or (head_partial and inplace[0]):
-            if 0 not in cow:
-                g = c0 * cs
-                b = min(start + length, g + cs)
-                self._overlap_check(int(targets[0]) + within0, b - start)
-                self.data_storage.pwrite(mv[:b - start], int(targets[0]) + within0)
+        with self._lock:                                    # 1. plan
+            entries = self._writable_l2(l1i)[idx].copy()
+            compressed = (entries & _COMPRESSED) != 0
+            hosts = (entries & _OFFSET_MASK).astype(np.int64)
+            hosts[compressed] = 0
+            copied = (entries & _COPIED) != 0
+            zero = (entries & _ZERO) != 0
+            has_host = (hosts != 0) | (copied & self._external)
+            inplace = ~compressed & has_host & copied & ~zero
+            reuse = ~compressed & has_host & copied & zero       # preallocated zero cluster
+            alloc = ~(inplace | reuse)
+            targets = hosts.copy()
+            m = int(alloc.sum())
+            if m and self._external:
+                targets[alloc] = np.arange(c0, c1, dtype=np.int64)[alloc] * cs
+            elif m:
+                targets[alloc] = self._allocate(m) + np.arange(m, dtype=np.int64) * cs
+            writes = self._plan_writes(start, length, c0, targets, inplace,
+                                       head_partial, tail_partial)
+            for host, _, _, _, size in writes:
+                self._overlap_check(host, size)
+        for host, kind, a, b, _ in writes:                  # 2. data
+            if kind == "cow":
+                # copy-on-write: the old content, read before the L2 entry changes
+                g = a
+                buf = self._old_content(g // cs)
+                lo, hi = max(start, g), min(start + length, g + cs)
+                buf[lo - g:hi - g] = mv[lo - start:hi - start]
+                self.data_storage.pwrite(buf, host)
+            else:
+                self.data_storage.pwrite(mv[a:b], host)
+        changed = alloc | reuse
+        if changed.any():                                   # 3. commit
+            with self._lock:
+                l2 = self._writable_l2(l1i)
+                self._release(entries[alloc])
+                l2[idx[changed]] = targets[changed].astype(np.uint64) | _COPIED
+                self._touch_l2(l1i)
+
+    def _plan_writes(self, start, length, c0, targets, inplace, head_partial, tail_partial):
+        """The pwrites of one table's write: ``(host, kind, a, b, size)`` tuples.
+
+        Partial edge clusters that are not written in place get a whole-cluster
+        copy-on-write buffer (kind "cow", ``a`` = guest offset of the cluster);
+        the rest are slices ``mv[a:b]`` of the caller's data, merged where the
+        host clusters are contiguous.  ``size`` is the bytes written at ``host``.
+        """
+        cs = self.cluster_size
+        n = targets.size
+        out = []
+        first, last = 0, n
+        if head_partial:
+            if inplace[0]:
+                b = min(length, cs - start % cs)
+                out.append((int(targets[0]) + start % cs, "data", 0, b, b))
+            else:
+                out.append((int(targets[0]), "cow", c0 * cs, 0, cs))
             first = 1
-        last = n
-        if n - 1 >= first and ((n - 1) in cow or (tail_partial and inplace[n - 1])):
-            if (n - 1) not in cow:
-                g = (c1 - 1) * cs
-                self._overlap_check(int(targets[n - 1]), start + length - g)
-                self.data_storage.pwrite(mv[g - start:], int(targets[n - 1]))
+        if tail_partial and n - 1 >= first:
+            g = (c0 + n - 1) * cs
+            if inplace[n - 1]:
+                out.append((int(targets[n - 1]), "data", g - start, length, length - (g - start)))
+            else:
+                out.append((int(targets[n - 1]), "cow", g, 0, cs))
             last = n - 1
         if last > first:
             t = targets[first:last]
             brk = np.flatnonzero(np.diff(t) != cs) + 1
             bounds = np.concatenate(([0], brk, [t.size]))
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                g = (c0 + first + a) * cs
-                self._overlap_check(int(t[a]), (b - a) * cs)
-                self.data_storage.pwrite(mv[g - start:g - start + (b - a) * cs], int(t[a]))
-        changed = alloc | reuse
-        if changed.any():
-            old = entries[alloc]
-            self._release(old)
-            l2[idx[changed]] = new_hosts[changed].astype(np.uint64) | _COPIED
-            self._touch_l2(l1i)
+                g = (c0 + first + a) * cs - start
+                out.append((int(t[a]), "data", g, g + (b - a) * cs, (b - a) * cs))
+        return out
 
     def _release(self, old_entries: np.ndarray) -> None:
         """Queue the refcount decrements for L2 entries that are being replaced."""
@@ -539,7 +576,8 @@ class WritableQcow2Image(Qcow2Image):
             return
         unit = self.cluster_size >> 5 if self.extended_l2 else self.cluster_size
         end = offset + length
-        with self._lock:
+        cb = self.cluster_bits
+        with self._ranges.hold(offset >> cb, ((end - 1) >> cb) + 1, True), self._lock:
             u_first, u_last = self._full_clusters(offset, length, unit)
             for u in sorted({offset // unit, (end - 1) // unit}):
                 if not u_first <= u < u_last:
@@ -566,7 +604,7 @@ class WritableQcow2Image(Qcow2Image):
         if self.header.version >= 3 and native.is_zero(old):
             self._zero_whole(g, ue, unmap=False)
         else:
-            self.write(a, bytes(b - a))
+            self._write_range(a, memoryview(bytes(b - a)))
 
     def _zero_v2(self, a: int, b: int) -> None:
         # v2 has no zero flag: write zeros where the range does not already read as zero
@@ -575,7 +613,7 @@ class WritableQcow2Image(Qcow2Image):
             n = min(step, b - pos)
             if any(r.data or (not r.allocated and self.backing is not None)
                    for r in self.layer_runs(pos, n)):
-                self.write(pos, bytes(n))
+                self._write_range(pos, memoryview(bytes(n)))
 
     def _zero_clusters(self, l1i: int, start: int, length: int, unmap: bool) -> None:
         cs, cb = self.cluster_size, self.cluster_bits
@@ -616,7 +654,9 @@ class WritableQcow2Image(Qcow2Image):
         cs = self.cluster_size
         if self.header.version < 3 and self.backing is not None:
             return
-        with self._lock:
+        cb = self.cluster_bits
+        with self._ranges.hold(offset >> cb, ((offset + max(length, 1) - 1) >> cb) + 1, True), \
+                self._lock:
             c_first, c_last = self._full_clusters(offset, length)
             if c_last <= c_first:
                 return
