@@ -116,6 +116,16 @@ class Image:
         n = min(len(mv), b.size - offset)
         b._read_zeroed(mv[:n], offset)
 
+    # -- writing (formats opened "r+" override these) -------------------------
+    def _read_only(self, *args, **kwargs):
+        raise ValueError(f"image {self.filename!r} is open read-only (use mode 'r+')")
+
+    write = write_zeroes = discard = _read_only
+
+    def flush(self) -> None:
+        """Nothing to make durable on a read-only image."""
+        self._check_open()
+
     # -- mapping ------------------------------------------------------------
     def layer_runs(self, offset: int, length: int) -> Iterator[Run]:
         """This layer's mapping of a guest range, as coalesced runs in guest order."""
