@@ -333,6 +333,10 @@ class Qcow2Image(Image):
     # ------------------------------------------------------------ reading
     def _read_zeroed(self, mv: memoryview, offset: int) -> None:
         self._check_open()
+        ub = self.unit_bits
+        if offset >> ub == (offset + len(mv) - 1) >> ub:
+            self._read_in_unit(mv, offset)          # a small read: no arrays
+            return
         starts, lens, kinds, hosts, csizes = self.run_arrays(offset, len(mv))
         rel = starts - offset
         data = kinds == DATA
@@ -354,6 +358,32 @@ class Qcow2Image(Image):
         if comp.any():
             self._read_compressed(mv, rel[comp], starts[comp], lens[comp], hosts[comp],
                                   csizes[comp])
+
+    def _read_in_unit(self, mv: memoryview, offset: int) -> None:
+        """``_read_zeroed`` for a range inside one unit, with scalars instead of arrays."""
+        u = offset >> self.unit_bits
+        t, i = divmod(u, self.units_per_table)
+        tab = self._table(t)
+        k = int(tab.kinds[i])
+        if k == DATA:
+            h = int(tab.hosts[i]) + offset - (u << self.unit_bits)
+            if self.data_storage is self.storage and h >= self._file_size:
+                raise CorruptImageError(f"guest offset {offset}: data cluster at host "
+                                        f"{h:#x} lies past the end of the file")
+            self.data_storage.pread_into(mv, h)     # past EOF: mv is already zero
+        elif k == UNALLOCATED or k == UNALLOCATED_ALLOC:
+            if self.backing is not None:
+                self._read_backing(mv, offset)
+        elif k == COMPRESSED:
+            co = int(tab.hosts[i])
+            last_off, last_data = self._last_cluster
+            if co == last_off:
+                w = offset & (self.cluster_size - 1)
+                mv[:] = last_data[w:w + len(mv)]
+            else:
+                self._read_compressed(mv, np.zeros(1, np.int64), np.array([offset]),
+                                      np.array([len(mv)]), tab.hosts[i:i + 1],
+                                      tab.csizes[i:i + 1])
 
     def _read_compressed(self, mv, rel, starts, lens, coffs, csizes) -> None:
         cs = self.cluster_size
