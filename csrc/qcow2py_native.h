@@ -39,4 +39,18 @@ int qp_decode_l2(const uint8_t *table, size_t table_len, int cluster_bits,
 int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
                   const int64_t *buf_off, const int64_t *host_off,
                   const int64_t *len, size_t n);
+/* Copy extents: for each i (in the order given), read len[i] bytes at
+ * src_off[i] of src_fd[i] (one request per piece of at most buf_len bytes;
+ * past EOF reads as zeros) and write them at dst_off[i] of dst_fd.
+ * Zero detection works on chunks of zero_chunk bytes aligned in the target's
+ * address space (0: none): an all-zero chunk is skipped, or written as zeros
+ * when write_zeroes is set.  When mark is given, the bit of every target
+ * unit ((dst - mark_base) >> mark_shift) that received non-zero data is set.
+ * stats[0..3] += bytes read, bytes written, zero bytes skipped, read requests.
+ * Returns 0, -errno, or -EINVAL for bad arguments. */
+int qp_copy_extents(size_t n, const int32_t *src_fd, const int64_t *src_off,
+                    const int64_t *dst_off, const int64_t *len, int dst_fd,
+                    uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
+                    int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
+                    int64_t *stats);
 #endif

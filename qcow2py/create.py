@@ -40,17 +40,18 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
            compression_type: str = "zlib", backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, data_file: Optional[str] = None,
            data_file_raw: bool = False, preallocation: str = "off",
-           lock: bool = True) -> Image:
+           lock: bool = True, storage_wrapper=None) -> Image:
     """Create an image and return it opened "r+".
 
     Options and their checks follow ``qemu-img create -f qcow2 -o ...``.
-    ``size`` may be omitted when a backing file gives it.
+    ``size`` may be omitted when a backing file gives it.  ``storage_wrapper``
+    is passed to :func:`qcow2py.open` (to trace or journal the new image).
     """
     path = os.fspath(path)
     if preallocation not in PREALLOCATION_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if format == "raw":
-        return _create_raw(path, size, preallocation)
+        return _create_raw(path, size, preallocation, storage_wrapper)
     if format != "qcow2":
         raise CreateError(f"Unknown format '{format}' (qcow2 or raw)")
     header = _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
@@ -62,7 +63,7 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
             os.path.join(os.path.dirname(path), data_file)
         with open(data_path, "wb") as f:          # qemu-img create overwrites it
             f.truncate(header.size if data_file_raw or preallocation != "off" else 0)
-    img = open_image(path, "r+", format="qcow2", lock=lock)
+    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"        # a raw data file must stay a valid raw image
     if preallocation != "off":
@@ -270,7 +271,8 @@ def _preallocate(img, mode: str) -> None:
         img._flush_metadata()
 
 
-def _create_raw(path: str, size: Optional[int], preallocation: str) -> Image:
+def _create_raw(path: str, size: Optional[int], preallocation: str,
+                storage_wrapper=None) -> Image:
     if size is None:
         raise CreateError("Image creation needs a size parameter")
     st = FileStorage(path, writable=True, create=True)
@@ -285,4 +287,4 @@ def _create_raw(path: str, size: Optional[int], preallocation: str) -> Image:
         st.fsync()
     finally:
         st.close()
-    return open_image(path, "r+", format="raw")
+    return open_image(path, "r+", format="raw", storage_wrapper=storage_wrapper)

@@ -277,6 +277,49 @@ class TracingStorage(Storage):
         return [(r.offset, r.length) for r in self.requests if r.kind == "read"]
 
 
+class UnsafeStorage(Storage):
+    """Wraps a storage and drops fsync (qemu-img's ``cache=unsafe``).
+
+    For copies whose target is thrown away if they fail: the target still
+    gets every write in crash-safe order, but nothing waits for the disk.
+    """
+
+    def __init__(self, inner: Storage):
+        self.inner = inner
+        self.name = inner.name
+        self.writable = inner.writable
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def allocated_size(self) -> int:
+        return self.inner.allocated_size()
+
+    def fileno(self) -> Optional[int]:
+        return self.inner.fileno()
+
+    def pread_into(self, buf, offset: int) -> int:
+        return self.inner.pread_into(buf, offset)
+
+    def read_runs(self, buf, buf_offsets, host_offsets, lengths) -> None:
+        self.inner.read_runs(buf, buf_offsets, host_offsets, lengths)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.inner.pwrite(data, offset)
+
+    def fsync(self) -> None:
+        pass
+
+    def truncate(self, size: int) -> None:
+        self.inner.truncate(size)
+
+    def allocation(self, offset: int, length: int):
+        return self.inner.allocation(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class RecordingStorage(Storage):
     """Wraps another storage and journals every write and fsync, with the data.
 

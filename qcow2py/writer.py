@@ -552,6 +552,74 @@ class WritableQcow2Image(Qcow2Image):
         self._dirty_l2.add(l1i)
         self._forget_table(l1i)
 
+    # ------------------------------------------------------------ bulk mapping (block-copy)
+    def map_new_clusters(self, clusters: np.ndarray) -> np.ndarray:
+        """Give unallocated guest clusters one contiguous run of new host clusters.
+
+        ``clusters`` must be sorted guest cluster indexes whose L2 entries are
+        unallocated (a fresh target).  Returns the host offset of each, so a
+        copy can write the data straight there; the entries reach the disk
+        with the next flush, after the data (crash-safe order).
+        """
+        clusters = np.asarray(clusters, dtype=np.int64)
+        cs = self.cluster_size
+        if not clusters.size:
+            return np.zeros(0, dtype=np.int64)
+        with self._lock:
+            if self._write_refusal:
+                raise UnsupportedFeatureError(self._write_refusal)
+            if self._external:
+                hosts = clusters * cs
+            else:
+                hosts = self._allocate(clusters.size) + np.arange(clusters.size, dtype=np.int64) * cs
+            self._set_entries(clusters, hosts.astype(np.uint64) | _COPIED,
+                              np.uint64(0xFFFFFFFF))
+            return hosts
+
+    def unmap_clusters(self, clusters: np.ndarray, zero: bool) -> None:
+        """Undo :meth:`map_new_clusters` for clusters that turned out all zero.
+
+        The entries become unallocated (or zero clusters when ``zero``, to hide
+        a backing file) and the host clusters are released.
+        """
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if not clusters.size:
+            return
+        with self._lock:
+            old = self._entries_of(clusters)
+            if zero and self.header.version >= 3:
+                new, bm = (np.uint64(0), np.uint64(0xFFFFFFFF << 32)) if self.extended_l2 \
+                    else (_ZERO, np.uint64(0))
+            else:
+                new, bm = np.uint64(0), np.uint64(0)
+            self._set_entries(clusters, np.full(clusters.size, new, dtype=np.uint64), bm)
+            self._release(old)
+
+    def _entries_of(self, clusters: np.ndarray) -> np.ndarray:
+        per = self.cluster_size // (16 if self.extended_l2 else 8)
+        out = np.zeros(clusters.size, dtype=np.uint64)
+        l1s = clusters // per
+        for t in np.unique(l1s).tolist():
+            sel = l1s == t
+            l2 = self._writable_l2(t)
+            idx = clusters[sel] % per
+            out[sel] = l2[idx * 2] if self.extended_l2 else l2[idx]
+        return out
+
+    def _set_entries(self, clusters: np.ndarray, entries: np.ndarray, bitmap) -> None:
+        per = self.cluster_size // (16 if self.extended_l2 else 8)
+        l1s = clusters // per
+        for t in np.unique(l1s).tolist():
+            sel = l1s == t
+            l2 = self._writable_l2(t)
+            idx = clusters[sel] % per
+            if self.extended_l2:
+                l2[idx * 2] = entries[sel]
+                l2[idx * 2 + 1] = bitmap
+            else:
+                l2[idx] = entries[sel]
+            self._touch_l2(t)
+
     # ------------------------------------------------------------ zeroes and discard
     def _full_clusters(self, offset: int, length: int,
                        cs: Optional[int] = None) -> Tuple[int, int]:

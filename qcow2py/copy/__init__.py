@@ -1,0 +1,1 @@
+"""Block-copy: plan a copy from metadata, read in host order, write the target."""

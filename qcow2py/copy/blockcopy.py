@@ -1,0 +1,456 @@
+"""Block-copy: copy an image reading its clusters in the order they lie on disk.
+
+QEMU's convert and backup read in guest order; on a fragmented qcow2 that is
+a seek per cluster on a spinning disk.  BlockCopy plans the copy from the
+metadata (:mod:`.plan`), sorts the data extents by (file, host offset) and
+hands whole extent lists to C (``qp_copy_extents``), which reads big
+sequential pieces, skips zero chunks and writes to the target with the GIL
+released.
+
+Target layout: a new qcow2 target gets all its data clusters allocated in one
+run, in guest order, before the copy (so the output is defragmented whatever
+the read order); clusters whose data turn out all zero are released at the
+end.  The L2 entries reach the file at the final flush, after the data.
+
+Memory: the plan holds ~40 bytes per extent.  An image too big to plan at
+once (more extents than ``memory_limit`` allows) is planned in windows of
+guest space and sorted within each window: reads stay sequential inside a
+window, with one jump back per window.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from .. import native
+from ..codec import decompress_cluster
+from ..errors import Qcow2Error
+from ..image import Image
+from ..qcow2 import Qcow2Image
+from ..raw import RawImage
+from .plan import (P_BACKING, P_COMPRESSED, P_DATA, P_ZERO, Plan, coalesce, empty_plan,
+                   plan_window)
+
+_EXTENT_BYTES = 48          # plan memory per extent (six int64-ish arrays)
+ORDERS = ("host", "guest", "auto")
+
+
+@dataclass
+class CopyStats:
+    """What a copy did (``qcow2py-copy --stats`` prints these)."""
+
+    bytes_total: int = 0          # guest bytes covered by the copy
+    bytes_read: int = 0           # bytes read from the source files
+    bytes_written: int = 0        # data bytes written to the target
+    bytes_zero: int = 0           # bytes that were zero (skipped or written as zeros)
+    read_requests: int = 0
+    backward_seeks: int = 0       # reads that started before the previous read's end
+    guest_order_backward_seeks: int = 0   # the same count had the reads gone in guest order
+    extents: int = 0
+    order: str = "host"
+    seconds: float = 0.0
+
+    @property
+    def seeks_avoided(self) -> int:
+        return max(0, self.guest_order_backward_seeks - self.backward_seeks)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["seeks_avoided"] = self.seeks_avoided
+        return d
+
+
+def backward_seeks(files: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> int:
+    """Reads, in the given order, that start before the previous read of the same file ended."""
+    count = 0
+    for f in np.unique(files).tolist():
+        sel = files == f
+        o, n = offsets[sel], lengths[sel]
+        if o.size > 1:
+            count += int(np.count_nonzero(o[1:] < o[:-1] + n[:-1]))
+    return count
+
+
+class BlockCopy:
+    """Copy ``source`` (with its backing chain) into ``target``, opened for writing.
+
+    ``order``: "host" (by file, then host offset: each file is read front to
+    back), "guest" (QEMU's order) or "auto" (host when more than
+    ``auto_threshold`` of the data extents are out of order).  ``bitmap``: a
+    bitarray over guest clusters of ``bitmap_granularity`` bytes; only dirty
+    ranges are copied.  ``sparse_size``: zero detection granularity (0: copy
+    every byte).  ``base_depth``: copy only the top N layers of the source
+    chain (``-B``); the rest stays with the target's backing file.
+    ``target_is_zero``: the target reads as zeros already (a new image), so
+    zero ranges need no writes.
+    """
+
+    def __init__(self, source: Image, target: Image, order: str = "host", bitmap=None,
+                 compress: bool = False, sparse_size: int = 4096, workers: int = 2,
+                 memory_limit: int = 64 << 20, progress: Optional[Callable[[int, int], None]] = None,
+                 *, bitmap_granularity: int = 65536, base_depth: Optional[int] = None,
+                 target_is_zero: bool = True, auto_threshold: float = 0.05) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+        if compress:
+            raise Qcow2Error("compressed output is not supported yet")
+        if sparse_size < 0 or (sparse_size and sparse_size % 512):
+            raise ValueError("sparse_size must be 0 or a multiple of 512")
+        if target.size < source.size:
+            raise ValueError(f"target is smaller ({target.size} bytes) than the source "
+                             f"({source.size} bytes)")
+        self.source, self.target = source, target
+        self.order = order
+        self.bitmap, self.bitmap_granularity = bitmap, bitmap_granularity
+        self.sparse_size = sparse_size
+        self.workers = max(1, int(workers))
+        self.memory_limit = max(1 << 20, int(memory_limit))
+        self.progress = progress
+        self.base_depth = base_depth
+        self.target_is_zero = target_is_zero
+        self.auto_threshold = auto_threshold
+        self.stats = CopyStats()
+        self._done = 0
+        self._progress_lock = threading.Lock()
+
+    # ------------------------------------------------------------ planning
+    def plan(self) -> Plan:
+        """The guest-ordered plan (masked by the bitmap), windowed to bound memory."""
+        chain = self.source.chain()
+        size = self.source.size
+        max_extents = max(1024, self.memory_limit // 4 // _EXTENT_BYTES)
+        parts: List[Plan] = []
+        window = 1 << 30
+        for a in range(0, size, window):
+            parts.append(plan_window(chain, a, min(size, a + window), self.base_depth))
+        plan = coalesce(Plan.concat(parts)) if parts else empty_plan()
+        if self.bitmap is not None:
+            plan = self._mask(plan)
+        self._windowed = len(plan) > max_extents
+        self._window_extents = max_extents
+        return plan
+
+    def _mask(self, plan: Plan) -> Plan:
+        """Keep only the parts of the plan under dirty bits (vectorised)."""
+        g = self.bitmap_granularity
+        bits = np.frombuffer(self.bitmap.unpack(), dtype=np.uint8).astype(bool) \
+            if hasattr(self.bitmap, "unpack") else np.asarray(self.bitmap, dtype=bool)
+        edges = np.flatnonzero(np.diff(np.r_[0, bits.astype(np.int8), 0]))
+        starts, ends = edges[0::2] * g, edges[1::2] * g
+        if not starts.size:
+            return empty_plan()
+        # cut every extent at the dirty interval boundaries, keep pieces inside
+        cuts = np.unique(np.concatenate([plan.guest, plan.guest + plan.length, starts, ends]))
+        pe = plan.guest + plan.length
+        seg = cuts[:-1]
+        i = np.clip(np.searchsorted(plan.guest, seg, side="right") - 1, 0, len(plan) - 1)
+        inside_plan = (seg >= plan.guest[i]) & (seg < pe[i])
+        j = np.searchsorted(starts, seg, side="right") - 1
+        dirty = (j >= 0) & (seg < ends[np.clip(j, 0, None)])
+        keep = inside_plan & dirty
+        seg, seg_len, i = seg[keep], np.diff(cuts)[keep], i[keep]
+        delta = seg - plan.guest[i]
+        host = np.where(plan.kind[i] == P_DATA, plan.host[i] + delta, plan.host[i])
+        return Plan(seg, seg_len, plan.kind[i], plan.layer[i], host, plan.csize[i])
+
+    def _choose_order(self, data: Plan) -> str:
+        if self.order != "auto":
+            return self.order
+        if len(data) < 2:
+            return "guest"
+        same = data.layer[1:] == data.layer[:-1]
+        out_of_order = same & (data.host[1:] < data.host[:-1])
+        return "host" if out_of_order.mean() > self.auto_threshold else "guest"
+
+    def _ordered(self, data: Plan, order: str) -> Plan:
+        if order == "guest":
+            return data
+        if self._windowed:
+            # sort inside windows of guest space, to bound the sort's memory
+            w = self._window_extents
+            idx = np.concatenate([
+                a + np.lexsort((data.host[a:a + w], data.layer[a:a + w]))
+                for a in range(0, len(data), w)])
+        else:
+            idx = np.lexsort((data.host, data.layer))
+        return data.select(idx)
+
+    # ------------------------------------------------------------ running
+    def run(self) -> CopyStats:
+        """Copy everything and flush the target; returns the statistics.
+
+        Interrupting it (KeyboardInterrupt) stops between batches; a qcow2
+        target then holds what was copied so far and is consistent (at worst
+        it leaks clusters).
+        """
+        t0 = time.perf_counter()
+        plan = self.plan()
+        st = self.stats
+        st.bytes_total = int(plan.length.sum())
+        st.extents = len(plan)
+        data = plan.select(plan.kind == P_DATA)
+        order = self._choose_order(data)
+        st.order = order
+        st.guest_order_backward_seeks = backward_seeks(data.layer, data.host, data.length)
+        data = self._ordered(data, order)
+        comp = plan.select(plan.kind == P_COMPRESSED)
+        if order == "host" and len(comp):
+            comp = comp.select(np.lexsort((comp.host, comp.layer)))
+        zeros = plan.select(plan.kind == P_ZERO)
+        if self.sparse_size == 0 and len(zeros):
+            # no zero detection (-S 0): zeros are data too, the output fully allocated
+            self._write_zero_data(zeros)
+            zeros = zeros.select(np.zeros(len(zeros), dtype=bool))
+        if isinstance(self.target, Qcow2Image):
+            self._run_qcow2(data, comp, zeros, plan)
+        else:
+            self._run_raw(data, comp, zeros)
+        self.target.flush()
+        st.seconds = time.perf_counter() - t0
+        return st
+
+    def _write_zero_data(self, zeros: Plan) -> None:
+        chunk = bytes(1 << 20)
+        for g, n in zip(zeros.guest.tolist(), zeros.length.tolist()):
+            for a in range(g, g + n, len(chunk)):
+                m = min(len(chunk), g + n - a)
+                self.target.write(a, chunk[:m])
+                self.stats.bytes_written += m
+            self._advance(n)
+
+    # -- targets
+    def _run_raw(self, data: Plan, comp: Plan, zeros: Plan) -> None:
+        dst = self.target.storage
+        self._copy_data(data, data.guest, dst)
+        self._copy_compressed(comp, comp.guest, dst, None)
+        if not self.target_is_zero:
+            for g, n in zip(zeros.guest.tolist(), zeros.length.tolist()):
+                self.target.write_zeroes(g, n)
+        self.stats.bytes_zero += int(zeros.length.sum())
+
+    def _run_qcow2(self, data: Plan, comp: Plan, zeros: Plan, plan: Plan) -> None:
+        tgt = self.target
+        cb = tgt.cluster_bits
+        cs = 1 << cb
+        fresh = self.target_is_zero and not _has_allocations(tgt)
+        if not fresh or not hasattr(tgt, "map_new_clusters"):
+            return self._run_generic(plan)
+        copied = np.concatenate([data.guest, comp.guest])
+        copied_len = np.concatenate([data.length, comp.length])
+        clusters = _clusters_of(copied, copied_len, cb)
+        # clusters shared with ranges left to the backing file are written the slow way
+        backing = plan.select(plan.kind == P_BACKING)
+        partial = np.intersect1d(clusters, _clusters_of(backing.guest, backing.length, cb))
+        if partial.size:
+            clusters = np.setdiff1d(clusters, partial)
+        hosts = tgt.map_new_clusters(clusters)
+        mark = bytearray((clusters.size + 7) // 8)
+        base = int(hosts[0]) if hosts.size else 0
+        # with an external data file hosts follow guest offsets: no per-cluster marks
+        contiguous = not tgt.header.has_data_file
+        # a target offset for every extent: its cluster's host + offset in the cluster
+        dst_data = self._dst_offsets(data, clusters, hosts, cb)
+        dst_comp = self._dst_offsets(comp, clusters, hosts, cb)
+        in_bulk_d = dst_data >= 0
+        in_bulk_c = dst_comp >= 0
+        self._copy_data(data.select(in_bulk_d), dst_data[in_bulk_d], tgt.data_storage,
+                        mark=(mark, base, cb) if contiguous else None)
+        self._copy_compressed(comp.select(in_bulk_c), dst_comp[in_bulk_c], tgt.data_storage,
+                              (mark, base, cb) if contiguous else None)
+        rest = plan.select(np.isin(plan.guest >> cb, partial) & (plan.kind != P_BACKING))
+        self._run_generic(rest)
+        if contiguous and hosts.size and self.sparse_size:
+            bits = np.unpackbits(np.frombuffer(bytes(mark), dtype=np.uint8),
+                                 bitorder="little")[:clusters.size].astype(bool)
+            empty = clusters[~bits]
+            tgt.unmap_clusters(empty, zero=tgt.backing is not None)
+        if tgt.backing is not None:
+            for g, n in zip(zeros.guest.tolist(), zeros.length.tolist()):
+                tgt.write_zeroes(g, n)
+        self.stats.bytes_zero += int(zeros.length.sum())
+
+    def _run_generic(self, plan: Plan) -> None:
+        """Through the target's write path (partial clusters, existing targets)."""
+        tgt, src = self.target, self.source
+        chunk = 1 << 20
+        for g, n, k in zip(plan.guest.tolist(), plan.length.tolist(), plan.kind.tolist()):
+            if k == P_BACKING:
+                continue
+            if k == P_ZERO:
+                if not self.target_is_zero or tgt.backing is not None:
+                    tgt.write_zeroes(g, n)
+                self.stats.bytes_zero += n
+                continue
+            for a in range(g, g + n, chunk):
+                m = min(chunk, g + n - a)
+                buf = src.read(a, m)
+                self.stats.bytes_read += m
+                self.stats.read_requests += 1
+                if self.sparse_size and native.is_zero(buf):
+                    if not self.target_is_zero or tgt.backing is not None:
+                        tgt.write_zeroes(a, m)
+                    self.stats.bytes_zero += m
+                else:
+                    tgt.write(a, buf)
+                    self.stats.bytes_written += m
+            self._advance(n)
+
+    @staticmethod
+    def _dst_offsets(p: Plan, clusters: np.ndarray, hosts: np.ndarray, cb: int) -> np.ndarray:
+        if not len(p):
+            return np.zeros(0, dtype=np.int64)
+        c = p.guest >> cb
+        i = np.clip(np.searchsorted(clusters, c), 0, max(clusters.size - 1, 0))
+        ok = clusters.size > 0
+        found = (clusters[i] == c) if ok else np.zeros(c.size, bool)
+        # an extent may span several clusters: all must be in the bulk set (contiguous hosts)
+        last = (p.guest + p.length - 1) >> cb
+        j = np.clip(np.searchsorted(clusters, last), 0, max(clusters.size - 1, 0))
+        found &= (clusters[j] == last) if ok else found
+        found &= (j - i) == (last - c)
+        out = np.where(found, hosts[i] + (p.guest & ((1 << cb) - 1)), -1) if ok else \
+            np.full(c.size, -1, dtype=np.int64)
+        return out.astype(np.int64)
+
+    # -- data movement
+    def _advance(self, n: int) -> None:
+        if self.progress is None:
+            return
+        with self._progress_lock:
+            self._done += n
+            self.progress(self._done, self.stats.bytes_total)
+
+    def _layer_storage(self, layer: int):
+        img = self.source.chain()[layer]
+        return getattr(img, "data_storage", img.storage)
+
+    def _copy_data(self, data: Plan, dst_off: np.ndarray, dst_storage, mark=None) -> None:
+        if not len(data):
+            return
+        storages = [self._layer_storage(i) for i in range(len(self.source.chain()))]
+        src_fds = [s.fileno() for s in storages]
+        dst_fd = dst_storage.fileno()
+        zero_chunk = self.sparse_size
+        write_zeroes = bool(zero_chunk) and not self.target_is_zero
+        mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
+        # reads split into batches (progress, cancellation) and across workers
+        lengths = data.length
+        batch = max(1, self.memory_limit)
+        bounds = np.searchsorted(np.cumsum(lengths), np.arange(batch, int(lengths.sum()) + batch,
+                                                              batch), side="left")
+        bounds = np.unique(np.r_[0, np.minimum(bounds + 1, len(data)), len(data)])
+        st = self.stats
+        native_ok = dst_fd is not None and all(fd is not None for fd in src_fds)
+        buf_len = max(1 << 20, min(8 << 20, self.memory_limit // (2 * self.workers)))
+        # backward seeks as actually issued
+        st.backward_seeks += backward_seeks(data.layer, data.host, data.length)
+
+        def run_slice(a: int, b: int, mark_local):
+            sl = slice(a, b)
+            if native_ok:
+                fds = np.array(src_fds, dtype=np.int32)[data.layer[sl]]
+                return native.copy_extents(fds, data.host[sl], dst_off[sl], data.length[sl],
+                                           dst_fd, buf_len, zero_chunk, write_zeroes,
+                                           mark_base, mark_shift, mark_local)
+            layers = data.layer[sl]
+
+            def read_into(i, view, off):
+                got = storages[int(layers[i])].pread_into(view, off)
+                if got < len(view):
+                    view[got:] = bytes(len(view) - got)
+            return native.copy_extents_generic(
+                b - a, read_into, dst_storage.pwrite, data.host[sl], dst_off[sl],
+                data.length[sl], buf_len, zero_chunk, write_zeroes, mark_base, mark_shift,
+                mark_local)
+
+        pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 and native_ok \
+            else None
+        try:
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                if b <= a:
+                    continue
+                if pool is None:
+                    parts = [(a, b)]
+                else:
+                    step = -(-(b - a) // self.workers)
+                    parts = [(x, min(b, x + step)) for x in range(a, b, step)]
+                marks = [bytearray(len(mark_buf)) if mark_buf is not None else None
+                         for _ in parts]
+                if pool is None:
+                    results = [run_slice(parts[0][0], parts[0][1], marks[0])]
+                else:
+                    results = list(pool.map(lambda pm: run_slice(pm[0][0], pm[0][1], pm[1]),
+                                            zip(parts, marks)))
+                for r in results:
+                    st.bytes_read += int(r[0])
+                    st.bytes_written += int(r[1])
+                    st.bytes_zero += int(r[2])
+                    st.read_requests += int(r[3])
+                if mark_buf is not None:
+                    for m in marks:
+                        merged = np.bitwise_or(np.frombuffer(bytes(mark_buf), np.uint8),
+                                               np.frombuffer(bytes(m), np.uint8))
+                        mark_buf[:] = merged.tobytes()
+                self._advance(int(lengths[a:b].sum()))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark) -> None:
+        """Compressed source clusters: read the streams in order, inflate on every core."""
+        if not len(comp):
+            return
+        chain = self.source.chain()
+        st = self.stats
+
+        def one(k: int):
+            img = chain[int(comp.layer[k])]
+            cs = img.cluster_size
+            co, sz = int(comp.host[k]), int(comp.csize[k])
+            raw = img.storage.pread(co, sz)
+            out = decompress_cluster(img.codec, raw, cs)
+            within = int(comp.guest[k]) % cs
+            return k, out[within:within + int(comp.length[k])], sz
+
+        workers = max(2, self.workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for k, piece, sz in pool.map(one, range(len(comp))):
+                st.bytes_read += sz
+                st.read_requests += 1
+                dst = int(dst_off[k])
+                if self.sparse_size and native.is_zero(piece):
+                    st.bytes_zero += len(piece)
+                    if not self.target_is_zero:
+                        dst_storage.pwrite(piece, dst)
+                else:
+                    dst_storage.pwrite(piece, dst)
+                    st.bytes_written += len(piece)
+                    if mark is not None:
+                        buf, base, shift = mark
+                        for u in range((dst - base) >> shift,
+                                       ((dst + len(piece) - 1 - base) >> shift) + 1):
+                            buf[u // 8] |= 1 << (u % 8)
+                self._advance(len(piece))
+
+
+def _clusters_of(guest: np.ndarray, length: np.ndarray, cb: int) -> np.ndarray:
+    """Sorted unique cluster indexes touched by the extents."""
+    if not guest.size:
+        return np.zeros(0, dtype=np.int64)
+    first = guest >> cb
+    last = (guest + length - 1) >> cb
+    span = last - first + 1
+    total = int(span.sum())
+    idx = np.repeat(first - np.cumsum(span) + span, span) + np.arange(total, dtype=np.int64)
+    return np.unique(idx)
+
+
+def _has_allocations(img: Qcow2Image) -> bool:
+    return bool(np.count_nonzero(img._l1))

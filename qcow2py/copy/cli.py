@@ -1,0 +1,200 @@
+"""``qcow2py-copy``: image conversion with qemu-img convert's options, reading in host order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import List, Optional
+
+from .. import __version__
+from ..create import CreateError, create
+from ..errors import Qcow2Error
+from ..image import open as open_image
+from ..storage import UnsafeStorage
+from .blockcopy import BlockCopy, ORDERS
+
+_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+           "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """qemu-img sizes: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)\s*", text)
+    if not m:
+        raise ValueError(f"invalid size {text!r}")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
+
+
+_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+_CREATE_KEYS = {"cluster_size": parse_size, "compat": str, "refcount_bits": int,
+                "extended_l2": lambda v: _BOOL[v], "lazy_refcounts": lambda v: _BOOL[v],
+                "compression_type": str, "preallocation": str, "data_file": str,
+                "data_file_raw": lambda v: _BOOL[v], "backing_file": str, "backing_fmt": str}
+
+
+def parse_create_options(text: Optional[str]) -> dict:
+    """``-o key=value,key=value`` into create() keyword arguments."""
+    out: dict = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in _CREATE_KEYS:
+            raise CreateError(f"Invalid parameter '{key}'")
+        try:
+            out[key] = _CREATE_KEYS[key](value)
+        except (KeyError, ValueError):
+            raise CreateError(f"Parameter '{key}' does not accept value '{value}'") from None
+    if "backing_fmt" in out:
+        out["backing_format"] = out.pop("backing_fmt")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcow2py-copy",
+        description="Convert/copy a disk image (qcow2 or raw), reading the source in the "
+                    "order its clusters lie on disk. Options as qemu-img convert.")
+    p.add_argument("--version", action="version", version=f"qcow2py-copy {__version__}")
+    p.add_argument("-f", dest="src_fmt", choices=["qcow2", "raw"], help="source format (probed)")
+    p.add_argument("-O", dest="out_fmt", choices=["qcow2", "raw"], default="raw",
+                   help="output format (default raw)")
+    p.add_argument("-o", dest="options", help="create options, e.g. cluster_size=64k,compat=1.1")
+    p.add_argument("-B", dest="backing", help="backing file of the output: copy only the "
+                   "source's top layer")
+    p.add_argument("-F", dest="backing_fmt", choices=["qcow2", "raw"], help="backing file format")
+    p.add_argument("-c", dest="compress", action="store_true", help="compressed output")
+    p.add_argument("-S", dest="sparse", default="4k",
+                   help="minimum run of zeros left sparse (default 4k; 0: fully allocate)")
+    p.add_argument("-n", dest="no_create", action="store_true",
+                   help="write into an existing target instead of creating it")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: the target reads as zeros already")
+    p.add_argument("-m", dest="workers", type=int, default=2, help="parallel copy workers")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-t", dest="cache", default="unsafe",
+                   choices=["unsafe", "writeback", "none", "directsync", "writethrough"],
+                   help="target cache mode; 'unsafe' (the default, as qemu-img convert) "
+                        "skips fsync")
+    p.add_argument("-T", dest="src_cache", help="source cache mode (accepted, ignored)")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility")
+    p.add_argument("--order", choices=ORDERS, default="auto",
+                   help="read order: host (front to back per file), guest, or auto")
+    p.add_argument("--bitmap", help="copy only clusters dirty in this persistent bitmap of "
+                   "the source (incremental backup onto an existing target with -n)")
+    p.add_argument("--stats", nargs="?", const="text", choices=["text", "json"],
+                   help="print what was read, in how many requests, how many backward seeks")
+    p.add_argument("source")
+    p.add_argument("target")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"qcow2py-copy: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "--stats" alone must not swallow the next argument: only "--stats=json" takes a value
+    argv = ["--stats=text" if a == "--stats" else a for a in argv]
+    args = build_parser().parse_args(argv)
+    try:
+        sparse = parse_size(args.sparse)
+    except ValueError:
+        sparse = -1
+    if sparse < 0 or sparse % 512 or sparse > (16 << 20):
+        return _fail("Invalid buffer size for sparse output specified. Valid sizes are multiples "
+                     "of 512 up to 16777216. Select 0 to disable sparse detection (fully "
+                     "allocates output).")
+    if args.target_is_zero and not args.no_create:
+        return _fail("--target-is-zero requires use of -n flag")
+    if args.no_create and args.options:
+        return _fail("-o has no effect when skipping image creation")
+    if args.compress:
+        return _fail("compressed output (-c) is not supported yet")
+    if args.bitmap:
+        return _fail("--bitmap needs persistent bitmap support, which is not available yet")
+    if args.workers < 1 or args.workers > 16:
+        return _fail("Invalid number of coroutines. Allowed number of coroutines is between "
+                     "1 and 16")
+    wrapper = UnsafeStorage if args.cache == "unsafe" else None
+    created = False
+    try:
+        opts = parse_create_options(args.options)
+        if ("backing_file" in opts) and "backing_format" not in opts:
+            return _fail("Use of backing file requires explicit backing format")
+        if args.backing and not args.backing_fmt:
+            return _fail("Use of backing file requires explicit backing format")
+        with open_image(args.source, format=args.src_fmt) as src:
+            if args.no_create:
+                tgt = open_image(args.target, "r+", format=args.out_fmt,
+                                 storage_wrapper=wrapper)
+                if tgt.size < src.size:
+                    tgt.close()
+                    return _fail("output file is smaller than input file")
+                if args.target_is_zero and tgt.backing is not None:
+                    tgt.close()
+                    return _fail("--target-is-zero cannot be used with a target that has a "
+                                 "backing file")
+            else:
+                if os.path.exists(args.target):
+                    return _fail(f"target {args.target!r} exists; use -n to write into it, or "
+                                 f"remove it first")
+                if args.backing:
+                    opts["backing_file"] = args.backing
+                    opts["backing_format"] = args.backing_fmt
+                tgt = create(args.target, src.size, format=args.out_fmt,
+                             storage_wrapper=wrapper, **opts)
+                created = True
+            depth = 1 if (args.backing or opts.get("backing_file")) else None
+            bar = None
+            progress = None
+            if args.progress and not args.quiet:
+                from tqdm import tqdm
+                bar = tqdm(total=100, unit="%", file=sys.stderr, leave=False,
+                           bar_format="    ({percentage:3.2f}/100%)")
+
+                def progress(done: int, total: int) -> None:
+                    bar.n = 100.0 * done / total if total else 100.0
+                    bar.refresh()
+            try:
+                job = BlockCopy(src, tgt, order=args.order, sparse_size=sparse,
+                                workers=args.workers, progress=progress, base_depth=depth,
+                                target_is_zero=not args.no_create or args.target_is_zero)
+                stats = job.run()
+            finally:
+                if bar is not None:
+                    bar.close()
+                tgt.close()
+    except KeyboardInterrupt:
+        if created:
+            _remove(args.target)
+        return _fail("interrupted")
+    except (Qcow2Error, OSError, ValueError) as e:
+        if created:
+            _remove(args.target)
+        return _fail(str(e))
+    if args.stats == "json":
+        print(json.dumps(stats.as_dict(), sort_keys=True))
+    elif args.stats:
+        d = stats.as_dict()
+        print(f"order {d['order']}: read {d['bytes_read']} bytes in {d['read_requests']} "
+              f"requests, {d['backward_seeks']} backward seeks (guest order: "
+              f"{d['guest_order_backward_seeks']}); wrote {d['bytes_written']} bytes, "
+              f"{d['bytes_zero']} zero bytes; {d['seconds']:.3f} s")
+    return 0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
