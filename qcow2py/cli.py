@@ -60,7 +60,9 @@ def _info_human(info: dict) -> str:
 
 
 def _cmd_info(args) -> int:
-    with open_image(args.filename, format=args.f) as img:
+    # like qemu-img, plain info opens the image alone: its backing and data files
+    # may be missing (or named by a protocol qcow2py refuses) without harm
+    with open_image(args.filename, format=args.f, chain=args.backing_chain) as img:
         if args.backing_chain:
             infos = img.info(backing_chain=True)
             if args.output == "json":

@@ -48,6 +48,9 @@ class Image:
     cluster_size: Optional[int] = None
     backing: Optional["Image"] = None
     storage: Storage
+    #: opened with ``chain=False`` while naming a backing or external data file that
+    #: was therefore not opened: metadata (``info``) only, reads and ``map`` refuse
+    detached: bool = False
 
     def __init__(self) -> None:
         self._closed = False
@@ -95,8 +98,14 @@ class Image:
         if len(mv):
             self._read_zeroed(mv, offset)
 
+    def _check_attached(self) -> None:
+        if self.detached:
+            raise BackingChainError(f"image {self.filename!r} was opened without its backing "
+                                    f"or data file (chain=False): it cannot be read or mapped")
+
     def _checked_length(self, offset: int, length: int) -> int:
         self._check_open()
+        self._check_attached()
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be non-negative")
         if offset + length > self.size:
@@ -142,6 +151,7 @@ class Image:
     def map(self, start: int = 0, length: Optional[int] = None) -> List[dict]:
         """The allocation map as ``qemu-img map --output=json`` reports it."""
         from .report import image_map
+        self._check_attached()
         return image_map(self, start, length)
 
     def info(self, backing_chain: bool = False):
@@ -175,6 +185,7 @@ class _OpenContext:
         self.lock = lock
         self.storage_wrapper = storage_wrapper   # applies to the top image only
         self.repair = repair                     # opening for check -r: corrupt/dirty allowed
+        self.chain = True                        # open backing and data files
         self.seen: Set[Tuple[int, int]] = set()
         self.depth = 0
 
@@ -183,7 +194,7 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False) -> Image:
+         repair: bool = False, chain: bool = True) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -194,11 +205,18 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
     crash tests, or feed a disk model).  ``repair=True`` (with "r+") opens a
     corrupt or dirty image so that ``check(repair=...)`` can fix it.
+    ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
+    does: a backing or external data file it names is neither opened nor
+    needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
+    and ``map()`` raise :class:`BackingChainError`).
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
+    if not chain and mode != "r":
+        raise ValueError("chain=False opens images read-only (mode 'r')")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                        storage_wrapper=storage_wrapper, repair=repair)
+    ctx.chain = chain
     return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
 
 
@@ -241,13 +259,25 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
     return img
 
 
+def backing_display_name(parent_name: str, name: str) -> str:
+    """How qemu-img names the backing file ``name`` of the image it calls
+    ``parent_name``: protocol and absolute names as they are, a relative one
+    appended to everything up to the parent's last ``/`` (or protocol ``:``),
+    without normalising (``t//top`` + ``b`` is ``t//b``)."""
+    if os.path.isabs(name) or ":" in name.split("/", 1)[0]:
+        return name
+    cut = max(parent_name.rfind("/"), parent_name.find(":"))
+    return parent_name[:cut + 1] + name
+
+
 def open_backing(parent: Image, name: str, fmt: Optional[str], ctx: _OpenContext) -> Image:
     """Open the backing file ``name`` of ``parent`` through the context's policy."""
     path = ctx.policy.resolve(name, parent.storage.name)
     if fmt is not None and fmt not in ("qcow2", "raw"):
         raise BackingChainError(f"backing file {name!r} has unsupported format {fmt!r}")
+    shown = path if name.startswith("file:") else backing_display_name(parent.filename, name)
     ctx.depth += 1
     try:
-        return _open_layer(path, fmt, ctx, display_name=path)
+        return _open_layer(path, fmt, ctx, display_name=shown)
     finally:
         ctx.depth -= 1

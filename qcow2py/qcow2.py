@@ -79,9 +79,11 @@ class Qcow2Image(Image):
         self.data_storage: Storage = storage
         self.data_file_path: Optional[str] = None
         try:
-            if h.has_data_file:
+            if not getattr(ctx, "chain", True):
+                self.detached = h.has_data_file or h.backing_file is not None
+            elif h.has_data_file:
                 self._open_data_file(ctx)
-            if h.backing_file is not None:
+            if h.backing_file is not None and getattr(ctx, "chain", True):
                 self.backing = open_backing(self, h.backing_file, h.backing_format, ctx)
         except BaseException:
             if self.data_storage is not storage:

@@ -9,10 +9,9 @@ identical text, not just equal JSON.
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict, List, Optional
 
-from .image import Image
+from .image import Image, backing_display_name
 
 _BUCKETS = 512
 
@@ -92,8 +91,7 @@ def image_info(img: Image) -> dict:
         info["cluster-size"] = img.cluster_size
         if h.backing_file is not None:
             info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = (img.backing.filename if img.backing is not None
-                                             else _full_name(img, h.backing_file))
+            info["full-backing-filename"] = backing_display_name(img.filename, h.backing_file)
             if h.backing_format is not None:
                 info["backing-filename-format"] = h.backing_format
         if img.snapshots:
@@ -105,12 +103,6 @@ def image_info(img: Image) -> dict:
 def _actual_size(img: Image) -> int:
     # QEMU 7.2 counts the image's own file only: an external data file is left out
     return img.storage.allocated_size()
-
-
-def _full_name(img: Image, name: str) -> str:
-    if os.path.isabs(name) or ":" in name.split("/", 1)[0]:
-        return name
-    return os.path.join(os.path.dirname(img.filename), name)
 
 
 def _qcow2_specific(img) -> dict:

@@ -37,6 +37,7 @@ import pytest
 
 import qcow2py
 from qcow2py import cli
+from qcow2py.report import qemu_json
 from qemu import create, info_json, map_json, need, qemu_img, qemu_io
 
 KiB = 1 << 10
@@ -820,7 +821,8 @@ def _names(path: Path, image_dir_only: bool = False):
     """(cwd, filename, run-as-subprocess) for each way of naming the image."""
     names = [(path.parent, path.name, True),
              (path.parent.parent, f"{path.parent.name}/{path.name}", False),
-             (Path("/"), str(path), False)]
+             (Path("/"), str(path), False),
+             (path.parent.parent, f"./{path.parent.name}//{path.name}", False)]
     return names[:1] if image_dir_only else names
 
 
@@ -1023,3 +1025,36 @@ def test_pure_python_twins_agree_with_qemu(name, tmp_path, monkeypatch):
     check_read(path, tmp_path, qmap)
     with qcow2py.open(str(path)) as img:
         assert img.map() == qmap
+
+
+@pytest.mark.parametrize("what", ["missing-backing", "protocol-backing", "missing-data-file"])
+def test_info_opens_the_image_alone(what, tmp_path):
+    """qemu-img info opens only the image: a missing backing file, a backing file
+    named by a protocol, or a missing data file do not matter.  Neither for
+    ``qcow2py info``; reads and maps of such an image opened with chain=False refuse."""
+    p = tmp_path / "top.qcow2"
+    if what == "missing-backing":
+        create(tmp_path / "base.qcow2", 16 * MiB)
+        create(p, 16 * MiB, backing="base.qcow2", backing_fmt="qcow2", cwd=tmp_path)
+        run_io(p, ["write -P 3 1M 64k"])
+        (tmp_path / "base.qcow2").unlink()
+    elif what == "protocol-backing":
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "nbd+unix:///exp?socket=/nonexistent",
+                 "-F", "raw", p.name, "16M", cwd=tmp_path)
+    else:
+        create(p, 16 * MiB, "data_file=top.data", cwd=tmp_path)
+        run_io(p, ["write -P 3 1M 64k"])
+        (tmp_path / "top.data").unlink()
+    want = qemu_img("info", "--output=json", p.name, cwd=tmp_path).stdout
+    assert _ours(["info", "--output=json", p.name], tmp_path, True) == want
+    assert qemu_img("info", "--backing-chain", p.name, cwd=tmp_path, check=False).returncode \
+        or what == "missing-data-file"
+    with qcow2py.open(str(p), chain=False) as img:
+        assert img.detached
+        assert qemu_json(img.info()) + "\n" == qemu_img("info", "--output=json", p).stdout
+        with pytest.raises(qcow2py.BackingChainError, match="chain=False"):
+            img.read(0, 512)
+        with pytest.raises(qcow2py.BackingChainError, match="chain=False"):
+            img.map()
+    with pytest.raises(qcow2py.BackingChainError):
+        qcow2py.open(str(p))
