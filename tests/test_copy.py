@@ -1,0 +1,257 @@
+"""Block-copy and qcow2py-copy against qemu-img: same content, clean, sparse, ordered reads."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qcow2py
+from qcow2py.copy.blockcopy import BlockCopy
+from qcow2py.storage import TracingStorage
+from qemu import create, qemu_img, qemu_io
+
+MiB = 1 << 20
+
+
+def copy_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qcow2py.copy", *map(str, args)], cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def shuffled_writes(path, n_clusters, cs=65536, seed=1, fill=0.7, fmt="qcow2"):
+    rnd = random.Random(seed)
+    order = list(range(n_clusters))
+    rnd.shuffle(order)
+    k = int(n_clusters * fill)
+    cmds = [f"write -P {c % 250 + 1} {c * cs} {cs}" for c in order[:k]]
+    cmds += [f"write -z {c * cs} {cs}" for c in order[k:k + 8]]
+    cmds += [f"write -P 0 {c * cs} {cs}" for c in order[k + 8:k + 16]]   # zero data
+    qemu_io(path, *cmds, fmt=fmt)
+
+
+def build(shape, d):
+    """Source images of several shapes; returns the path of the top image."""
+    top = d / "src.qcow2"
+    if shape == "fragmented":
+        create(top, "16M")
+        shuffled_writes(top, 256)
+    elif shape == "v2":
+        create(top, "16M", "compat=0.10")
+        shuffled_writes(top, 256)
+    elif shape == "small-clusters":
+        create(top, "4M", "cluster_size=512")
+        shuffled_writes(top, 2048, cs=512, fill=0.3)
+    elif shape == "2M-clusters":
+        create(top, "16M", "cluster_size=2M")
+        qemu_io(top, "write -P 3 100k 3M", "write -P 4 9M 1k")
+    elif shape in ("zlib", "zstd"):
+        plain = d / "plain.qcow2"
+        create(plain, "16M")
+        shuffled_writes(plain, 256)
+        qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={shape}", plain, top)
+    elif shape == "chain":
+        base = d / "base.raw"
+        create(base, "16M", fmt="raw")
+        qemu_io(base, "write -P 9 0 6M", fmt="raw")
+        mid = d / "mid.qcow2"
+        create(mid, "16M", backing="base.raw", backing_fmt="raw", cwd=d)
+        shuffled_writes(mid, 256, fill=0.3, seed=2)
+        create(top, "24M", backing="mid.qcow2", cwd=d)           # longer than its backing
+        qemu_io(top, "write -P 7 1M 300k", "write -z 5M 1M", "write -P 8 20M 64k")
+    elif shape == "extended-l2":
+        base = d / "base.qcow2"
+        create(base, "16M")
+        qemu_io(base, "write -P 1 0 16M")
+        create(top, "16M", "extended_l2=on", backing="base.qcow2", cwd=d)
+        qemu_io(top, "write -P 2 4k 6k", "write -z 70k 2k", "write -P 3 8M 130k")
+    elif shape == "data-file":
+        # an absolute name: QEMU 7.2 resolves a relative data file against its cwd
+        create(top, "16M", f"data_file={d / 'src.data'}")
+        shuffled_writes(top, 256, fill=0.4)
+    elif shape == "raw":
+        top = d / "src.raw"
+        create(top, "16M", fmt="raw")
+        shuffled_writes(top, 256, fill=0.4, fmt="raw")
+    return top
+
+
+SHAPES = ["fragmented", "v2", "small-clusters", "2M-clusters", "zlib", "zstd", "chain",
+          "extended-l2", "data-file", "raw"]
+
+
+def allocated_clusters(path):
+    return json.loads(qemu_img("check", "--output=json", path, check=False).stdout) \
+        .get("allocated-clusters", 0)
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_copy_matches_qemu(tmp_path, shape, out_fmt):
+    src = build(shape, tmp_path)
+    ours, theirs = tmp_path / f"ours.{out_fmt}", tmp_path / f"theirs.{out_fmt}"
+    p = copy_cli("-O", out_fmt, "--stats=json", src, ours)
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout)
+    assert stats["bytes_total"] > 0
+    qemu_img("convert", "-O", out_fmt, src, theirs)
+    assert qemu_img("compare", src, ours, check=False).returncode == 0
+    if out_fmt == "qcow2":
+        assert qemu_img("check", ours, check=False).returncode == 0
+        # as sparse as qemu-img's output: zero ranges stay unallocated
+        assert allocated_clusters(ours) <= allocated_clusters(theirs)
+    else:
+        assert os.stat(ours).st_blocks <= os.stat(theirs).st_blocks + 64
+
+
+def test_raw_to_qcow2_and_options(tmp_path):
+    src = build("raw", tmp_path)
+    out = tmp_path / "o.qcow2"
+    p = copy_cli("-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k,compat=0.10",
+                 src, out)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(qemu_img("info", "--output=json", out).stdout)
+    assert info["cluster-size"] == 4096
+    assert info["format-specific"]["data"]["compat"] == "0.10"
+    assert qemu_img("compare", src, out, check=False).returncode == 0
+    assert qemu_img("check", out, check=False).returncode == 0
+
+
+def test_fully_allocated_with_S0(tmp_path):
+    src = build("fragmented", tmp_path)
+    out = tmp_path / "o.qcow2"
+    assert copy_cli("-O", "qcow2", "-S", "0", src, out).returncode == 0
+    assert allocated_clusters(out) == 256
+    assert qemu_img("compare", src, out, check=False).returncode == 0
+
+
+def test_top_layer_only_with_B(tmp_path):
+    src = build("chain", tmp_path)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    p = copy_cli("-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", src.name, ours.name,
+                 cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    qemu_img("convert", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", src.name, theirs.name,
+             cwd=tmp_path)
+    assert qemu_img("compare", src, ours, check=False).returncode == 0
+    assert qemu_img("check", ours, check=False).returncode == 0
+
+    def layer0(path):
+        return [(e["start"], e["length"], e["zero"], e["data"])
+                for e in json.loads(qemu_img("map", "--output=json", path).stdout)
+                if e["depth"] == 0]
+    assert layer0(ours) == layer0(theirs)
+
+
+@pytest.mark.parametrize("target_is_zero", [True, False])
+def test_existing_target(tmp_path, target_is_zero):
+    src = build("fragmented", tmp_path)
+    out = tmp_path / "existing.raw"
+    create(out, "16M", fmt="raw")
+    if not target_is_zero:
+        qemu_io(out, "write -P 0xee 0 16M", fmt="raw")      # garbage to overwrite
+    args = ["-n", "-O", "raw"] + (["--target-is-zero"] if target_is_zero else [])
+    p = copy_cli(*args, src, out)
+    assert p.returncode == 0, p.stderr
+    assert qemu_img("compare", "-F", "raw", src, out, check=False).returncode == 0
+
+
+def _traced_copy(src_path, tmp_path, order):
+    holder = {}
+
+    def wrap(st):
+        holder["t"] = TracingStorage(st)
+        return holder["t"]
+    src = qcow2py.open(src_path, storage_wrapper=wrap)
+    tgt = qcow2py.create(tmp_path / f"t-{order}.raw", src.size, format="raw")
+    stats = BlockCopy(src, tgt, order=order, workers=1).run()
+    tgt.close()
+    h = src.header
+    meta_end = 4 * src.cluster_size
+    reads = [(o, n) for o, n in holder["t"].reads()]
+    src.close()
+    return stats, reads
+
+
+def test_host_order_reads_are_ascending(tmp_path):
+    src = build("fragmented", tmp_path)
+    stats, reads = _traced_copy(src, tmp_path, "host")
+    data_reads = reads[-stats.read_requests:]
+    offsets = [o for o, _ in data_reads]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    for (o1, n1), (o2, _) in zip(data_reads, data_reads[1:]):
+        assert o2 >= o1 + n1
+    assert stats.backward_seeks == 0 and stats.guest_order_backward_seeks > 0
+    assert qemu_img("compare", src, tmp_path / "t-host.raw", check=False).returncode == 0
+
+
+def test_guest_order_reads_follow_the_guest(tmp_path):
+    src = build("fragmented", tmp_path)
+    stats, reads = _traced_copy(src, tmp_path, "guest")
+    data_reads = reads[-stats.read_requests:]
+    with qcow2py.open(src) as img:
+        expect = [e["offset"] for e in img.map() if e["data"] and "offset" in e]
+    assert [o for o, _ in data_reads] == expect
+    assert stats.backward_seeks == stats.guest_order_backward_seeks > 0
+
+
+def test_bitmap_limits_the_copy(tmp_path):
+    bitarray = pytest.importorskip("bitarray")
+    src_path = build("fragmented", tmp_path)
+    dirty = bitarray.bitarray(256)
+    dirty.setall(0)
+    rnd = random.Random(3)
+    picks = rnd.sample(range(256), 40)
+    for c in picks:
+        dirty[c] = 1
+    out = tmp_path / "inc.raw"
+    create(out, "16M", fmt="raw")
+    qemu_io(out, "write -P 0xee 0 16M", fmt="raw")
+    with qcow2py.open(src_path) as src, qcow2py.open(out, "r+") as tgt:
+        BlockCopy(src, tgt, bitmap=dirty, bitmap_granularity=65536,
+                  target_is_zero=False).run()
+        want = src.read(0, src.size)
+    got = out.read_bytes()
+    for c in range(256):
+        a, b = c * 65536, (c + 1) * 65536
+        if c in picks:
+            assert got[a:b] == want[a:b], c
+        else:
+            assert got[a:b] == b"\xee" * 65536, c
+
+
+def test_bad_input(tmp_path):
+    src = build("fragmented", tmp_path)
+    before = src.read_bytes()
+    # unreadable source
+    p = copy_cli("-O", "raw", tmp_path / "missing.qcow2", tmp_path / "x.raw")
+    assert p.returncode != 0 and "No such file" in p.stderr and p.stderr.count("\n") == 1
+    assert not (tmp_path / "x.raw").exists()
+    # existing target without -n
+    existing = tmp_path / "exists.raw"
+    existing.write_bytes(b"keep")
+    p = copy_cli("-O", "raw", src, existing)
+    assert p.returncode != 0 and "exists" in p.stderr and existing.read_bytes() == b"keep"
+    # target smaller with -n
+    small = tmp_path / "small.raw"
+    small.write_bytes(bytes(MiB))
+    p = copy_cli("-n", "-O", "raw", src, small)
+    assert p.returncode != 0 and "smaller" in p.stderr
+    # unknown format, bad -S, -o with -n
+    assert copy_cli("-O", "vmdk", src, tmp_path / "y").returncode != 0
+    p = copy_cli("-S", "1000", src, tmp_path / "y")
+    assert p.returncode != 0 and "sparse" in p.stderr
+    p = copy_cli("-n", "-o", "cluster_size=4k", src, small)
+    assert p.returncode != 0 and "-o has no effect" in p.stderr
+    # a corrupt source: clear error, the new target is removed
+    bad = tmp_path / "bad.qcow2"
+    raw = bytearray(before)
+    raw[4:8] = (7).to_bytes(4, "big")
+    bad.write_bytes(bytes(raw))
+    p = copy_cli("-O", "qcow2", bad, tmp_path / "z.qcow2")
+    assert p.returncode != 0 and "version" in p.stderr
+    assert not (tmp_path / "z.qcow2").exists()
+    assert src.read_bytes() == before
