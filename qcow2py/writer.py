@@ -552,6 +552,55 @@ class WritableQcow2Image(Qcow2Image):
         self._dirty_l2.add(l1i)
         self._forget_table(l1i)
 
+    # ------------------------------------------------------------ compressed clusters
+    def write_compressed(self, cluster: int, data, compressed: Optional[bytes] = None) -> None:
+        """Store one whole guest cluster compressed, as ``qemu-img convert -c`` does.
+
+        ``data`` is the cluster's content (the image's last cluster may be
+        short); ``compressed`` may carry the stream already compressed with the
+        image's codec (block-copy compresses on worker threads).  A cluster
+        that does not shrink is written uncompressed.  Streams are packed back
+        to back inside host clusters; each host cluster's refcount counts the
+        streams in it.
+        """
+        cs, cb = self.cluster_size, self.cluster_bits
+        data = bytes(data)
+        if self._external:
+            raise UnsupportedFeatureError("compressed clusters cannot be used with an external "
+                                          "data file")
+        if compressed is None:
+            from .codec import compress_cluster
+            compressed = compress_cluster(self.codec, data.ljust(cs, b"\0"))
+        guest = cluster * cs
+        self._check_range(guest, min(cs, self.size - guest))
+        if len(compressed) >= cs:
+            self.write(guest, data[:self.size - guest])
+            return
+        with self._ranges.hold(cluster, cluster + 1, True), self._lock:
+            coff = self._alloc_bytes(len(compressed))
+            self._put(compressed, coff)
+            nsect = ((coff + len(compressed) - 1) >> 9) - (coff >> 9) + 1
+            shift = 62 - (cb - 8)
+            entry = np.uint64((1 << 62) | ((nsect - 1) << shift) | coff)
+            clusters = np.array([cluster], dtype=np.int64)
+            old = self._entries_of(clusters)
+            self._set_entries(clusters, np.array([entry], dtype=np.uint64), np.uint64(0))
+            self._release(old)
+            self._flush_if_full()
+
+    def _alloc_bytes(self, size: int) -> int:
+        """Room for a compressed stream: after the previous one when it fits in its host cluster."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        rc = self.refcounts
+        off = getattr(self, "_free_byte", 0)
+        if off and (cs - off % cs >= size) and off % cs and \
+                rc.get(off >> cb) < rc.max_refcount:
+            rc.increment(np.array([off >> cb], dtype=np.int64))
+        else:
+            off = self._allocate(1)
+        self._free_byte = off + size
+        return off
+
     # ------------------------------------------------------------ bulk mapping (block-copy)
     def map_new_clusters(self, clusters: np.ndarray) -> np.ndarray:
         """Give unallocated guest clusters one contiguous run of new host clusters.

@@ -118,8 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail("--target-is-zero requires use of -n flag")
     if args.no_create and args.options:
         return _fail("-o has no effect when skipping image creation")
-    if args.compress:
-        return _fail("compressed output (-c) is not supported yet")
+    if args.compress and args.out_fmt != "qcow2":
+        return _fail("Compression not supported for this file format")
+    if args.compress and sparse == 0:
+        return _fail("Cannot enable compression and disable sparse detection at the same time"
+                     " (-c and -S 0)")
     if args.bitmap:
         return _fail("--bitmap needs persistent bitmap support, which is not available yet")
     if args.workers < 1 or args.workers > 16:
@@ -167,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bar.refresh()
             try:
                 job = BlockCopy(src, tgt, order=args.order, sparse_size=sparse,
+                                compress=args.compress,
                                 workers=args.workers, progress=progress, base_depth=depth,
                                 target_is_zero=not args.no_create or args.target_is_zero)
                 stats = job.run()
