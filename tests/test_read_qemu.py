@@ -817,6 +817,12 @@ def _ours(args: List[str], cwd: Path, subprocess_: bool) -> str:
     return out.getvalue()
 
 
+#: which command the current case runs as a real ``python -m qcow2py`` process (the
+#: other ways of naming the image call the same ``cli.main`` in-process); cases
+#: alternate between map and info to keep the suite fast
+SUBPROCESS = ["map"]
+
+
 def _names(path: Path, image_dir_only: bool = False):
     """(cwd, filename, run-as-subprocess) for each way of naming the image."""
     names = [(path.parent, path.name, True),
@@ -833,7 +839,7 @@ def check_map(path: Path, d: Path, qmap: List[dict], image_dir_only: bool = Fals
     assert ours == qmap, _diff_list(ours, qmap)
     for cwd, name, sub in _names(path, image_dir_only):
         want = qemu_img("map", "--output=json", name, cwd=cwd).stdout
-        got = _ours(["map", "--output=json", name], cwd, sub)
+        got = _ours(["map", "--output=json", name], cwd, sub and SUBPROCESS[0] == "map")
         assert got == want, f"map text for {name!r} differs:\n" + _diff_text(got, want)
     # windows with odd bounds, and the human table (in-process: cheap)
     cwd, name = path.parent, path.name
@@ -861,7 +867,8 @@ def check_info(path: Path, d: Path, qmap: List[dict], image_dir_only: bool = Fal
         for extra in ([], ["--backing-chain"]):
             before = _allocations(path.parent)
             want = qemu_img("info", "--output=json", *extra, name, cwd=cwd).stdout
-            got = _ours(["info", "--output=json", *extra, name], cwd, sub and not extra)
+            got = _ours(["info", "--output=json", *extra, name], cwd,
+                        sub and SUBPROCESS[0] == "info" and not extra)
             if got != want and _without_actual_size(got) == _without_actual_size(want):
                 # the one field allowed to differ, and only if a file changed meanwhile
                 assert _allocations(path.parent) != before, \
@@ -901,6 +908,7 @@ def test_agrees_with_qemu(name, tmp_path):
     path = CASES[name](tmp_path)
     settle(tmp_path)
     qmap = map_json(path.name, cwd=path.parent)
+    SUBPROCESS[0] = ("map", "info")[list(CASES).index(name) % 2]
     problems = []
     for check in (check_read, check_map, check_info):
         try:
