@@ -269,3 +269,428 @@ int qp_copy_extents(size_t n, const int32_t *src_fd, const int64_t *src_off,
     }
     return 0;
 }
+
+#include <sys/uio.h>
+#define QP_IOV 512
+
+struct qp_gather {
+    int fd;
+    struct iovec iov[QP_IOV];
+    int cnt;
+    int64_t start, end;        /* target range covered by iov[] */
+};
+
+static int gather_flush(struct qp_gather *g)
+{
+    int64_t off = g->start;
+    int idx = 0;
+    while (idx < g->cnt) {
+        ssize_t w = pwritev(g->fd, g->iov + idx, g->cnt - idx, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        off += w;
+        /* advance over what was written (short writes are rare but legal) */
+        while (idx < g->cnt && (size_t)w >= g->iov[idx].iov_len) {
+            w -= (ssize_t)g->iov[idx].iov_len;
+            idx++;
+        }
+        if (idx < g->cnt && w > 0) {
+            g->iov[idx].iov_base = (uint8_t *)g->iov[idx].iov_base + w;
+            g->iov[idx].iov_len -= (size_t)w;
+        }
+    }
+    g->cnt = 0;
+    return 0;
+}
+
+static int gather_add(struct qp_gather *g, const uint8_t *p, size_t n, int64_t dst)
+{
+    if (n == 0)
+        return 0;
+    if (g->cnt && (dst != g->end || g->cnt == QP_IOV)) {
+        int rc = gather_flush(g);
+        if (rc)
+            return rc;
+    }
+    if (g->cnt == 0)
+        g->start = dst;
+    g->iov[g->cnt].iov_base = (void *)p;
+    g->iov[g->cnt].iov_len = n;
+    g->cnt++;
+    g->end = dst + (int64_t)n;
+    return 0;
+}
+
+int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
+                  const int64_t *dst_off, const int64_t *len, const int64_t *write_order,
+                  int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,
+                  int write_zeroes, int64_t mark_base, int mark_shift, uint8_t *mark,
+                  size_t mark_len, int64_t *scratch, int64_t *stats)
+{
+    static const uint8_t zeros[65536];
+    if (zero_chunk < 0 || mark_shift < 0 || mark_shift > 40)
+        return -EINVAL;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (src_off[i] < 0 || dst_off[i] < 0 || len[i] < 0 ||
+            write_order[i] < 0 || (uint64_t)write_order[i] >= n)
+            return -EINVAL;
+        total += (uint64_t)len[i];
+    }
+    if (total > buf_len)
+        return -EINVAL;
+    /* read phase: one request per run of extents that continue each other */
+    int64_t pos = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i;
+        int64_t run = len[i];
+        while (j + 1 < n && src_fd[j + 1] == src_fd[i] &&
+               src_off[j + 1] == src_off[j] + len[j]) {
+            j++;
+            run += len[j];
+        }
+        int64_t p = pos;
+        for (size_t k = i; k <= j; k++) {
+            scratch[k] = p;
+            p += len[k];
+        }
+        if (run > 0) {
+            int rc = read_full(src_fd[i], buf + pos, (size_t)run, src_off[i]);
+            if (rc)
+                return rc;
+            stats[0] += run;
+            stats[3] += 1;
+        }
+        pos += run;
+        i = j + 1;
+    }
+    /* write phase, in target order, gathering continuous pieces */
+    struct qp_gather g;
+    g.fd = dst_fd;
+    g.cnt = 0;
+    g.start = g.end = 0;
+    for (size_t k = 0; k < n; k++) {
+        size_t e = (size_t)write_order[k];
+        const uint8_t *data = buf + scratch[e];
+        int64_t dst = dst_off[e], L = len[e];
+        int rc;
+        if (zero_chunk <= 0) {
+            rc = gather_add(&g, data, (size_t)L, dst);
+            if (rc)
+                return rc;
+            stats[1] += L;
+            mark_range(mark, mark_len, mark_base, mark_shift, dst, dst + L);
+            continue;
+        }
+        int64_t q = 0;
+        while (q < L) {
+            int64_t abs = dst + q;
+            int64_t clen = zero_chunk - abs % zero_chunk;
+            if (clen > L - q)
+                clen = L - q;
+            if (qp_is_zero(data + q, (size_t)clen)) {
+                if (write_zeroes) {
+                    for (int64_t o = 0; o < clen;) {
+                        int64_t m = clen - o < (int64_t)sizeof zeros ? clen - o : (int64_t)sizeof zeros;
+                        rc = gather_add(&g, zeros, (size_t)m, abs + o);
+                        if (rc)
+                            return rc;
+                        o += m;
+                    }
+                }
+                stats[2] += clen;
+            } else {
+                rc = gather_add(&g, data + q, (size_t)clen, abs);
+                if (rc)
+                    return rc;
+                stats[1] += clen;
+                mark_range(mark, mark_len, mark_base, mark_shift, abs, abs + clen);
+            }
+            q += clen;
+        }
+    }
+    if (g.cnt)
+        return gather_flush(&g);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ bitmaps */
+
+static inline uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+/* Word w of a bitmap (bits [64w, 64w + 64)); bytes past nbytes read as 0. */
+static inline uint64_t bm_word(const uint8_t *bits, size_t nbytes, int64_t w)
+{
+    size_t off = (size_t)w * 8;
+    if (off + 8 <= nbytes)
+        return load_le64(bits + off);
+    uint64_t v = 0;
+    for (size_t i = 0; off + i < nbytes; i++)
+        v |= (uint64_t)bits[off + i] << (8 * i);
+    return v;
+}
+
+static inline int popcount64(uint64_t x)
+{
+    /* SWAR: no dependency on the popcnt instruction being available */
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (int)((x * 0x0101010101010101ULL) >> 56);
+}
+
+/* mask of the bits of word w inside [start, end) */
+static inline uint64_t bm_range_mask(int64_t w, int64_t start, int64_t end)
+{
+    uint64_t m = ~0ULL;
+    int64_t base = w << 6;
+    if (start > base)
+        m &= ~0ULL << (start - base);
+    if (end < base + 64)
+        m &= (1ULL << (end - base)) - 1;
+    return m;
+}
+
+static inline int bm_clip(int64_t nbits, int64_t *start, int64_t *end)
+{
+    if (nbits < 0)
+        return 0;
+    if (*start < 0)
+        *start = 0;
+    if (*end > nbits)
+        *end = nbits;
+    return *start < *end;
+}
+
+int64_t qp_bitmap_count(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end)
+{
+    if (!bm_clip(nbits, &start, &end))
+        return 0;
+    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
+    int64_t count = 0;
+    if (w0 == w1)
+        return popcount64(bm_word(bits, nbytes, w0) & bm_range_mask(w0, start, end));
+    count += popcount64(bm_word(bits, nbytes, w0) & bm_range_mask(w0, start, end));
+    for (int64_t w = w0 + 1; w < w1; w++)
+        count += popcount64(load_le64(bits + (size_t)w * 8));
+    count += popcount64(bm_word(bits, nbytes, w1) & bm_range_mask(w1, start, end));
+    return count;
+}
+
+int64_t qp_bitmap_next(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end,
+                       int value)
+{
+    if (!bm_clip(nbits, &start, &end))
+        return -1;
+    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    uint64_t flip = value ? 0 : ~0ULL;
+    int64_t w = start >> 6, last = (end - 1) >> 6;
+    uint64_t word = (bm_word(bits, nbytes, w) ^ flip) & (~0ULL << (start & 63));
+    for (;;) {
+        if (word) {
+            int64_t i = (w << 6) + __builtin_ctzll(word);
+            return i < end ? i : -1;
+        }
+        if (++w > last)
+            return -1;
+        word = bm_word(bits, nbytes, w) ^ flip;
+    }
+}
+
+/* Where runs go: plain bit runs, or pieces of a masked extent. */
+typedef struct {
+    int64_t *a, *b, *c;    /* starts/lens, or guest/len/idx */
+    int64_t max, n;
+    int mask;              /* 0: bit runs; 1: extent pieces */
+    int64_t g0, g1, gran, idx;
+} bm_sink;
+
+static inline void bm_emit(bm_sink *s, int64_t rs, int64_t re)
+{
+    if (s->n < s->max) {
+        if (!s->mask) {
+            s->a[s->n] = rs;
+            s->b[s->n] = re - rs;
+        } else {
+            int64_t lo = rs * s->gran, hi = re * s->gran;
+            if (lo < s->g0)
+                lo = s->g0;
+            if (hi > s->g1)
+                hi = s->g1;
+            s->a[s->n] = lo;
+            s->b[s->n] = hi - lo;
+            s->c[s->n] = s->idx;
+        }
+    }
+    s->n++;
+}
+
+/* Emit the runs of set bits in [start, end) (already clipped, start < end),
+ * walking words and toggling at each transition. */
+static void bm_scan_runs(const uint8_t *bits, size_t nbytes, int64_t start, int64_t end,
+                         bm_sink *s)
+{
+    int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
+    int in_run = 0;
+    int64_t run_start = 0;
+    for (int64_t w = w0; w <= w1; w++) {
+        uint64_t word = bm_word(bits, nbytes, w);
+        if (w == w0 || w == w1)
+            word &= bm_range_mask(w, start, end);
+        /* fast skips: nothing changes inside this word */
+        if (!in_run && word == 0)
+            continue;
+        if (in_run && word == ~0ULL)
+            continue;
+        int64_t base = w << 6;
+        uint64_t cur = in_run ? ~word : word;     /* 1s mark the next transition */
+        while (cur) {
+            int b = __builtin_ctzll(cur);
+            if (!in_run) {
+                run_start = base + b;
+                in_run = 1;
+                cur = ~word;
+            } else {
+                bm_emit(s, run_start, base + b);
+                in_run = 0;
+                cur = word;
+            }
+            cur &= b < 63 ? (~0ULL << (b + 1)) : 0;
+        }
+    }
+    if (in_run)
+        bm_emit(s, run_start, end);
+}
+
+int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end,
+                       int64_t *starts, int64_t *lens, int64_t max_out)
+{
+    if (!bm_clip(nbits, &start, &end))
+        return 0;
+    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    if (max_out <= 0 || !starts || !lens) {
+        /* count only: a run starts at every set bit whose predecessor is clear */
+        int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
+        int64_t count = 0;
+        uint64_t prev = 0;
+        for (int64_t w = w0; w <= w1; w++) {
+            uint64_t word = (w > w0 && w < w1) ? load_le64(bits + (size_t)w * 8)
+                : bm_word(bits, nbytes, w) & bm_range_mask(w, start, end);
+            count += popcount64(word & ~((word << 1) | prev));
+            prev = word >> 63;
+        }
+        return count;
+    }
+    /* Branch-light fill: per word, the run starts (set bits after a clear one)
+     * and the run ends (clear bits after a set one) are extracted with ctz
+     * loops; the k-th end pairs with the k-th start.  lens holds the ends
+     * until the final pass turns them into lengths. */
+    int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
+    int64_t ns = 0, ne = 0;
+    uint64_t prev = 0;
+    for (int64_t w = w0; w <= w1; w++) {
+        uint64_t word = (w > w0 && w < w1) ? load_le64(bits + (size_t)w * 8)
+            : bm_word(bits, nbytes, w) & bm_range_mask(w, start, end);
+        uint64_t shifted = (word << 1) | prev;
+        prev = word >> 63;
+        uint64_t rise = word & ~shifted, fall = ~word & shifted;
+        if (!(rise | fall))
+            continue;
+        int64_t base = w << 6;
+        if (ns + popcount64(rise) <= max_out && ne + popcount64(fall) <= max_out) {
+            while (rise) {
+                starts[ns++] = base + __builtin_ctzll(rise);
+                rise &= rise - 1;
+            }
+            while (fall) {
+                lens[ne++] = base + __builtin_ctzll(fall);
+                fall &= fall - 1;
+            }
+        } else {
+            while (rise) {
+                if (ns < max_out)
+                    starts[ns] = base + __builtin_ctzll(rise);
+                ns++;
+                rise &= rise - 1;
+            }
+            while (fall) {
+                if (ne < max_out)
+                    lens[ne] = base + __builtin_ctzll(fall);
+                ne++;
+                fall &= fall - 1;
+            }
+        }
+    }
+    if (ne < ns) {                       /* the last run reaches the end */
+        if (ne < max_out)
+            lens[ne] = end;
+        ne++;
+    }
+    int64_t stored = ns < max_out ? ns : max_out;
+    for (int64_t k = 0; k < stored; k++)
+        lens[k] -= starts[k];
+    return ns;
+}
+
+int qp_bitmap_op(const uint8_t *a, const uint8_t *b, uint8_t *out, size_t nbytes, int op)
+{
+    size_t i;
+    switch (op) {
+    case QP_BITMAP_AND:
+        for (i = 0; i < nbytes; i++)
+            out[i] = a[i] & b[i];
+        return 0;
+    case QP_BITMAP_OR:
+        for (i = 0; i < nbytes; i++)
+            out[i] = a[i] | b[i];
+        return 0;
+    case QP_BITMAP_ANDNOT:
+        for (i = 0; i < nbytes; i++)
+            out[i] = a[i] & (uint8_t)~b[i];
+        return 0;
+    default:
+        return QP_ERR_ARGS;
+    }
+}
+
+int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t n,
+                               const uint8_t *bits, int64_t nbits, int64_t granularity,
+                               int64_t *out_guest, int64_t *out_len, int64_t *out_idx,
+                               int64_t max_out)
+{
+    if (granularity < 1 || n < 0 || nbits < 0)
+        return QP_ERR_ARGS;
+    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    bm_sink s = {out_guest, out_len, out_idx, max_out, 0, 1, 0, 0, granularity, 0};
+    if (!out_guest || !out_len || !out_idx)
+        s.max = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t g = guest[i], l = len[i];
+        if (g < 0 || l < 0 || g > INT64_MAX - l)
+            return QP_ERR_ARGS;
+        if (l == 0)
+            continue;
+        int64_t b0 = g / granularity;
+        int64_t b1 = (g + l - 1) / granularity + 1;
+        if (!bm_clip(nbits, &b0, &b1))
+            continue;
+        s.g0 = g;
+        s.g1 = g + l;
+        s.idx = i;
+        bm_scan_runs(bits, nbytes, b0, b1, &s);
+    }
+    return s.n;
+}

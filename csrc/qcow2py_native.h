@@ -53,4 +53,55 @@ int qp_copy_extents(size_t n, const int32_t *src_fd, const int64_t *src_off,
                     uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
                     int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
                     int64_t *stats);
+
+/* Bitmaps (persistent dirty bitmaps, copy masks).  Bit i of a bitmap is bit
+ * (i % 8) of byte i / 8: LSB-first, as qcow2 stores them and as bitarray
+ * does with endian="little".  A bitmap of nbits bits needs (nbits + 7) / 8
+ * bytes; bits at and past nbits are ignored.  Ranges [start, end) are
+ * clipped to [0, nbits). */
+
+/* Number of set bits in [start, end). */
+int64_t qp_bitmap_count(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end);
+
+/* First bit index in [start, end) whose value is `value` (0 or 1), or -1. */
+int64_t qp_bitmap_next(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end,
+                       int value);
+
+/* Runs of set bits in [start, end), merged, in order: the k-th run starts at
+ * bit starts[k] and has lens[k] bits (a run cut by the range is clipped).
+ * Stores at most max_out runs (starts/lens may be NULL when max_out is 0);
+ * returns the total number of runs. */
+int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end,
+                       int64_t *starts, int64_t *lens, int64_t max_out);
+
+#define QP_BITMAP_AND     0
+#define QP_BITMAP_OR      1
+#define QP_BITMAP_ANDNOT  2   /* a & ~b */
+
+/* out[i] = a[i] OP b[i] for nbytes bytes (out may be a or b).  Returns 0, or
+ * QP_ERR_ARGS for an unknown op. */
+int qp_bitmap_op(const uint8_t *a, const uint8_t *b, uint8_t *out, size_t nbytes, int op);
+
+/* Mask extents with a bitmap of `granularity`-byte units: for each extent i
+ * (guest offset guest[i], length len[i] bytes; non-overlapping extents cost
+ * one pass over the bits they cover), every piece lying under set bits, in
+ * order.  Piece k is out_guest[k], out_len[k], from extent out_idx[k].
+ * Stores at most max_out pieces; returns the total number, or QP_ERR_ARGS
+ * (granularity < 1, negative offsets or lengths). */
+int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t n,
+                               const uint8_t *bits, int64_t nbits, int64_t granularity,
+                               int64_t *out_guest, int64_t *out_len, int64_t *out_idx,
+                               int64_t max_out);
+/* Copy one batch of extents through a buffer: read them in the given order,
+ * merging extents that continue each other in the same source file into one
+ * request, into buf (sum of len[] must fit in buf_len), then write them in
+ * write_order[] (a permutation of 0..n-1, usually by target offset),
+ * gathering pieces that continue each other in the target into one pwritev.
+ * Zero detection, marks and stats as qp_copy_extents; scratch must hold n
+ * int64 (buffer positions).  Returns 0, -errno, or -EINVAL. */
+int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
+                  const int64_t *dst_off, const int64_t *len, const int64_t *write_order,
+                  int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,
+                  int write_zeroes, int64_t mark_base, int mark_shift, uint8_t *mark,
+                  size_t mark_len, int64_t *scratch, int64_t *stats);
 #endif

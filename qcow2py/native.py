@@ -303,13 +303,350 @@ def copy_extents_native(src_fds, src_off, dst_off, lengths, dst_fd: int, buf_len
     return stats.tolist()
 
 
+# ---------------------------------------------------------------- copy_batch
+def copy_batch_generic(read_into, writev, src_key, src_off, dst_off, lengths, write_order,
+                       buf, zero_chunk: int, write_zeroes: bool, mark_base: int = 0,
+                       mark_shift: int = 0, mark=None, stats=None):
+    """The contract of ``qp_copy_batch`` over reader/writer callables.
+
+    ``read_into(i, view, offset)`` fills ``view`` from the source of extent
+    ``i``; extents ``i..j`` that continue each other in the same source
+    (``src_key`` equal, offsets adjacent) are read with one call.
+    ``writev(views, offset)`` writes consecutive pieces at ``offset``.
+    """
+    stats = stats if stats is not None else [0, 0, 0, 0]
+    n = len(lengths)
+    src_off = np.asarray(src_off, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if int(lengths.sum()) > len(buf):
+        raise ValueError("batch does not fit the buffer")
+    mv = memoryview(buf).cast("B")
+    pos_of = np.zeros(n, dtype=np.int64)
+    if n:
+        key = np.asarray(src_key)
+        cont = np.zeros(n, dtype=bool)
+        cont[1:] = (key[1:] == key[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
+        pos_of[1:] = np.cumsum(lengths)[:-1]
+        starts = np.flatnonzero(~cont)
+        ends = np.r_[starts[1:], n]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            run = int(lengths[a:b].sum())
+            if run:
+                p = int(pos_of[a])
+                read_into(a, mv[p:p + run], int(src_off[a]))
+                stats[0] += run
+                stats[3] += 1
+    pending, p_start, p_end = [], 0, 0
+
+    def add(view, dst):
+        nonlocal pending, p_start, p_end
+        if not len(view):
+            return
+        if pending and dst != p_end:
+            writev(pending, p_start)
+            pending = []
+        if not pending:
+            p_start = dst
+        pending.append(view)
+        p_end = dst + len(view)
+
+    def mark_range(a, b):
+        if mark is None or b <= a or a < mark_base:
+            return
+        for u in range((a - mark_base) >> mark_shift, ((b - 1 - mark_base) >> mark_shift) + 1):
+            if u // 8 < len(mark):
+                mark[u // 8] |= 1 << (u % 8)
+
+    zeros = bytes(min(max(zero_chunk, 1), 1 << 16))
+    for e in np.asarray(write_order, dtype=np.int64).tolist():
+        p, L, dst = int(pos_of[e]), int(lengths[e]), int(dst_off[e])
+        data = mv[p:p + L]
+        if zero_chunk <= 0:
+            add(data, dst)
+            stats[1] += L
+            mark_range(dst, dst + L)
+            continue
+        q = 0
+        while q < L:
+            clen = min(zero_chunk - (dst + q) % zero_chunk, L - q)
+            chunk = data[q:q + clen]
+            if is_zero(chunk):
+                if write_zeroes:
+                    for o in range(0, clen, len(zeros)):
+                        add(memoryview(zeros)[:min(len(zeros), clen - o)], dst + q + o)
+                stats[2] += clen
+            else:
+                add(chunk, dst + q)
+                stats[1] += clen
+                mark_range(dst + q, dst + q + clen)
+            q += clen
+    if pending:
+        writev(pending, p_start)
+    return stats
+
+
+def copy_batch_pure(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int, buf,
+                    zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
+                    mark_shift: int = 0, mark=None):
+    """fd-based twin of :func:`copy_batch_native`."""
+    fds = np.asarray(src_fds, dtype=np.int64)
+
+    def read_into(i, view, off):
+        done = 0
+        while done < len(view):
+            got = os.preadv(int(fds[i]), [view[done:]], off + done)
+            if got == 0:
+                view[done:] = bytes(len(view) - done)
+                break
+            done += got
+
+    def writev(views, off):
+        data = b"".join(bytes(v) for v in views)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(dst_fd, data[done:], off + done)
+
+    return copy_batch_generic(read_into, writev, fds, src_off, dst_off, lengths, write_order,
+                              buf, zero_chunk, write_zeroes, mark_base, mark_shift, mark)
+
+
+def copy_batch_native(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int, buf,
+                      zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
+                      mark_shift: int = 0, mark=None):
+    """Copy one batch in C (GIL released); returns [read, written, zero, read requests]."""
+    fds = np.ascontiguousarray(src_fds, dtype=np.int32)
+    so, do, ln, wo = (np.ascontiguousarray(a, dtype=np.int64)
+                      for a in (src_off, dst_off, lengths, write_order))
+    if not (fds.size == so.size == do.size == ln.size == wo.size):
+        raise ValueError("extent arrays must have the same length")
+    scratch = np.empty(fds.size, dtype=np.int64)
+    stats = np.zeros(4, dtype=np.int64)
+    mv = memoryview(buf).cast("B")
+    mark_ptr = _ffi.from_buffer(mark) if mark is not None else _ffi.NULL
+    rc = _lib.qp_copy_batch(fds.size, _ffi.from_buffer("int32_t[]", fds),
+                            _ffi.from_buffer("int64_t[]", so), _ffi.from_buffer("int64_t[]", do),
+                            _ffi.from_buffer("int64_t[]", ln), _ffi.from_buffer("int64_t[]", wo),
+                            dst_fd, _ffi.from_buffer(mv, require_writable=True), len(mv),
+                            zero_chunk, int(write_zeroes), mark_base, mark_shift, mark_ptr,
+                            len(mark) if mark is not None else 0,
+                            _ffi.from_buffer("int64_t[]", scratch),
+                            _ffi.from_buffer("int64_t[]", stats))
+    if rc == -22:
+        raise ValueError("invalid arguments to copy_batch")
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return stats.tolist()
+
+
 if HAVE_NATIVE:
     is_zero = is_zero_native
     decode_l2 = decode_l2_native
     pread_runs = pread_runs_native
     copy_extents = copy_extents_native
+    copy_batch = copy_batch_native
 else:
     is_zero = is_zero_pure
     decode_l2 = decode_l2_pure
     pread_runs = pread_runs_pure
     copy_extents = copy_extents_pure
+    copy_batch = copy_batch_pure
+
+
+# ---------------------------------------------------------------- bitmaps
+# Bit i of a bitmap is bit (i % 8) of byte i // 8 (LSB-first, as qcow2 stores
+# bitmaps and as ``bitarray(endian="little")`` keeps them).  Every function
+# takes the bitmap as a bitarray (little-endian; its length is the number of
+# bits) or as any bytes-like object with ``nbits`` (default: 8 bits a byte).
+
+BITMAP_OPS = {"and": 0, "or": 1, "andnot": 2}
+
+
+def _bitbuf(bits, nbits=None):
+    """(memoryview of the bytes, number of bits) of a bitmap argument."""
+    endian = getattr(bits, "endian", None)
+    if endian is not None:
+        e = endian() if callable(endian) else endian
+        if e != "little":
+            raise ValueError("bitmaps must be bitarrays with endian='little'")
+        n = len(bits)
+        mv = memoryview(bits).cast("B") if n else memoryview(b"")
+    else:
+        mv = memoryview(bits).cast("B")
+        n = len(mv) * 8
+    if nbits is not None:
+        if nbits < 0 or (nbits + 7) // 8 > len(mv):
+            raise ValueError(f"{nbits} bits do not fit a bitmap of {len(mv)} bytes")
+        n = nbits
+    return mv, n
+
+
+def _unpacked(bits, nbits=None) -> np.ndarray:
+    mv, n = _bitbuf(bits, nbits)
+    return np.unpackbits(np.frombuffer(mv, dtype=np.uint8), bitorder="little")[:n]
+
+
+def _clip(n: int, start: int, end) -> Tuple[int, int]:
+    end = n if end is None else min(end, n)
+    return max(start, 0), end
+
+
+def bitmap_count_pure(bits, start: int = 0, end=None, nbits=None) -> int:
+    """Number of set bits in ``[start, end)``."""
+    u = _unpacked(bits, nbits)
+    a, b = _clip(u.size, start, end)
+    return int(np.count_nonzero(u[a:b])) if a < b else 0
+
+
+def bitmap_count_native(bits, start: int = 0, end=None, nbits=None) -> int:
+    mv, n = _bitbuf(bits, nbits)
+    a, b = _clip(n, start, end)
+    if a >= b:
+        return 0
+    return int(_lib.qp_bitmap_count(_ffi.from_buffer(mv), n, a, b))
+
+
+def bitmap_next_pure(bits, start: int = 0, value: bool = True, end=None, nbits=None) -> int:
+    """First bit index in ``[start, end)`` equal to ``value``, or -1."""
+    u = _unpacked(bits, nbits)
+    a, b = _clip(u.size, start, end)
+    if a >= b:
+        return -1
+    hit = np.flatnonzero(u[a:b] == (1 if value else 0))
+    return a + int(hit[0]) if hit.size else -1
+
+
+def bitmap_next_native(bits, start: int = 0, value: bool = True, end=None, nbits=None) -> int:
+    mv, n = _bitbuf(bits, nbits)
+    a, b = _clip(n, start, end)
+    if a >= b:
+        return -1
+    return int(_lib.qp_bitmap_next(_ffi.from_buffer(mv), n, a, b, 1 if value else 0))
+
+
+def bitmap_runs_pure(bits, start: int = 0, end=None, nbits=None) -> Tuple[np.ndarray, np.ndarray]:
+    """Merged runs of set bits in ``[start, end)``: int64 arrays ``(starts, lengths)``
+    in bits (runs cut by the range are clipped to it)."""
+    u = _unpacked(bits, nbits)
+    a, b = _clip(u.size, start, end)
+    if a >= b:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z.copy()
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], u[a:b].astype(np.int8), [0]))))
+    return (edges[0::2] + a).astype(np.int64), (edges[1::2] - edges[0::2]).astype(np.int64)
+
+
+def bitmap_runs_native(bits, start: int = 0, end=None,
+                       nbits=None) -> Tuple[np.ndarray, np.ndarray]:
+    mv, n = _bitbuf(bits, nbits)
+    a, b = _clip(n, start, end)
+    if a >= b:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z.copy()
+    buf = _ffi.from_buffer(mv)
+    count = int(_lib.qp_bitmap_runs(buf, n, a, b, _ffi.NULL, _ffi.NULL, 0))
+    starts = np.empty(count, dtype=np.int64)
+    lens = np.empty(count, dtype=np.int64)
+    if count:
+        got = _lib.qp_bitmap_runs(buf, n, a, b, _ffi.from_buffer("int64_t[]", starts),
+                                  _ffi.from_buffer("int64_t[]", lens), count)
+        assert got == count
+    return starts, lens
+
+
+def bitmap_op_pure(a, b, op: str, out=None):
+    """Byte-wise ``a OP b`` (op "and", "or" or "andnot" = a & ~b) over equal-length
+    buffers; the result goes to ``out`` (may be ``a``) or a new bytearray."""
+    if op not in BITMAP_OPS:
+        raise ValueError(f"unknown bitmap op {op!r}")
+    x = np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
+    y = np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8)
+    if x.size != y.size:
+        raise ValueError("bitmaps differ in size")
+    r = x & y if op == "and" else (x | y if op == "or" else x & ~y)
+    if out is None:
+        out = bytearray(x.size)
+    mv = memoryview(out).cast("B")
+    if len(mv) != x.size:
+        raise ValueError("output differs in size")
+    mv[:] = r.tobytes()
+    return out
+
+
+def bitmap_op_native(a, b, op: str, out=None):
+    if op not in BITMAP_OPS:
+        raise ValueError(f"unknown bitmap op {op!r}")
+    ma, mb = memoryview(a).cast("B"), memoryview(b).cast("B")
+    if len(ma) != len(mb):
+        raise ValueError("bitmaps differ in size")
+    if out is None:
+        out = bytearray(len(ma))
+    mo = memoryview(out).cast("B")
+    if len(mo) != len(ma):
+        raise ValueError("output differs in size")
+    if len(ma):
+        _lib.qp_bitmap_op(_ffi.from_buffer(ma), _ffi.from_buffer(mb),
+                          _ffi.from_buffer(mo, require_writable=True), len(ma), BITMAP_OPS[op])
+    return out
+
+
+def _mask_args(guest, length, granularity):
+    g = np.ascontiguousarray(guest, dtype=np.int64)
+    n = np.ascontiguousarray(length, dtype=np.int64)
+    if g.shape != n.shape or g.ndim != 1:
+        raise ValueError("extent arrays must be 1-D and the same length")
+    if granularity < 1 or (g < 0).any() or (n < 0).any():
+        raise ValueError("invalid arguments to bitmap_mask_extents")
+    return g, n
+
+
+def bitmap_mask_extents_pure(guest, length, bits, granularity: int, nbits=None):
+    """The parts of extents (guest offsets, lengths in bytes) under set bits of a
+    bitmap of ``granularity``-byte units: arrays ``(guest, length, index)``, in
+    order, ``index`` naming the extent each piece comes from."""
+    g, n = _mask_args(guest, length, granularity)
+    u = _unpacked(bits, nbits)
+    og, ol, oi = [], [], []
+    for i, (a, ln) in enumerate(zip(g.tolist(), n.tolist())):
+        if ln == 0:
+            continue
+        b0, b1 = a // granularity, min((a + ln - 1) // granularity + 1, u.size)
+        if b0 >= b1:
+            continue
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], u[b0:b1].astype(np.int8), [0]))))
+        for s, e in zip((edges[0::2] + b0).tolist(), (edges[1::2] + b0).tolist()):
+            lo, hi = max(a, s * granularity), min(a + ln, e * granularity)
+            og.append(lo)
+            ol.append(hi - lo)
+            oi.append(i)
+    return (np.array(og, dtype=np.int64), np.array(ol, dtype=np.int64),
+            np.array(oi, dtype=np.int64))
+
+
+def bitmap_mask_extents_native(guest, length, bits, granularity: int, nbits=None):
+    g, n = _mask_args(guest, length, granularity)
+    mv, nb = _bitbuf(bits, nbits)
+    buf = _ffi.from_buffer(mv) if len(mv) else _ffi.new("uint8_t[1]")
+    gp, np_ = _ffi.from_buffer("int64_t[]", g), _ffi.from_buffer("int64_t[]", n)
+    count = int(_lib.qp_bitmap_mask_extents(gp, np_, g.size, buf, nb, granularity,
+                                            _ffi.NULL, _ffi.NULL, _ffi.NULL, 0))
+    if count < 0:
+        raise ValueError("invalid arguments to bitmap_mask_extents")
+    out = [np.empty(count, dtype=np.int64) for _ in range(3)]
+    if count:
+        _lib.qp_bitmap_mask_extents(gp, np_, g.size, buf, nb, granularity,
+                                    *(_ffi.from_buffer("int64_t[]", o) for o in out), count)
+    return tuple(out)
+
+
+if HAVE_NATIVE:
+    bitmap_count = bitmap_count_native
+    bitmap_next = bitmap_next_native
+    bitmap_runs = bitmap_runs_native
+    bitmap_op = bitmap_op_native
+    bitmap_mask_extents = bitmap_mask_extents_native
+else:
+    bitmap_count = bitmap_count_pure
+    bitmap_next = bitmap_next_pure
+    bitmap_runs = bitmap_runs_pure
+    bitmap_op = bitmap_op_pure
+    bitmap_mask_extents = bitmap_mask_extents_pure

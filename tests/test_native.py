@@ -151,3 +151,173 @@ def test_copy_extents_twins(tmp_path_factory, data):
             assert got == want
         else:
             assert all(g == w or (w == 0 and g == 0xEE) for g, w in zip(got, want))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_copy_batch_twins(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("batch")
+    srcs = []
+    for k in range(2):
+        p = d / f"src{k}"
+        blocks = data.draw(st.lists(st.sampled_from([b"\0" * 512, bytes([k + 5]) * 512,
+                                                      b"\0" * 300 + b"\2" + b"\0" * 211]),
+                                    min_size=2, max_size=20))
+        p.write_bytes(b"".join(blocks))
+        srcs.append(p)
+    n = data.draw(st.integers(0, 12))
+    exts = []
+    for _ in range(n):
+        f = data.draw(st.integers(0, 1))
+        size = srcs[f].stat().st_size
+        off = data.draw(st.integers(0, size + 100))
+        exts.append((f, off, data.draw(st.integers(0, 2000))))
+    # sometimes make neighbours continue each other (merged reads)
+    for i in range(1, n):
+        if data.draw(st.booleans()):
+            f, o, ln = exts[i - 1]
+            exts[i] = (f, o + ln, exts[i][2])
+    dst_off, pos = [], 3
+    for _ in exts:
+        dst_off.append(pos)
+        pos += 2100
+    dst_off = data.draw(st.permutations(dst_off))
+    order = sorted(range(n), key=lambda i: dst_off[i])
+    zero_chunk = data.draw(st.sampled_from([0, 512, 1024]))
+    write_zeroes = data.draw(st.booleans())
+    results = []
+    for fn in (native.copy_batch_native, native.copy_batch_pure):
+        dst = d / f"dst-{fn.__name__}"
+        dst.write_bytes(b"\xee" * (pos + 10))
+        fds = [os.open(p, os.O_RDONLY) for p in srcs]
+        dfd = os.open(dst, os.O_RDWR)
+        mark = bytearray(64)
+        try:
+            stats = fn([fds[e[0]] for e in exts], [e[1] for e in exts], dst_off,
+                       [e[2] for e in exts], order, dfd, bytearray(sum(e[2] for e in exts) + 1),
+                       zero_chunk, write_zeroes, 0, 10, mark)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            os.close(dfd)
+        results.append((list(stats), dst.read_bytes(), bytes(mark)))
+    assert results[0] == results[1]
+    contents = [p.read_bytes() for p in srcs]
+    out = results[0][1]
+    for (f, so, ln), do in zip(exts, dst_off):
+        want = contents[f][so:so + ln].ljust(ln, b"\0")
+        got = out[do:do + ln]
+        if zero_chunk == 0 or write_zeroes:
+            assert got == want
+
+
+# ---------------------------------------------------------------- bitmaps
+def _bits_strategy(max_bits=700):
+    """Bitmaps with long runs, random noise and word-boundary cases."""
+    def build(args):
+        n, chunks = args
+        out = []
+        for kind, ln in chunks:
+            out += [kind == "one" or (kind == "mix" and (ln * 7 + len(out)) % 3 == 0)] * ln
+        return (out + [False] * n)[:n]
+    chunk = st.tuples(st.sampled_from(["one", "zero", "mix"]), st.integers(1, 130))
+    structured = st.tuples(st.integers(0, max_bits), st.lists(chunk, max_size=12)).map(build)
+    noise = st.lists(st.booleans(), max_size=max_bits)
+    return st.one_of(structured, noise)
+
+
+def _bitarray(bools):
+    from bitarray import bitarray
+    b = bitarray(len(bools), endian="little")
+    b.setall(0)
+    for i, v in enumerate(bools):
+        b[i] = v
+    return b
+
+
+@settings(max_examples=300, deadline=None)
+@given(_bits_strategy(), st.integers(-5, 720), st.one_of(st.none(), st.integers(-5, 720)))
+def test_bitmap_scan_twins(bools, start, end):
+    bits = _bitarray(bools)
+    n = len(bools)
+    a, b = max(0, start), (n if end is None else min(end, n))
+    want = [i for i in range(a, b) if bools[i]]
+    for count in (native.bitmap_count_native, native.bitmap_count_pure):
+        assert count(bits, start, end) == len(want)
+    runs = []
+    for i in want:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+        s, ln = fn(bits, start, end)
+        assert [list(x) for x in zip(s.tolist(), ln.tolist())] == runs
+    for value in (True, False):
+        hits = [i for i in range(a, b) if bools[i] == value]
+        expect = hits[0] if hits else -1
+        assert native.bitmap_next_native(bits, start, value, end) == expect
+        assert native.bitmap_next_pure(bits, start, value, end) == expect
+    # a plain buffer with nbits: padding bits past nbits are ignored
+    raw = bytearray(bits.tobytes())
+    if raw and n % 8:
+        raw[-1] |= 0xFF << (n % 8) & 0xFF
+    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+        s, ln = fn(raw, start, end, nbits=n)
+        assert [list(x) for x in zip(s.tolist(), ln.tolist())] == runs
+    assert native.bitmap_count_native(raw, start, end, nbits=n) == len(want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.data())
+def test_bitmap_op_twins(a, data):
+    b = data.draw(st.binary(min_size=len(a), max_size=len(a)))
+    for op, f in (("and", lambda x, y: x & y), ("or", lambda x, y: x | y),
+                  ("andnot", lambda x, y: x & ~y & 0xFF)):
+        want = bytes(f(x, y) for x, y in zip(a, b))
+        assert bytes(native.bitmap_op_native(a, b, op)) == want
+        assert bytes(native.bitmap_op_pure(a, b, op)) == want
+        inplace = bytearray(a)
+        native.bitmap_op_native(inplace, b, op, out=inplace)
+        assert bytes(inplace) == want
+    with pytest.raises(ValueError):
+        native.bitmap_op_native(a, b, "xor")
+    with pytest.raises(ValueError):
+        native.bitmap_op_native(a + b"x", b, "or")
+
+
+@settings(max_examples=200, deadline=None)
+@given(_bits_strategy(300), st.sampled_from([1, 3, 512, 4096]), st.data())
+def test_bitmap_mask_extents_twins(bools, gran, data):
+    bits = _bitarray(bools)
+    n = data.draw(st.integers(0, 8))
+    guest, length, pos = [], [], 0
+    for _ in range(n):
+        pos += data.draw(st.integers(0, 3 * gran))
+        ln = data.draw(st.integers(0, 40 * gran))
+        guest.append(pos)
+        length.append(ln)
+        pos += ln
+    outs = [fn(guest, length, bits, gran) for fn in
+            (native.bitmap_mask_extents_native, native.bitmap_mask_extents_pure)]
+    assert [o.tolist() for o in outs[0]] == [o.tolist() for o in outs[1]]
+    # byte by byte: a byte is kept iff it lies in an extent and under a set bit
+    keep = set()
+    for g, ln in zip(guest, length):
+        for x in range(g, g + ln):
+            if x // gran < len(bools) and bools[x // gran]:
+                keep.add(x)
+    got = set()
+    for g, ln in zip(outs[0][0].tolist(), outs[0][1].tolist()):
+        assert ln > 0
+        got.update(range(g, g + ln))
+    assert got == keep
+    with pytest.raises(ValueError):
+        native.bitmap_mask_extents_native([-1], [5], bits, gran)
+
+
+def test_bitmap_rejects_big_endian_bitarrays():
+    from bitarray import bitarray
+    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+        with pytest.raises(ValueError, match="little"):
+            fn(bitarray(16, endian="big"))

@@ -397,6 +397,15 @@ class BlockCopy:
         return getattr(img, "data_storage", img.storage)
 
     def _copy_data(self, data: Plan, dst_off: np.ndarray, dst_storage, mark=None) -> None:
+        """Move the data extents in batches: reads in plan order, writes by target offset.
+
+        Each batch (at most half a buffer of reading, cut from the ordered
+        extent list) is read with one request per run of extents that continue
+        each other in their file — in host order, one big sequential read —
+        then written in target order, pieces that continue each other in the
+        target gathered into one pwritev.  Batches run on ``workers`` threads,
+        each with its own buffer; the C code releases the GIL.
+        """
         if not len(data):
             return
         storages = [self._layer_storage(i) for i in range(len(self.source.chain()))]
@@ -405,68 +414,75 @@ class BlockCopy:
         zero_chunk = self.sparse_size
         write_zeroes = bool(zero_chunk) and not self.target_is_zero
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
-        # reads split into batches (progress, cancellation) and across workers
-        lengths = data.length
-        batch = max(1, self.memory_limit)
-        bounds = np.searchsorted(np.cumsum(lengths), np.arange(batch, int(lengths.sum()) + batch,
-                                                              batch), side="left")
-        bounds = np.unique(np.r_[0, np.minimum(bounds + 1, len(data)), len(data)])
         st = self.stats
         native_ok = dst_fd is not None and all(fd is not None for fd in src_fds)
-        buf_len = max(1 << 20, min(8 << 20, self.memory_limit // (2 * self.workers)))
-        # backward seeks as actually issued
-        st.backward_seeks += backward_seeks(data.layer, data.host, data.length)
+        workers = self.workers if native_ok else 1
+        buf_len = max(2 << 20, min(64 << 20, self.memory_limit // workers))
+        half = buf_len // 2
+        # split extents longer than half a buffer, then cut batches of <= one buffer
+        n_pieces = -(-data.length // half)
+        idx = np.repeat(np.arange(len(data)), n_pieces)
+        within = (np.arange(idx.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * half
+        length = np.minimum(data.length[idx] - within, half)
+        layer = data.layer[idx]
+        src = data.host[idx] + within
+        dst = dst_off[idx] + within
+        batch = (np.cumsum(length) - 1) // half
+        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, idx.size]
+        st.backward_seeks += backward_seeks(layer, src, length)
+        fd_of_layer = np.array([fd if fd is not None else -1 for fd in src_fds], dtype=np.int32)
+        local = threading.local()
+        marks: List[bytearray] = []
+        marks_lock = threading.Lock()
 
-        def run_slice(a: int, b: int, mark_local):
+        def run_batch(ab):
+            a, b = ab
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = bytearray(buf_len)
+                local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
+                if local.mark is not None:
+                    with marks_lock:
+                        marks.append(local.mark)
             sl = slice(a, b)
+            order = np.argsort(dst[sl], kind="stable")
             if native_ok:
-                fds = np.array(src_fds, dtype=np.int32)[data.layer[sl]]
-                return native.copy_extents(fds, data.host[sl], dst_off[sl], data.length[sl],
-                                           dst_fd, buf_len, zero_chunk, write_zeroes,
-                                           mark_base, mark_shift, mark_local)
-            layers = data.layer[sl]
+                r = native.copy_batch(fd_of_layer[layer[sl]], src[sl], dst[sl], length[sl],
+                                      order, dst_fd, buf, zero_chunk, write_zeroes,
+                                      mark_base, mark_shift, local.mark)
+            else:
+                lay = layer[sl]
 
-            def read_into(i, view, off):
-                got = storages[int(layers[i])].pread_into(view, off)
-                if got < len(view):
-                    view[got:] = bytes(len(view) - got)
-            return native.copy_extents_generic(
-                b - a, read_into, dst_storage.pwrite, data.host[sl], dst_off[sl],
-                data.length[sl], buf_len, zero_chunk, write_zeroes, mark_base, mark_shift,
-                mark_local)
+                def read_into(i, view, off):
+                    got = storages[int(lay[i])].pread_into(view, off)
+                    if got < len(view):
+                        view[got:] = bytes(len(view) - got)
 
-        pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 and native_ok \
-            else None
+                def writev(views, off):
+                    dst_storage.pwrite(b"".join(bytes(v) for v in views), off)
+                r = native.copy_batch_generic(read_into, writev, lay, src[sl], dst[sl],
+                                              length[sl], order, buf, zero_chunk, write_zeroes,
+                                              mark_base, mark_shift, local.mark)
+            return r, int(length[sl].sum())
+
+        batches = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                if b <= a:
-                    continue
-                if pool is None:
-                    parts = [(a, b)]
-                else:
-                    step = -(-(b - a) // self.workers)
-                    parts = [(x, min(b, x + step)) for x in range(a, b, step)]
-                marks = [bytearray(len(mark_buf)) if mark_buf is not None else None
-                         for _ in parts]
-                if pool is None:
-                    results = [run_slice(parts[0][0], parts[0][1], marks[0])]
-                else:
-                    results = list(pool.map(lambda pm: run_slice(pm[0][0], pm[0][1], pm[1]),
-                                            zip(parts, marks)))
-                for r in results:
-                    st.bytes_read += int(r[0])
-                    st.bytes_written += int(r[1])
-                    st.bytes_zero += int(r[2])
-                    st.read_requests += int(r[3])
-                if mark_buf is not None:
-                    for m in marks:
-                        merged = np.bitwise_or(np.frombuffer(bytes(mark_buf), np.uint8),
-                                               np.frombuffer(bytes(m), np.uint8))
-                        mark_buf[:] = merged.tobytes()
-                self._advance(int(lengths[a:b].sum()))
+            results = pool.map(run_batch, batches) if pool else map(run_batch, batches)
+            for r, nbytes in results:
+                st.bytes_read += int(r[0])
+                st.bytes_written += int(r[1])
+                st.bytes_zero += int(r[2])
+                st.read_requests += int(r[3])
+                self._advance(nbytes)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+        if mark_buf is not None:
+            acc = np.frombuffer(bytes(mark_buf), dtype=np.uint8).copy()
+            for m in marks:
+                acc |= np.frombuffer(bytes(m), dtype=np.uint8)
+            mark_buf[:] = acc.tobytes()
 
     def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark) -> None:
         """Compressed source clusters: read the streams in order, inflate on every core."""
