@@ -21,6 +21,7 @@ Two ways to run it (neither is collected by the normal test run):
 The second prints a table; ``--pure`` adds the pure-Python mode
 (``QCOW2PY_PURE=1``), measured in a child process in the same alternation.
 ``QCOW2PY_BENCH_SIZE`` (e.g. 256M) selects smaller images for a quick run;
+``QCOW2PY_BENCH_ROUNDS`` sets the pytest rounds (default 5) and
 ``QCOW2PY_BENCH_ASSERT=1`` makes the pytest run fail when a target is missed.
 """
 
@@ -144,7 +145,8 @@ if pytest is not None:
         def setup():                                   # untimed, before every round
             qemu_times.append(qemu_img_bench(path, size))
 
-        benchmark.pedantic(read_qcow2py, args=(path,), setup=setup, rounds=5,
+        rounds = int(os.environ.get("QCOW2PY_BENCH_ROUNDS", "5"))
+        benchmark.pedantic(read_qcow2py, args=(path,), setup=setup, rounds=rounds,
                            warmup_rounds=0, iterations=1)
         ours = benchmark.stats.stats.median
         qemu = statistics.median(qemu_times)
@@ -236,12 +238,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(names) - set(IMAGES)
     if unknown:
         ap.error(f"unknown images: {', '.join(sorted(unknown))}")
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = measure(names, args.rounds, args.pure,
                    log=lambda *a, **k: print(*a, **k))
     from qcow2py import native
     print(f"qcow2py read vs qemu-img bench, median of {args.rounds} alternating rounds, "
           f"{size_label(bench_size())} images, native module: "
-          f"{'yes' if native.HAVE_NATIVE else 'no (pure)'}, {os.cpu_count()} CPUs")
+          f"{'yes' if native.HAVE_NATIVE else 'no (pure)'}, {os.cpu_count()} CPUs, "
+          f"load average before: {load_before}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
