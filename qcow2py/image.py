@@ -178,12 +178,13 @@ class _OpenContext:
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
                  writable: bool = False, lock: bool = True, storage_wrapper=None,
-                 repair: bool = False):
+                 repair: bool = False, wrap_chain: bool = False):
         self.policy = policy
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
-        self.storage_wrapper = storage_wrapper   # applies to the top image only
+        self.storage_wrapper = storage_wrapper   # applies to the top image only...
+        self.wrap_chain = wrap_chain             # ...or, if set, to every file of the chain
         self.repair = repair                     # opening for check -r: corrupt/dirty allowed
         self.chain = True                        # open backing and data files
         self.seen: Set[Tuple[int, int]] = set()
@@ -194,7 +195,7 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False, chain: bool = True) -> Image:
+         repair: bool = False, chain: bool = True, wrap_chain: bool = False) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -203,8 +204,11 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
     :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
-    crash tests, or feed a disk model).  ``repair=True`` (with "r+") opens a
-    corrupt or dirty image so that ``check(repair=...)`` can fix it.
+    crash tests, or feed a disk model); with ``wrap_chain=True`` it wraps every
+    file of the chain too (backing and external data files), e.g. with
+    :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
+    chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
+    image so that ``check(repair=...)`` can fix it.
     ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
@@ -215,7 +219,7 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     if not chain and mode != "r":
         raise ValueError("chain=False opens images read-only (mode 'r')")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper, repair=repair)
+                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
     ctx.chain = chain
     return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
 
@@ -238,7 +242,7 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         if key in ctx.seen:
             raise BackingChainError(f"backing chain loops back to {display_name!r}")
         ctx.seen.add(key)
-        if ctx.depth == 0 and ctx.storage_wrapper is not None:
+        if ctx.storage_wrapper is not None and (ctx.depth == 0 or ctx.wrap_chain):
             storage = ctx.storage_wrapper(storage)
         if fmt is None:
             fmt = probe_format(storage)

@@ -152,6 +152,8 @@ class Qcow2Image(Image):
             self.data_storage = FileStorage(path)
         except FileNotFoundError:
             raise BackingChainError(f"external data file {path!r} not found") from None
+        if getattr(ctx, "wrap_chain", False) and ctx.storage_wrapper is not None:
+            self.data_storage = ctx.storage_wrapper(self.data_storage)
         self.data_file_path = path
 
     def _close_layer(self) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 
 from . import native
 
-__all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "RecordingStorage", "Request"]
+__all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "TraceLog", "RecordingStorage",
+           "Request"]
 
 
 class Storage:
@@ -227,16 +228,19 @@ class TracingStorage(Storage):
     that a copy read the file front to back, or feed the trace to a disk model.
     """
 
-    def __init__(self, inner: Storage):
+    def __init__(self, inner: Storage, log: Optional["TraceLog"] = None):
         self.inner = inner
         self.name = inner.name
         self.writable = inner.writable
         self.requests: List[Request] = []
         self._lock = threading.Lock()
+        self.log = log              # a shared log: one order across several storages
 
     def _log(self, req: Request) -> None:
         with self._lock:
             self.requests.append(req)
+        if self.log is not None:
+            self.log.record(self.name, req)
 
     def size(self) -> int:
         return self.inner.size()
@@ -249,9 +253,13 @@ class TracingStorage(Storage):
         return self.inner.pread_into(buf, offset)
 
     def read_runs(self, buf, buf_offsets, host_offsets, lengths) -> None:
+        reqs = [Request("read", int(h), int(n))
+                for h, n in zip(host_offsets.tolist(), lengths.tolist())]
         with self._lock:
-            self.requests.extend(Request("read", int(h), int(n))
-                                 for h, n in zip(host_offsets.tolist(), lengths.tolist()))
+            self.requests.extend(reqs)
+        if self.log is not None:
+            for r in reqs:
+                self.log.record(self.name, r)
         self.inner.read_runs(buf, buf_offsets, host_offsets, lengths)
 
     def pwrite(self, data, offset: int) -> None:
@@ -275,6 +283,32 @@ class TracingStorage(Storage):
     def reads(self) -> List[Tuple[int, int]]:
         """The (offset, length) of every read, in issue order."""
         return [(r.offset, r.length) for r in self.requests if r.kind == "read"]
+
+
+class TraceLog:
+    """One ordered request log shared by several :class:`TracingStorage` objects.
+
+    Tracing every file of a backing chain into one log keeps the order in
+    which the layers were read, which a disk model needs (a guest-order copy
+    hops between the files).  Entries are ``(file, request, thread id)``;
+    :meth:`wrap` is a ``storage_wrapper`` for :func:`qcow2py.open` (use it with
+    ``wrap_chain=True`` to trace the backing files too).
+    """
+
+    def __init__(self) -> None:
+        self.entries: List[Tuple[str, Request, int]] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, storage: Storage) -> "TracingStorage":
+        return TracingStorage(storage, log=self)
+
+    def record(self, name: str, req: Request) -> None:
+        with self._lock:
+            self.entries.append((name, req, threading.get_ident()))
+
+    def reads(self) -> List[Tuple[str, int, int]]:
+        """``(file, offset, length)`` of every read, in issue order, over all files."""
+        return [(name, r.offset, r.length) for name, r, _ in self.entries if r.kind == "read"]
 
 
 class UnsafeStorage(Storage):
