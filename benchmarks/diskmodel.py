@@ -1,0 +1,521 @@
+"""A trace-driven disk model: what a recorded request stream costs on a 7200 rpm
+hard disk or on an SSD.
+
+The page cache makes every copy on a developer machine look the same; what
+separates a host-order copy from a guest-order one is what the *device* does
+with the requests.  This module replays a trace of ``(file, offset, length,
+read/write)`` requests against
+
+* :class:`HDD` — the disk-drive model of Ruemmler & Wilkes ("An introduction
+  to disk drive modeling", IEEE Computer 27(3), March 1994): a seek time that
+  grows with the square root of the distance for short seeks and linearly for
+  long ones, rotational position tracked over time (a request waits for its
+  sector to come round under the head, not for a fixed half turn), a read-ahead
+  track buffer (a short forward hop is streamed through, not seeked), zoned
+  recording (outer cylinders hold more bytes per turn, so they transfer faster),
+  a small segment cache, and a command queue served in rotational-position
+  order (shortest positioning time first, as NCQ firmware does), so that
+  parallel readers such as ``qemu-img convert`` get the benefit of their queue
+  depth;
+* :class:`SSD` — per-request latency at a queue depth plus bandwidth, with
+  SATA and NVMe presets.
+
+Files are mapped to the disk by a :class:`Layout` (each file contiguous from a
+start address).  :func:`parse_strace` reads the requests of a process out of
+an ``strace -f -y`` log (see :data:`STRACE_ARGS`); qcow2py's own requests come
+from :class:`qcow2py.storage.TraceLog`.
+
+What the model leaves out (on purpose): the host's own time between requests
+(think time is zero: a request is issued the moment the previous one completes,
+which favours every reader alike), the kernel's readahead and request merging
+(traces are taken at the system-call level), write caching, and the file
+system's placement (a file is one contiguous extent, holes included).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+MB = 1_000_000          # datasheets count in decimal megabytes
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@dataclass(frozen=True)
+class IO:
+    """One request of a trace."""
+
+    file: str
+    offset: int
+    length: int
+    write: bool = False
+    stream: int = 0             # issuing thread (pid in strace logs), informational
+
+
+# ---------------------------------------------------------------------------- layout
+class Layout:
+    """Where each file lies on the device: contiguously from a start address (bytes)."""
+
+    def __init__(self, starts: Dict[str, int]):
+        self.starts = dict(starts)
+
+    @classmethod
+    def contiguous(cls, sizes: Dict[str, int], base: int = 0, align: int = GiB) -> "Layout":
+        """Files one after another from ``base``, each starting on an ``align`` boundary."""
+        starts, pos = {}, base
+        for name, size in sizes.items():
+            pos = -(-pos // align) * align
+            starts[name] = pos
+            pos += max(int(size), 1)
+        return cls(starts)
+
+    def addresses(self, ios: Sequence[IO]) -> np.ndarray:
+        try:
+            return np.array([self.starts[io.file] + io.offset for io in ios], dtype=np.int64)
+        except KeyError as e:
+            raise KeyError(f"file {e.args[0]!r} is not in the layout") from None
+
+
+# ---------------------------------------------------------------------------- HDD
+@dataclass
+class HDDParams:
+    """A 7200 rpm 3.5-inch SATA drive.  Every default names its source.
+
+    Form of the model: Ruemmler & Wilkes 1994 (seek curve sqrt/linear, rotation,
+    zoning, read-ahead, command queueing).  Numbers:
+
+    * geometry, rotation and transfer rate: Seagate Constellation ES.3 product
+      manual (ST4000NM0033, 3.5" 7200 rpm SATA; SAS twin ST4000NM0023, manual
+      100671510 rev. C, section 4.1 "Internal drive characteristics"):
+      10 heads, 320,800 tracks per surface, 7200 rpm (average rotational
+      latency 4.16 ms), sustained transfer rate 83 to 175 MB/s (inner to outer);
+    * average seek 8.5 ms (read, typical, without command overhead): Hitachi
+      Deskstar 7K1000.C specification, table 9 (3.5" 7200 rpm SATA, two-disk
+      models); HGST Ultrastar 7K4000 lists 8.2 ms;
+    * single-track seek 0.5 ms and full-stroke seek 17.35 ms (read, typical,
+      without controller overhead), controller overhead 0.2 ms (8.2 ms average
+      with it, 8.0 ms without): Seagate Constellation SAS (ST9500430SS, 7200
+      rpm) product manual rev. E, section 5.2.1 "Access time";
+    * queue depth 32: SATA Native Command Queuing (AHCI/NCQ allows 32 tags);
+    * read-ahead window and segment cache: a modelling choice (drives of this
+      class have 64-128 MiB of buffer; only a short window matters here).
+    """
+
+    name: str = "HDD 7200 rpm (3.5in SATA)"
+    rpm: float = 7200.0
+    heads: int = 10
+    cylinders: int = 320_800
+    rate_outer: float = 175 * MB        # bytes/s, zone 0
+    rate_inner: float = 83 * MB         # bytes/s, innermost zone
+    track_to_track_ms: float = 0.5
+    average_seek_ms: float = 8.5
+    full_stroke_ms: float = 17.35
+    overhead_ms: float = 0.2            # command processing, paid by every non-streamed request
+    head_switch_ms: float = 0.5         # same cylinder, other surface (about a track-to-track)
+    readahead: int = 2 * MiB            # forward hops up to this are streamed through
+    cache_segments: int = 32            # recently read ranges served from the buffer
+    interface_rate: float = 600 * MB    # SATA 6 Gb/s, for buffer hits
+    ncq_depth: int = 32
+
+
+class HDD:
+    """Replays requests on a zoned, rotating disk with a command queue."""
+
+    def __init__(self, params: Optional[HDDParams] = None, **overrides):
+        p = params or HDDParams()
+        if overrides:
+            p = HDDParams(**{**p.__dict__, **overrides})
+        self.p = p
+        self.rps = p.rpm / 60.0
+        self.rev = 1.0 / self.rps
+        self.t_outer = p.rate_outer / self.rps          # bytes per track at cylinder 0
+        self.t_inner = p.rate_inner / self.rps
+        self.k = (self.t_outer - self.t_inner) / max(p.cylinders - 1, 1)
+        self.capacity = int(self._cum(p.cylinders))
+        self.seek_params = fit_seek_curve(p.track_to_track_ms / 1e3, p.average_seek_ms / 1e3,
+                                          p.full_stroke_ms / 1e3, p.cylinders - 1)
+
+    # -- geometry (zoned: bytes per track fall linearly from the outer to the inner edge)
+    def _cum(self, c):
+        """Bytes before cylinder ``c`` (continuous)."""
+        return self.p.heads * (self.t_outer * c - self.k * c * c / 2.0)
+
+    def cylinder_of(self, addr):
+        a = np.asarray(addr, dtype=np.float64)
+        disc = np.maximum(self.t_outer ** 2 - 2.0 * self.k * a / self.p.heads, 0.0)
+        c = (self.t_outer - np.sqrt(disc)) / self.k if self.k else a / (self.p.heads * self.t_outer)
+        c = np.floor(c).astype(np.int64)
+        # float rounding at cylinder edges
+        c = np.clip(c, 0, self.p.cylinders - 1)
+        c = np.where(self._cum(c + 1) <= a, c + 1, c)
+        c = np.where(self._cum(c) > a, c - 1, c)
+        return np.clip(c, 0, self.p.cylinders - 1)
+
+    def geometry(self, addr):
+        """Cylinder, surface, angle (fraction of a turn) and media rate of addresses."""
+        addr = np.asarray(addr, dtype=np.int64)
+        if addr.size and (addr.min() < 0 or addr.max() >= self.capacity):
+            raise ValueError(f"address outside the modelled disk ({self.capacity} bytes)")
+        c = self.cylinder_of(addr)
+        base = self._cum(c)
+        track = (self._cum(c + 1) - base) / self.p.heads
+        within = addr - base
+        surface = np.floor(within / track).astype(np.int64)
+        angle = (within - surface * track) / track
+        return c, surface, angle, track * self.rps
+
+    def rate_at(self, addr: int) -> float:
+        return float(self.geometry(np.array([addr]))[3][0])
+
+    # -- mechanics
+    def seek_time(self, distance) -> np.ndarray:
+        """Seconds to move the arm ``distance`` cylinders (0 for none)."""
+        a, b, x0, c, e = self.seek_params
+        d = np.asarray(distance, dtype=np.float64)
+        t = np.where(d < x0, a + b * np.sqrt(np.maximum(d, 0.0)), c + e * d)
+        return np.where(d <= 0, 0.0, t)
+
+    def _seek1(self, d: int) -> float:
+        if d <= 0:
+            return 0.0
+        a, b, x0, c, e = self.seek_params
+        return a + b * math.sqrt(d) if d < x0 else c + e * d
+
+    def random_access_time(self) -> float:
+        """Average positioning time of a random request (overhead, seek, half a turn)."""
+        return self.p.overhead_ms / 1e3 + self.p.average_seek_ms / 1e3 + self.rev / 2
+
+    def _where(self, addr: int) -> Tuple[int, int, float]:
+        """Scalar :meth:`geometry`: cylinder, surface, media rate of one address."""
+        h = self.p.heads
+        disc = max(self.t_outer ** 2 - 2.0 * self.k * addr / h, 0.0)
+        c = int((self.t_outer - math.sqrt(disc)) / self.k) if self.k else \
+            int(addr // (h * self.t_outer))
+        c = min(max(c, 0), self.p.cylinders - 1)
+        while c + 1 < self.p.cylinders and self._cum(c + 1) <= addr:
+            c += 1
+        while c > 0 and self._cum(c) > addr:
+            c -= 1
+        base = self._cum(c)
+        track = (self._cum(c + 1) - base) / h
+        return c, int((addr - base) // track), track * self.rps
+
+    # -- replay
+    def simulate(self, ios: Sequence[IO], layout: Optional[Layout] = None, qd: int = 1,
+                 addresses: Optional[np.ndarray] = None, detail: bool = False):
+        """Seconds to serve ``ios`` with up to ``qd`` of them outstanding.
+
+        The requests are issued in trace order; the drive holds at most
+        ``min(qd, ncq_depth)`` and serves, each time it is free, the one it can
+        reach soonest (buffer hit, streaming through a short forward hop, or
+        command overhead + seek + rotational wait).  With ``qd=1`` that is
+        plain trace order.  ``detail=True`` returns a dict with the time split
+        (transfer, positioning) and the count of seeks, streamed requests and
+        buffer hits.
+        """
+        p = self.p
+        n = len(ios)
+        if addresses is None:
+            addresses = layout.addresses(ios) if layout is not None else \
+                np.array([io.offset for io in ios], dtype=np.int64)
+        lengths = np.array([io.length for io in ios], dtype=np.int64)
+        if n == 0:
+            return {"seconds": 0.0, "transfer": 0.0, "positioning": 0.0, "seeks": 0,
+                    "streamed": 0, "hits": 0, "requests": 0} if detail else 0.0
+        if int((addresses + lengths).max()) > self.capacity:
+            raise ValueError(f"request past the end of the modelled disk ({self.capacity} bytes)")
+        cyl, surf, ang, rate = self.geometry(addresses)
+        addr_l, len_l = addresses.tolist(), lengths.tolist()
+        cyl_l, surf_l, ang_l, rate_l = cyl.tolist(), surf.tolist(), ang.tolist(), rate.tolist()
+        depth = max(1, min(int(qd), p.ncq_depth))
+        overhead = p.overhead_ms / 1e3
+        head_switch = p.head_switch_ms / 1e3
+        rps, window = self.rps, p.readahead
+        hit_rate = p.interface_rate
+        cache = _SegmentCache(p.cache_segments)
+        # state: time, streaming position, arm cylinder/surface, media rate there
+        t = 0.0
+        pos, cur_c, cur_s, cur_rate = -1, 0, 0, rate_l[0]
+        queue: List[int] = []
+        nxt = 0
+        t_transfer = t_position = 0.0
+        hits = seeks = streams = 0
+        seek1 = self._seek1
+        while nxt < n or queue:
+            while len(queue) < depth and nxt < n:
+                queue.append(nxt)
+                nxt += 1
+            best, best_cost, best_kind = -1, math.inf, 0
+            for i in queue:
+                a = addr_l[i]
+                if cache.covers(a, a + len_l[i]):
+                    best, best_cost, best_kind = i, 0.0, 1
+                    break
+                cost, kind = math.inf, 0
+                gap = a - pos
+                if pos >= 0 and 0 <= gap <= window:
+                    cost, kind = gap / cur_rate, 2                  # streamed through
+                d = cyl_l[i] - cur_c
+                if d:
+                    mech = overhead + seek1(d if d > 0 else -d)
+                else:
+                    mech = overhead + (head_switch if surf_l[i] != cur_s else 0.0)
+                wait = ((ang_l[i] - (t + mech) * rps) % 1.0) / rps
+                if mech + wait < cost:
+                    cost, kind = mech + wait, 3
+                if cost < best_cost:
+                    best, best_cost, best_kind = i, cost, kind
+            queue.remove(best)
+            a, ln = addr_l[best], len_l[best]
+            if best_kind == 1:
+                xfer = ln / hit_rate
+                hits += 1
+            else:
+                xfer = ln / rate_l[best]
+                if best_kind == 2:
+                    streams += 1
+                    cache.add(pos, a + ln)
+                else:
+                    seeks += 1
+                    cache.add(a, a + ln)
+                pos = a + ln
+                cur_c, cur_s, cur_rate = self._where(min(pos, self.capacity - 1))
+            t += best_cost + xfer
+            t_position += best_cost
+            t_transfer += xfer
+        if detail:
+            return {"seconds": t, "transfer": t_transfer, "positioning": t_position,
+                    "seeks": seeks, "streamed": streams, "hits": hits, "requests": n}
+        return t
+
+    def floor(self, bytes_by_address: Dict[int, int]) -> float:
+        """Sequential transfer of ``bytes`` at each start address's zone rate (no seeks)."""
+        return sum(b / self.rate_at(a) for a, b in bytes_by_address.items() if b > 0)
+
+
+class _SegmentCache:
+    """The drive buffer: the last ``n`` ranges read from the media (merged when they touch)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.segs: List[List[int]] = []        # [start, end), oldest first
+
+    def covers(self, a: int, b: int) -> bool:
+        for s, e in self.segs:
+            if s <= a and b <= e:
+                return True
+        return False
+
+    def add(self, a: int, b: int) -> None:
+        if self.n <= 0:
+            return
+        if self.segs and self.segs[-1][1] == a:
+            self.segs[-1][1] = b                # the stream goes on
+            return
+        self.segs.append([a, b])
+        if len(self.segs) > self.n:
+            del self.segs[0]
+
+
+def fit_seek_curve(t2t: float, avg: float, full: float, max_distance: int):
+    """Ruemmler & Wilkes seek curve fitted to a datasheet's three figures.
+
+    ``seek(d) = a + b*sqrt(d)`` below the knee ``x0`` and ``c + e*d`` above it,
+    joined with equal value and slope; ``seek(1) = t2t``, ``seek(max) = full``,
+    and the knee is placed so that the mean over all seek distances, weighted
+    as the datasheets define their average (``(max + 1 - n)`` seeks of length
+    ``n``), equals ``avg``.  Returns ``(a, b, x0, c, e)`` in seconds.
+    """
+    D = float(max_distance)
+    d = np.linspace(1.0, D, 20001)
+    w = D + 1.0 - d
+
+    def build(x0):
+        s0 = math.sqrt(x0)
+        b = (full - t2t) / (s0 / 2.0 - 1.0 + D / (2.0 * s0))
+        a = t2t - b
+        e = b / (2.0 * s0)
+        c = a + b * s0 - e * x0
+        return a, b, x0, c, e
+
+    def mean(params):
+        a, b, x0, c, e = params
+        t = np.where(d < x0, a + b * np.sqrt(d), c + e * d)
+        return float((t * w).sum() / w.sum())
+
+    lo, hi = 0.0, math.log(D)
+    if avg <= mean(build(1.0)):
+        return build(1.0)
+    if avg >= mean(build(D)):
+        return build(D)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if mean(build(math.exp(mid))) < avg:
+            lo = mid
+        else:
+            hi = mid
+    return build(math.exp((lo + hi) / 2))
+
+
+# ---------------------------------------------------------------------------- SSD
+@dataclass
+class SSDParams:
+    """Per-request latency at a queue depth plus bandwidth (reads; writes alike)."""
+
+    name: str
+    read_bw: float              # bytes/s, sequential
+    iops_qd1: float             # 4 KiB random reads, queue depth 1
+    iops_max: float             # 4 KiB random reads, saturated (datasheet QD32)
+    write_bw: float = 0.0
+    write_iops_qd1: float = 0.0
+    write_iops_max: float = 0.0
+
+
+#: Samsung 870 EVO 1 TB (SATA 6 Gb/s) data sheet: sequential read up to 560 MB/s,
+#: write 530 MB/s; 4 KB random read up to 13,000 IOPS at QD1 and 98,000 at QD32;
+#: random write 36,000 (QD1) / 88,000 (QD32) IOPS.
+SATA_SSD = SSDParams("SATA SSD (870 EVO class)", read_bw=560 * MB, iops_qd1=13_000,
+                     iops_max=98_000, write_bw=530 * MB, write_iops_qd1=36_000,
+                     write_iops_max=88_000)
+#: Samsung 970 EVO Plus 1 TB (PCIe 3.0 x4 NVMe) data sheet: sequential read up to
+#: 3,500 MB/s, write 3,300 MB/s; 4 KB random read 19,000 IOPS at QD1 and 600,000
+#: at QD32; random write 60,000 (QD1) / 550,000 (QD32) IOPS.
+NVME_SSD = SSDParams("NVMe SSD (970 EVO Plus class)", read_bw=3500 * MB, iops_qd1=19_000,
+                     iops_max=600_000, write_bw=3300 * MB, write_iops_qd1=60_000,
+                     write_iops_max=550_000)
+
+
+class SSD:
+    """Each request costs its share of the device's IOPS at the queue depth, plus bandwidth.
+
+    At queue depth ``q`` a stream of 4 KiB reads runs at
+    ``IOPS(q) = min(q * IOPS_QD1, IOPS_max)`` (a constant per-request latency
+    until the device saturates: Little's law).  A request of ``n`` bytes costs
+    ``1/IOPS(q) + (n - 4 KiB)/bandwidth``, never less than ``n/bandwidth``.
+    Order does not matter to an SSD here, only the number and size of requests.
+    """
+
+    def __init__(self, params: SSDParams = SATA_SSD):
+        self.p = params
+
+    def simulate(self, ios: Sequence[IO], layout=None, qd: int = 1, **_) -> float:
+        if not ios:
+            return 0.0
+        p = self.p
+        q = max(1, min(int(qd), len(ios)))
+        lengths = np.array([io.length for io in ios], dtype=np.float64)
+        writes = np.array([io.write for io in ios], dtype=bool)
+        total = 0.0
+        for sel, bw, i1, imax in ((~writes, p.read_bw, p.iops_qd1, p.iops_max),
+                                  (writes, p.write_bw or p.read_bw, p.write_iops_qd1 or p.iops_qd1,
+                                   p.write_iops_max or p.iops_max)):
+            n = lengths[sel]
+            if not n.size:
+                continue
+            per = 1.0 / min(q * i1, imax)
+            total += float(np.maximum(n / bw, per + (n - 4096) / bw).sum())
+        return total
+
+    def floor(self, nbytes: int) -> float:
+        return nbytes / self.p.read_bw
+
+
+# ---------------------------------------------------------------------------- strace
+#: how to record a process's requests for :func:`parse_strace`
+STRACE_ARGS = ["strace", "-f", "-y", "-s", "8", "-e",
+               "trace=pread64,preadv,preadv2,pwrite64,pwritev,pwritev2", "-o"]
+
+_SYSCALLS = {"pread64": False, "preadv": False, "preadv2": False,
+             "pwrite64": True, "pwritev": True, "pwritev2": True}
+_PID = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(.*)$")
+_RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>\s?(.*)$")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"(?:\.\.\.)?')
+_CALL = re.compile(r"^(\w+)\((\d+)(?:<(.*?)>)?, (.*)\)\s+=\s+(-?\d+)")
+
+
+@dataclass
+class StraceRequest:
+    """One parsed call: the bytes asked for (``requested``, from the count or the
+    iovec lengths, None if strace abbreviated the iovec array) and transferred
+    (``result``)."""
+
+    pid: int
+    syscall: str
+    file: str
+    offset: int
+    requested: Optional[int]
+    result: int
+
+
+def parse_strace_calls(lines: Iterable[str]) -> List[StraceRequest]:
+    """The positional read/write calls of an ``strace -f -y`` log, in completion order.
+
+    Handles ``<unfinished ...>`` / ``<... resumed>`` pairs of concurrent threads
+    and the iovec arrays of ``preadv``/``pwritev`` (their ``iov_len`` summed).
+    """
+    out: List[StraceRequest] = []
+    pending: Dict[int, str] = {}
+    for line in lines:
+        line = line.rstrip("\n")
+        m = _PID.match(line)
+        if m:
+            pid, rest = int(m.group(1)), m.group(2)
+        else:
+            pid, rest = 0, line
+        if rest.endswith("<unfinished ...>"):
+            pending[pid] = rest[:-len("<unfinished ...>")].rstrip()
+            continue
+        r = _RESUMED.match(rest)
+        if r:
+            head = pending.pop(pid, None)
+            if head is None:
+                continue
+            rest = head + (" " if head.endswith(",") else "") + r.group(2)
+        name = rest.split("(", 1)[0]
+        if name not in _SYSCALLS:
+            continue
+        # strings can hold anything: blank them before splitting the arguments
+        flat = _STRING.sub('""', rest)
+        c = _CALL.match(flat)
+        if not c:
+            continue
+        fd, path, args, ret = c.group(2), c.group(3), c.group(4), int(c.group(5))
+        if name in ("preadv", "preadv2", "pwritev", "pwritev2"):
+            if "[" in args:
+                arr, tail = args.rsplit("]", 1)
+                lens = [int(x) for x in re.findall(r"iov_len=(\d+)", arr)]
+                truncated = arr.rstrip().endswith("...")
+                requested = None if truncated else sum(lens)
+            else:
+                tail, requested = args, None
+            nums = [x.strip() for x in tail.split(",") if x.strip()]
+            offset = int(nums[1])              # iovcnt, offset[, flags]
+        else:
+            nums = [x.strip() for x in args.split(",")]
+            requested, offset = int(nums[-2]), int(nums[-1])
+        out.append(StraceRequest(pid, name, path if path is not None else f"fd{fd}", offset,
+                                 requested, ret))
+    return out
+
+
+def parse_strace(lines: Iterable[str], files: Optional[Iterable[str]] = None) -> List[IO]:
+    """The requests of an ``strace -f -y`` log as :class:`IO` (bytes transferred).
+
+    Failed calls and zero-length transfers (end of file) are dropped.  With
+    ``files``, only requests on those paths are kept.
+    """
+    keep = set(files) if files is not None else None
+    ios = []
+    for r in parse_strace_calls(lines):
+        if r.result <= 0 or (keep is not None and r.file not in keep):
+            continue
+        ios.append(IO(r.file, r.offset, r.result, _SYSCALLS[r.syscall], r.pid))
+    return ios
+
+
+def total_bytes(ios: Sequence[IO]) -> int:
+    return sum(io.length for io in ios)
