@@ -258,10 +258,12 @@ def _count_l2(img: Qcow2Image, counter: _Counter, res: CheckResult, raw: bytes,
 
 def _count_bitmaps(img: Qcow2Image, counter: _Counter) -> None:
     ext = img.header.bitmaps
-    if ext is None or not img.bitmaps:
+    # the directory as it is in the file (bitmaps added or removed since an "r+"
+    # open reach the file only when the image is closed)
+    if ext is None or not img.bitmap_directory:
         return
     counter.add_range(ext.directory_offset, ext.directory_size, "bitmap directory")
-    for bm in img.bitmaps:
+    for bm in img.bitmap_directory:
         counter.add_range(bm.table_offset, bm.table_size * 8, f"bitmap table {bm.name}")
         raw = img.storage.pread(bm.table_offset, bm.table_size * 8)
         t = np.frombuffer(raw, dtype=">u8").astype(np.uint64) & _L2E_OFFSET_MASK

@@ -30,3 +30,15 @@ class BackingChainError(Qcow2Error):
 
 class ImageClosedError(Qcow2Error, ValueError):
     """An operation was attempted on a closed image."""
+
+
+class BitmapError(Qcow2Error, ValueError):
+    """A persistent dirty bitmap operation was refused (the message is QEMU's):
+    no such bitmap, a name taken, an inconsistent bitmap, sizes that differ...
+
+    ``hint`` is the second line QEMU prints for some of them, or None.
+    """
+
+    def __init__(self, message: str, hint=None):
+        super().__init__(message)
+        self.hint = hint

@@ -16,10 +16,13 @@ from collections import OrderedDict
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+from bitarray import frozenbitarray
 
 from . import native
+from .bitmaps import Bitmap, load_bits
 from .decompress import pool as decompress_pool, read_and_decompress
-from .errors import BackingChainError, CorruptImageError, FormatError, UnsupportedFeatureError
+from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
+                     UnsupportedFeatureError)
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
 from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
@@ -75,7 +78,10 @@ class Qcow2Image(Image):
         self._last_cluster: Tuple[int, bytes] = (-1, b"")
         self._l1 = self._read_l1()
         self.snapshots: List[Snapshot] = self._read_snapshots()
-        self.bitmaps: List[BitmapEntry] = self._read_bitmaps()
+        #: the bitmap directory as it is in the file (check counts its clusters)
+        self.bitmap_directory: List[BitmapEntry] = self._read_bitmaps()
+        #: the persistent dirty bitmaps, as :class:`~qcow2py.bitmaps.Bitmap` objects
+        self.bitmaps: List[Bitmap] = [Bitmap.from_entry(self, e) for e in self.bitmap_directory]
         self.data_storage: Storage = storage
         self.data_file_path: Optional[str] = None
         try:
@@ -142,6 +148,34 @@ class Qcow2Image(Image):
                               f"({self._file_size} bytes)")
         raw = self.storage.pread(ext.directory_offset, ext.directory_size)
         return parse_bitmap_directory(raw, ext.nb_bitmaps)
+
+    # ------------------------------------------------------------ bitmaps
+    def find_bitmap(self, name: str) -> Bitmap:
+        """The persistent bitmap called ``name`` (BitmapError if there is none)."""
+        for b in self.bitmaps:
+            if b.name == name:
+                return b
+        raise BitmapError(f"Dirty bitmap '{name}' not found")
+
+    def add_bitmap(self, name: str, granularity: Optional[int] = None,
+                   enabled: bool = True) -> Bitmap:
+        """Add a persistent bitmap (needs the image opened "r+")."""
+        return self._read_only()
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove a persistent bitmap (needs the image opened "r+")."""
+        self._read_only()
+
+    def _load_bitmap_bits(self, bm: Bitmap):
+        self._check_open()
+        return frozenbitarray(load_bits(self.storage, bm.entry, self.size, self.cluster_size,
+                                        self.storage.size()))
+
+    def _check_bitmap_writable(self, bm: Bitmap) -> None:
+        self._read_only()
+
+    def _bitmaps_changed_state(self) -> None:
+        pass
 
     def _open_data_file(self, ctx) -> None:
         name = self.header.data_file

@@ -32,6 +32,17 @@ Locks (always taken in this order)
    (the GIL is released in the system calls).  write_zeroes, discard and
    writes to extended-L2 images hold it throughout.
 3. the reader's L2 cache lock (``_cache_lock``), innermost.
+
+Persistent dirty bitmaps
+------------------------
+Opening "r+" marks every consistent bitmap *in_use* in the image (the
+directory rewritten in place between a clear and a set of autoclear bit 0,
+each synced); every write, write_zeroes and discard then marks the enabled
+bitmaps in memory.  ``close`` stores them (see :mod:`qcow2py.bitmaps`): data,
+tables and a new directory to new clusters, the metadata flush above, one
+synced header switch, then the old clusters are freed like any other
+decrement (step 5).  A crash before the switch leaves the bitmaps in_use:
+inconsistent for QEMU and for qcow2py, as they should be.
 """
 
 from __future__ import annotations
@@ -44,8 +55,12 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from . import locking, native
-from .errors import CorruptImageError, FormatError, ImageClosedError, UnsupportedFeatureError
+from bitarray import bitarray, frozenbitarray
+
+from . import bitmaps, locking, native
+from .bitmaps import Bitmap, load_bits
+from .errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
+                     UnsupportedFeatureError)
 from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                             INCOMPAT_DIRTY)
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
@@ -107,17 +122,87 @@ class WritableQcow2Image(Qcow2Image):
                 self.close()
                 raise CorruptImageError(f"{self.filename}: could not repair dirty image "
                                         f"({result.corruptions} corruptions left)")
+        self._bitmaps_attached = False      # this writer keeps the bitmaps up to date
+        self._bitmaps_dirty = False         # they must be stored on close
+        self._tracking: List[Bitmap] = []   # the enabled, consistent ones
+        if not ctx.repair:                  # check -r leaves bitmaps as they are
+            try:
+                bitmaps.attach(self)
+            except BaseException:
+                self._bitmaps_attached = self._bitmaps_dirty = False
+                self.close()
+                raise
+            self._bitmaps_changed_state()
 
     def _refuse_unsupported(self, repair: bool) -> None:
         h = self.header
         if h.incompatible_features & INCOMPAT_CORRUPT and not repair:
             raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
                                     f"opened read-only (or repaired with check -r all)")
-        self._write_refusal: Optional[str] = None
-        if h.bitmaps is not None and self.bitmaps:
-            self._write_refusal = "this image has persistent dirty bitmaps, which qcow2py " \
-                                  "does not update on write yet; refusing to write so that " \
-                                  "they stay correct"
+
+    # ------------------------------------------------------------ bitmaps
+    def add_bitmap(self, name: str, granularity: Optional[int] = None,
+                   enabled: bool = True) -> Bitmap:
+        """Add an empty persistent bitmap (stored when the image is closed).
+
+        ``granularity``: bytes per bit, a power of two from 512 to 2 GiB
+        (default: the cluster size clamped to [4 KiB, 64 KiB], as QEMU).
+        Refusals raise :class:`~qcow2py.errors.BitmapError` with QEMU's message.
+        """
+        self._check_bitmaps_attached()
+        with self._lock:
+            gbits = bitmaps.check_new(self, name, granularity)
+            bm = Bitmap(self, name, gbits, enabled)
+            bm._bits = bitarray(bm.nbits, endian="little")
+            bm._bits.setall(0)
+            self.bitmaps.append(bm)
+            self._bitmaps_dirty = True
+            self._bitmaps_changed_state()
+        return bm
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove a persistent bitmap (an inconsistent one too); its clusters are
+        freed when the image is closed."""
+        self._check_bitmaps_attached()
+        with self._lock:
+            bm = self.find_bitmap(name)
+            self.bitmaps.remove(bm)
+            bm._removed = True
+            self._bitmaps_dirty = True
+            self._bitmaps_changed_state()
+
+    def _check_bitmaps_attached(self) -> None:
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        if not self._bitmaps_attached:
+            raise ValueError(f"image {self.filename!r} was opened for repair: its bitmaps "
+                             f"cannot be changed")
+
+    def _check_bitmap_writable(self, bm: Bitmap) -> None:
+        self._check_bitmaps_attached()
+        if bm._removed or all(b is not bm for b in self.bitmaps):
+            raise BitmapError(f"Dirty bitmap '{bm.name}' not found")
+
+    def _load_bitmap_bits(self, bm: Bitmap):
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        if bm.entry is None:
+            bits = bitarray(bm.nbits, endian="little")
+            bits.setall(0)
+            return bits
+        # the clusters read here stay allocated until close has stored the bitmap anew
+        bits = load_bits(self.storage, bm.entry, self.size, self.cluster_size,
+                         self.storage.size())
+        return bits if self._bitmaps_attached else frozenbitarray(bits)
+
+    def _bitmaps_changed_state(self) -> None:
+        self._tracking = [b for b in self.bitmaps if b.enabled and not b.inconsistent]
+
+    def _mark_bitmaps(self, offset: int, length: int) -> None:
+        """Mark a changed guest range in every enabled bitmap."""
+        if length > 0:
+            for b in self._tracking:
+                b._mark(offset, length)
 
     # ------------------------------------------------------------ header
     def _write_header(self) -> None:
@@ -277,8 +362,6 @@ class WritableQcow2Image(Qcow2Image):
     def _check_range(self, offset: int, length: int) -> None:
         if self._closed:
             raise ImageClosedError(f"image {self.filename!r} is closed")
-        if self._write_refusal:
-            raise UnsupportedFeatureError(self._write_refusal)
         if self._corrupt_reason:
             raise CorruptImageError(f"{self.filename}: image was marked corrupt: "
                                     f"{self._corrupt_reason}")
@@ -304,6 +387,7 @@ class WritableQcow2Image(Qcow2Image):
         self._check_range(offset, len(mv))
         if not len(mv):
             return
+        self._mark_bitmaps(offset, len(mv))
         cb = self.cluster_bits
         with self._ranges.hold(offset >> cb, ((offset + len(mv) - 1) >> cb) + 1, True):
             self._write_range(offset, mv)
@@ -573,6 +657,7 @@ class WritableQcow2Image(Qcow2Image):
             compressed = compress_cluster(self.codec, data.ljust(cs, b"\0"))
         guest = cluster * cs
         self._check_range(guest, min(cs, self.size - guest))
+        self._mark_bitmaps(guest, min(cs, self.size - guest))
         if len(compressed) >= cs:
             self.write(guest, data[:self.size - guest])
             return
@@ -614,9 +699,12 @@ class WritableQcow2Image(Qcow2Image):
         cs = self.cluster_size
         if not clusters.size:
             return np.zeros(0, dtype=np.int64)
+        if self._tracking:
+            brk = np.flatnonzero(np.diff(clusters) != 1) + 1
+            for a, b in zip(np.r_[0, brk].tolist(), np.r_[brk, clusters.size].tolist()):
+                g = int(clusters[a]) * cs
+                self._mark_bitmaps(g, min(self.size, (int(clusters[b - 1]) + 1) * cs) - g)
         with self._lock:
-            if self._write_refusal:
-                raise UnsupportedFeatureError(self._write_refusal)
             if self._external:
                 hosts = clusters * cs
             else:
@@ -691,6 +779,7 @@ class WritableQcow2Image(Qcow2Image):
         self._check_range(offset, length)
         if not length:
             return
+        self._mark_bitmaps(offset, length)
         unit = self.cluster_size >> 5 if self.extended_l2 else self.cluster_size
         end = offset + length
         cb = self.cluster_bits
@@ -768,6 +857,7 @@ class WritableQcow2Image(Qcow2Image):
         so QEMU 7.2 refuses (ENOTSUP, which discard ignores), and so do we.
         """
         self._check_range(offset, length)
+        self._mark_bitmaps(offset, length)      # as QEMU: the whole request, even if ignored
         cs = self.cluster_size
         if self.header.version < 3 and self.backing is not None:
             return
@@ -859,6 +949,8 @@ class WritableQcow2Image(Qcow2Image):
         try:
             if hasattr(self, "_lock") and not self._corrupt_reason:
                 with self._lock:
+                    if self._bitmaps_dirty:
+                        bitmaps.store(self)
                     self._flush_metadata()
                     if self._marked_dirty:
                         self._set_incompat(INCOMPAT_DIRTY, False)

@@ -111,11 +111,12 @@ def test_read_only_images_refuse_writes(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_bitmaps_refuse_writes_until_supported(tmp_path):
+def test_writes_mark_persistent_bitmaps(tmp_path):
+    # images with bitmaps are written, and the bitmaps kept up to date (tests/test_bitmaps.py)
     path = tmp_path / "b.qcow2"
     create(path, "4M")
     qemu_img("bitmap", "--add", path, "b0")
     with qcow2py.open(path, "r+") as img:
-        with pytest.raises(qcow2py.UnsupportedFeatureError, match="bitmaps"):
-            img.write(0, b"x")
+        img.write(0, b"x")
+        assert img.find_bitmap("b0").dirty_extents() == [(0, 65536)]
     assert qemu_img("check", path, check=False).returncode == 0

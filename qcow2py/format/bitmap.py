@@ -27,6 +27,8 @@ class BitmapEntry:
     granularity_bits: int
     name: str
     extra_data: bytes = b""
+    #: the name as stored (kept verbatim when the entry is written back)
+    raw_name: bytes = b""
 
     @property
     def granularity(self) -> int:
@@ -66,10 +68,43 @@ def parse_bitmap_directory(buf: bytes, count: int) -> List[BitmapEntry]:
             raise FormatError(f"bitmap directory entry {i} runs past the directory")
         extra = bytes(buf[pos:pos + extra_size])
         pos += extra_size
-        name = bytes(buf[pos:pos + name_size]).decode("utf-8", "replace")
+        raw_name = bytes(buf[pos:pos + name_size])
+        name = raw_name.decode("utf-8", "replace")
         pos += name_size
         pos += -pos % 8
         if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:
             raise FormatError(f"bitmap {name!r}: granularity bits {gbits} out of range")
-        out.append(BitmapEntry(toff, tsize, flags, btype, gbits, name, extra))
+        out.append(BitmapEntry(toff, tsize, flags, btype, gbits, name, extra, raw_name))
     return out
+
+
+def entry_size(entry: BitmapEntry) -> int:
+    """Bytes the entry takes in the directory (padded to 8)."""
+    n = _ENTRY.size + len(entry.extra_data) + len(entry.raw_name or entry.name.encode())
+    return n + (-n % 8)
+
+
+def encode_bitmap_directory(entries: List[BitmapEntry]) -> bytes:
+    """The directory holding ``entries``, in order (names as stored, zero padding)."""
+    out = bytearray()
+    for e in entries:
+        name = e.raw_name or e.name.encode()
+        out += _ENTRY.pack(e.table_offset, e.table_size, e.flags, e.type, e.granularity_bits,
+                           len(name), len(e.extra_data))
+        out += e.extra_data
+        out += name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def set_directory_flags(buf: bytes, flags: List[int]) -> bytes:
+    """``buf`` (a directory) with the flags of its entries replaced, byte for byte
+    otherwise: how QEMU updates a directory in place."""
+    out = bytearray(buf)
+    pos = 0
+    for f in flags:
+        (_, _, _, _, _, name_size, extra_size) = _ENTRY.unpack_from(out, pos)
+        struct.pack_into(">I", out, pos + 12, f)
+        pos += _ENTRY.size + extra_size + name_size
+        pos += -pos % 8
+    return bytes(out)
