@@ -62,7 +62,9 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
         data_path = data_file if os.path.isabs(data_file) else \
             os.path.join(os.path.dirname(path), data_file)
         with open(data_path, "wb") as f:          # qemu-img create overwrites it
-            f.truncate(header.size if data_file_raw or preallocation != "off" else 0)
+            f.truncate(header.size)               # as long as the guest disk, like QEMU's
+            if preallocation in ("falloc", "full"):
+                os.posix_fallocate(f.fileno(), 0, header.size)
     img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"        # a raw data file must stay a valid raw image
@@ -89,20 +91,20 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
         raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
     if version == 2 and refcount_bits != 16:
         raise CreateError("Different refcount widths than 16 bits require compatibility "
-                          "level 1.1 or above (use compat=1.1 or greater)")
+                          "level 1.1 or above (use version=v3 or greater)")
     if lazy_refcounts and version == 2:
         raise CreateError("Lazy refcounts only supported with compatibility level 1.1 and above "
-                          "(use compat=1.1 or greater)")
+                          "(use version=v3 or greater)")
     if compression_type not in ("zlib", "zstd"):
         raise CreateError(f"Parameter 'compression-type' does not accept value "
                           f"'{compression_type}'")
     if compression_type == "zstd" and version == 2:
         raise CreateError("Non-zlib compression type is only supported with compatibility "
-                          "level 1.1 and above (use compat=1.1 or greater)")
+                          "level 1.1 and above (use version=v3 or greater)")
     if extended_l2:
         if version == 2:
             raise CreateError("Extended L2 entries are only supported with compatibility "
-                              "level 1.1 and above (use compat=1.1 or greater)")
+                              "level 1.1 and above (use version=v3 or greater)")
         if bits < 14:
             raise CreateError("Extended L2 entries are only supported with cluster sizes of "
                               "at least 16384 bytes")
@@ -229,7 +231,10 @@ def _preallocate(img, mode: str) -> None:
     """
     cs = img.cluster_size
     size = img.size
-    span = cs * (cs // 8)
+    # extended L2 entries are (entry, subcluster bitmap) pairs: preallocated clusters
+    # get bitmap 0, as QEMU leaves them
+    step = 2 if img.extended_l2 else 1
+    span = cs * (cs // (8 * step))
     copied = np.uint64(1) << np.uint64(63)
     raw_data = img.header.has_data_file
     with img._lock:
@@ -240,11 +245,12 @@ def _preallocate(img, mode: str) -> None:
             l2 = img._writable_l2(l1i)
             if raw_data:
                 hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                l2[:n] = hosts | copied
+                l2[:n * step:step] = hosts | copied
                 img._touch_l2(l1i)
             elif mode == "metadata":
                 host = img._allocate(n)
-                l2[:n] = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | copied
+                l2[:n * step:step] = (np.uint64(host) + np.arange(n, dtype=np.uint64) *
+                                      np.uint64(cs)) | copied
                 img._touch_l2(l1i)
             else:
                 tables.append((l1i, l2, n))
@@ -254,7 +260,8 @@ def _preallocate(img, mode: str) -> None:
             end = host + total * cs
             pos = host
             for l1i, l2, n in tables:
-                l2[:n] = (np.uint64(pos) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | copied
+                l2[:n * step:step] = (np.uint64(pos) + np.arange(n, dtype=np.uint64) *
+                                      np.uint64(cs)) | copied
                 img._touch_l2(l1i)
                 pos += n * cs
             if mode == "full":
