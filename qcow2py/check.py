@@ -226,6 +226,12 @@ def _count_l2(img: Qcow2Image, counter: _Counter, res: CheckResult, raw: bytes,
             res.compressed_clusters += k
             res.fragmented_clusters += k
     allocated = std & (off != 0)
+    if h.has_data_file:
+        # host offset 0 is valid in an external data file: COPIED tells it from an
+        # unallocated entry (QEMU's rule); a plain zero cluster (no subclusters) is not
+        zero_flag = ((entries & np.uint64(1)) != 0) if not h.extended_l2 else \
+            np.zeros(entries.size, dtype=bool)
+        allocated |= std & (off == 0) & ((entries & _COPIED) != 0) & ~zero_flag
     if h.extended_l2:
         alloc_bits = bitmaps & np.uint64(0xFFFFFFFF)
         zero_bits = bitmaps >> np.uint64(32)
