@@ -28,11 +28,11 @@ def mixed_image(tmp_path):
     return src
 
 
-def traced_copy(src, out, fmt):
+def traced_copy(src, out, fmt, order="host"):
     log = TraceLog()
     with qcow2py.open(str(src), storage_wrapper=log.wrap, wrap_chain=True) as img:
         tgt = qcow2py.create(str(out), img.size, format=fmt)
-        stats = BlockCopy(img, tgt, order="host").run()
+        stats = BlockCopy(img, tgt, order=order).run()
         tgt.close()
     assert qemu_img("compare", src, out, check=False).returncode == 0
     data_reads = log.reads()[-stats.read_requests:]
@@ -50,6 +50,11 @@ def test_mixed_image_is_read_in_one_sweep(tmp_path, monkeypatch):
         stats, back = traced_copy(src, tmp_path / f"out.{fmt}", fmt)
         # neighbours may swap between the two reader threads; no second pass
         assert back < 256 * KiB, back
+        # and no more requests than in guest order (plain extents that continue each
+        # other are still read as one)
+        guest, _ = traced_copy(src, tmp_path / f"guest.{fmt}", fmt, order="guest")
+        assert stats.read_requests <= guest.read_requests
+        assert stats.bytes_written == guest.bytes_written
     # the check sees a second pass: all the plain data first, then the compressed clusters
     monkeypatch.setattr(BlockCopy, "_copy_mixed", lambda self, d, dd, c, dc, s, m: (
         self._copy_data(d, dd, s, mark=m), self._copy_compressed(c, dc, s, m)))

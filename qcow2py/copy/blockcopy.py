@@ -519,17 +519,38 @@ class BlockCopy:
             copy_data(np.arange(start, d0))
             small = np.arange(d0, d1)[data.length[d0:d1] <= _MIXED_WINDOW]
             copy_data(np.setdiff1d(np.arange(d0, d1), small))
-            both = Plan.concat([data.select(small), comp.select(slice(c0, c1))])
-            dst = np.concatenate([dst_data[small], dst_comp[c0:c1]])
+            # extents that continue each other in the file: one read, written in pieces
+            sd, sdst = data.select(small), dst_data[small]
+            first = np.r_[True, sd.host[1:] != sd.host[:-1] + sd.length[:-1]] if len(sd) \
+                else np.zeros(0, dtype=bool)
+            heads = np.flatnonzero(first)
+            runs = Plan(sd.guest[heads], np.add.reduceat(sd.length, heads) if heads.size
+                        else sd.length[heads], sd.kind[heads], sd.layer[heads], sd.host[heads],
+                        sd.csize[heads])
+            both = Plan.concat([runs, comp.select(slice(c0, c1))])
+            dst = np.concatenate([sdst[heads], dst_comp[c0:c1]])
             by_host = np.argsort(both.host, kind="stable")
-            self._copy_compressed(both.select(by_host), dst[by_host], dst_storage, mark)
+            scatter = {}
+            ends = np.r_[heads[1:], len(sd)]
+            for j in np.flatnonzero(ends - heads > 1).tolist():     # runs of several extents
+                a, b = int(heads[j]), int(ends[j])
+                offs = (sd.host[a:b] - sd.host[a]).tolist()
+                scatter[j] = list(zip(offs, sd.length[a:b].tolist(), sdst[a:b].tolist()))
+            position = np.empty(len(both), dtype=np.int64)
+            position[by_host] = np.arange(len(both))
+            scatter = {int(position[j]): v for j, v in scatter.items()}
+            self._copy_compressed(both.select(by_host), dst[by_host], dst_storage, mark,
+                                  scatter)
             start = d1
         copy_data(np.arange(start, len(data)))
 
-    def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark) -> None:
+    def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark,
+                         scatter=None) -> None:
         """Compressed source clusters: read the streams in order, inflate on every core.
 
-        Plain data extents in the list (from :meth:`_copy_mixed`) are read as they are.
+        Plain data extents in the list (from :meth:`_copy_mixed`) are read as they
+        are; ``scatter`` maps such an entry to the ``(offset in it, length, target
+        offset)`` of the extents it holds when it is several read as one.
         """
         if not len(comp):
             return
@@ -550,23 +571,30 @@ class BlockCopy:
 
         workers = max(2, self.workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for k, piece, sz in pool.map(one, range(len(comp))):
+            for k, got, sz in pool.map(one, range(len(comp))):
                 st.bytes_read += sz
                 st.read_requests += 1
-                dst = int(dst_off[k])
-                if self.sparse_size and native.is_zero(piece):
-                    st.bytes_zero += len(piece)
-                    if not self.target_is_zero:
-                        dst_storage.pwrite(piece, dst)
-                else:
-                    dst_storage.pwrite(piece, dst)
-                    st.bytes_written += len(piece)
-                    if mark is not None:
-                        buf, base, shift = mark
-                        for u in range((dst - base) >> shift,
-                                       ((dst + len(piece) - 1 - base) >> shift) + 1):
-                            buf[u // 8] |= 1 << (u % 8)
-                self._advance(len(piece))
+                parts = [(memoryview(got)[o:o + n], d) for o, n, d in scatter[k]] \
+                    if scatter and k in scatter else [(got, int(dst_off[k]))]
+                for piece, dst in parts:
+                    self._put(piece, dst, dst_storage, mark)
+
+    def _put(self, piece, dst: int, dst_storage, mark) -> None:
+        """Write one copied piece (or skip it, all zero), mark its clusters, count it."""
+        st = self.stats
+        if self.sparse_size and native.is_zero(piece):
+            st.bytes_zero += len(piece)
+            if not self.target_is_zero:
+                dst_storage.pwrite(piece, dst)
+        else:
+            dst_storage.pwrite(piece, dst)
+            st.bytes_written += len(piece)
+            if mark is not None:
+                buf, base, shift = mark
+                for u in range((dst - base) >> shift,
+                               ((dst + len(piece) - 1 - base) >> shift) + 1):
+                    buf[u // 8] |= 1 << (u % 8)
+        self._advance(len(piece))
 
 
 def _clip(p: Plan, start: int, end: int) -> Plan:
