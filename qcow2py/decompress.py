@@ -44,15 +44,18 @@ def _usable_cpus() -> int:
 WORKERS = max(1, _usable_cpus() - 1)
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 _local = threading.local()
 
 
 def pool() -> ThreadPoolExecutor:
-    global _pool
+    """The worker threads (started on first use; anew in a forked child, which has none)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qcow2py-inflate")
+            _pool_pid = os.getpid()
         return _pool
 
 
@@ -151,6 +154,8 @@ def _run(codec: str, fetch, dsts: List[memoryview], cluster_size: int) -> None:
     except BaseException as e:       # still wait for the workers before raising
         error = e
     for f in futures:
+        if f.cancel():               # a worker that never started: nothing to wait for
+            continue
         try:
             f.result()
         except BaseException as e:

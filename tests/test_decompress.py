@@ -1,5 +1,6 @@
 """Batch decompression into caller buffers (qcow2py.decompress) and its use by reads."""
 
+import hashlib
 import os
 import random
 import zlib
@@ -144,3 +145,33 @@ def test_deflate_stream_with_a_32k_window_reads_like_qemu(tmp_path):
     with qcow2py.open(str(p)) as img:
         assert img.read(0, img.size) == want
         assert img.read(100, 5000) == want[100:5100]          # partial read path too
+
+
+def test_forked_child_reads_compressed_clusters(tmp_path):
+    """The decompression pool's threads do not survive fork(): a child makes its own."""
+    import multiprocessing
+    import qcow2py
+    from qemu import qemu_img
+
+    data = b"".join(_clusters(12, seed=9))
+    raw = tmp_path / "f.raw"
+    raw.write_bytes(data)
+    p = tmp_path / "f.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, p)
+    with qcow2py.open(str(p)) as img:
+        assert img.read(0, len(data)) == data        # the parent's pool is running now
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(str(p), len(data), q))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung reading compressed clusters")
+    assert q.get(timeout=5) == hashlib.sha256(data).hexdigest()
+
+
+def _read_in_child(path, n, q):
+    import qcow2py
+    with qcow2py.open(path) as img:
+        q.put(hashlib.sha256(img.read(0, n)).hexdigest())
