@@ -168,84 +168,143 @@ class RefcountManager:
     def allocate(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); returns the host offset.
 
-        Refcount blocks missing for the chosen range are created right after
-        it (so they never split the run), in the same pass.
+        Placement follows the policy of QEMU's allocator, so that new images
+        (create, preallocation) are laid out byte for byte as qemu-img lays
+        them out:
+
+        * the run is the first ``n`` free clusters at or after the free hint
+          (clusters no refcount block covers yet count as free);
+        * when the run needs a refcount block that does not exist yet, the
+          block is created (:meth:`_new_block`) and the search starts over
+          from the run's start (so the run may stay where it was, or move past
+          the new block).
         """
         if n <= 0:
             raise ValueError("allocate needs n >= 1")
+        per = self.per_block
         while True:
-            extra = 0
-            while True:
-                start = self._find_free(n + extra, self.free_hint)
-                end = start + n + extra
-                missing = [bi for bi in range(start // self.per_block,
-                                              (end - 1) // self.per_block + 1)
-                           if self._block(bi) is None]
-                if len(missing) <= extra:
-                    break
-                extra = len(missing)
-            if missing and max(missing) >= self.reftable.size:
-                self._grow_reftable(max(missing) + 1)
-                continue
-            break
-        for j, bi in enumerate(missing):
-            self.blocks[bi] = np.zeros(self.per_block, dtype=np.uint64)
-            self.dirty_blocks.add(bi)
-            self.reftable[bi] = (start + n + j) << self.cluster_bits
-            self.dirty_reftable = True
-            self.layout_version += 1
-        used_end = start + n + len(missing)
-        self.increment(np.arange(start, used_end, dtype=np.int64))
-        self.free_hint = used_end
+            start = self._find_free(n, self.free_hint)
+            end = start + n
+            self.free_hint = end
+            missing = next((bi for bi in range(start // per, (end - 1) // per + 1)
+                            if self._block(bi) is None), None)
+            if missing is None:
+                break
+            self._new_block(missing, max(start, missing * per))
+            self.free_hint = min(self.free_hint, start)
+        self.increment(np.arange(start, end, dtype=np.int64))
         return start << self.cluster_bits
 
-    def _grow_reftable(self, min_entries: int) -> None:
-        """Move the refcount table to new, larger clusters (one synced header switch)."""
-        per_cluster = self.cs // 8
-        old_clusters = self.header.refcount_table_clusters
-        want = max(min_entries, self.reftable.size + self.reftable.size // 2 + 1)
-        # the table and the refcount blocks for its own clusters are placed together
-        extra = 0
-        while True:
-            tclusters = -(-want // per_cluster)
-            if tclusters * self.cs > MAX_REFTABLE_BYTES:
-                raise FormatError("refcount table would exceed QEMU's 8 MiB limit")
-            start = self._find_free(tclusters + extra, self.free_hint)
-            end = start + tclusters + extra
-            missing = [bi for bi in range(start // self.per_block, (end - 1) // self.per_block + 1)
-                       if self._block(bi) is None]
-            if len(missing) > extra:
-                extra = len(missing)
-                continue
-            if missing and max(missing) >= tclusters * per_cluster:
-                want = max(missing) + 1
-                continue
-            break
-        new_table = np.zeros(tclusters * per_cluster, dtype=np.int64)
-        new_table[:self.reftable.size] = self.reftable
-        self.reftable = new_table
-        for j, bi in enumerate(missing):
-            blk = np.zeros(self.per_block, dtype=np.uint64)
+    def _new_block(self, bi: int, cluster: int) -> None:
+        """Create the missing refcount block ``bi`` (``cluster`` needs it).
+
+        The block goes on the next free cluster.  It counts itself when it
+        lies in its own range; else it is counted in the block covering it,
+        and when that block is missing too, that one is created instead and
+        ``bi`` is left for the caller's next attempt.  A table too small for
+        ``bi`` grows (:meth:`_grow_reftable`).
+        """
+        per = self.per_block
+        host = self._find_free(1, self.free_hint)
+        self.free_hint = host + 1
+        blk = np.zeros(per, dtype=np.uint64)
+        if host // per == bi:
+            blk[host % per] = 1
+        elif self._block(host // per) is None:
+            self._new_block(host // per, host)
+            return
+        else:
+            self.increment(np.array([host], dtype=np.int64))
+        self.layout_version += 1
+        if bi < self.reftable.size:
             self.blocks[bi] = blk
             self.dirty_blocks.add(bi)
-            self.reftable[bi] = (start + tclusters + j) << self.cluster_bits
-        self.increment(np.arange(start, end, dtype=np.int64))
-        self.free_hint = max(self.free_hint, end)
+            self.reftable[bi] = host << self.cluster_bits
+            self.dirty_reftable = True
+        else:
+            self._grow_reftable(bi, blk, host, cluster)
+
+    def _refblocks_for(self, clusters: int) -> int:
+        """Refcount blocks needed to cover ``clusters`` plus the refcount structures
+        themselves, with room for half the table again (QEMU's sizing)."""
+        per_table_cluster = self.cs // 8
+        blocks = table = 0
+        total, generous = -1, True
+        while True:
+            blocks = -(-(clusters + table + blocks) // self.per_block)
+            table = -(-blocks // per_table_cluster)
+            now = clusters + blocks + table
+            if now == total:
+                if not generous:
+                    return blocks
+                clusters += -(-table // 2)
+                generous, total = False, -1
+                continue
+            total = now
+
+    def _grow_reftable(self, bi: int, blk: np.ndarray, host: int, cluster: int) -> None:
+        """A larger refcount table, with the new block ``blk`` for index ``bi`` at ``host``.
+
+        As QEMU does: the table and the refcount blocks that cover it go at the
+        start of the first block range past both ``cluster`` and ``host``,
+        sized for that much space with half the table again to spare, and
+        count themselves.  Blocks, then the table, then one synced header
+        switch; the old table is freed at once, as nothing durable points at
+        it any more.
+        """
+        cs, per, cb = self.cs, self.per_block, self.cluster_bits
+        per_table_cluster = cs // 8
+        meta = -(-(max(cluster, host) + 1) // per) * per     # a cluster index
+        total = self._refblocks_for(meta)
+        entries = total + -(-total // 2)
+        entries = -(-entries // per_table_cluster) * per_table_cluster
+        tclusters = entries // per_table_cluster
+        if tclusters * cs > MAX_REFTABLE_BYTES:
+            raise FormatError("refcount table would exceed QEMU's 8 MiB limit")
+        if self.dirty_reftable:
+            # the old table gets the blocks hooked up so far, as QEMU writes each
+            # hook-up at once (its clusters may be reused with that content)
+            self.write_dirty_blocks()
+            self.storage.fsync()
+            self.write_reftable()
+        table = np.zeros(entries, dtype=np.int64)
+        keep = min(entries, self.reftable.size)
+        table[:keep] = self.reftable[:keep]
+        table[bi] = host << cb
+        self.reftable = table
+        self.blocks[bi] = blk
+        self.dirty_blocks.add(bi)
+        area = meta // per
+        k = 0
+        for i in range(area, total):
+            if table[i] == 0:
+                table[i] = (meta + k) << cb
+                self.blocks[i] = np.zeros(per, dtype=np.uint64)
+                k += 1
+        tstart = meta + k
+        end = tstart + tclusters
+        for i in range(area, total):                  # the new structures count themselves
+            lo, hi = max(meta, i * per), min(end, (i + 1) * per)
+            if lo < hi:
+                b = self._block(i)
+                b[lo - i * per:hi - i * per] += np.uint64(1)
+                self.dirty_blocks.add(i)
         # blocks first, then the table, then the header switch
         self.write_dirty_blocks()
         self.storage.fsync()
-        self.storage.pwrite(self._table_bytes(), start << self.cluster_bits)
+        self.storage.pwrite(self._table_bytes(), tstart << cb)
         self.storage.fsync()
         old_offset = self.header.refcount_table_offset
-        self.header.refcount_table_offset = start << self.cluster_bits
+        old_clusters = self.header.refcount_table_clusters
+        self.header.refcount_table_offset = tstart << cb
         self.header.refcount_table_clusters = tclusters
-        self.storage.pwrite(struct.pack(">QI", self.header.refcount_table_offset, tclusters),
-                            _REFTABLE_FIELDS)
+        self.storage.pwrite(struct.pack(">QI", tstart << cb, tclusters), _REFTABLE_FIELDS)
         self.storage.fsync()
         self.dirty_reftable = False
         self.layout_version += 1
-        old = (old_offset >> self.cluster_bits) + np.arange(old_clusters, dtype=np.int64)
-        self.free_later(old)
+        old = (old_offset >> cb) + np.arange(old_clusters, dtype=np.int64)
+        self._add(old, -1)
+        self.free_hint = min(self.free_hint, int(old[0]))
 
     # ------------------------------------------------------------ repairs
     def set_counts(self, clusters: np.ndarray, values: np.ndarray) -> None:
