@@ -451,6 +451,43 @@ static inline int popcount64(uint64_t x)
     return (int)((x * 0x0101010101010101ULL) >> 56);
 }
 
+/* The two word loops that dominate counting: on x86-64 Linux with GCC they are
+ * compiled twice (with and without the popcnt instruction) and picked at load
+ * time; elsewhere they use the portable popcount64. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define QP_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#define QP_POPCOUNT(x) __builtin_popcountll(x)
+#else
+#define QP_POPCNT_CLONES
+#define QP_POPCOUNT(x) popcount64(x)
+#endif
+
+/* set bits in n whole words at p */
+QP_POPCNT_CLONES
+int64_t qp_internal_popcount_words(const uint8_t *p, int64_t n)
+{
+    int64_t count = 0;
+    for (int64_t w = 0; w < n; w++)
+        count += QP_POPCOUNT(load_le64(p + (size_t)w * 8));
+    return count;
+}
+
+/* run starts (set bits after a clear one) in n whole words at p; *prev is the
+ * bit before p on entry and the last bit on return */
+QP_POPCNT_CLONES
+int64_t qp_internal_run_starts(const uint8_t *p, int64_t n, uint64_t *prev)
+{
+    int64_t count = 0;
+    uint64_t c = *prev;
+    for (int64_t w = 0; w < n; w++) {
+        uint64_t word = load_le64(p + (size_t)w * 8);
+        count += QP_POPCOUNT(word & ~((word << 1) | c));
+        c = word >> 63;
+    }
+    *prev = c;
+    return count;
+}
+
 /* mask of the bits of word w inside [start, end) */
 static inline uint64_t bm_range_mask(int64_t w, int64_t start, int64_t end)
 {
@@ -484,8 +521,7 @@ int64_t qp_bitmap_count(const uint8_t *bits, int64_t nbits, int64_t start, int64
     if (w0 == w1)
         return popcount64(bm_word(bits, nbytes, w0) & bm_range_mask(w0, start, end));
     count += popcount64(bm_word(bits, nbytes, w0) & bm_range_mask(w0, start, end));
-    for (int64_t w = w0 + 1; w < w1; w++)
-        count += popcount64(load_le64(bits + (size_t)w * 8));
+    count += qp_internal_popcount_words(bits + (size_t)(w0 + 1) * 8, w1 - w0 - 1);
     count += popcount64(bm_word(bits, nbytes, w1) & bm_range_mask(w1, start, end));
     return count;
 }
@@ -584,13 +620,13 @@ int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_
     if (max_out <= 0 || !starts || !lens) {
         /* count only: a run starts at every set bit whose predecessor is clear */
         int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
-        int64_t count = 0;
-        uint64_t prev = 0;
-        for (int64_t w = w0; w <= w1; w++) {
-            uint64_t word = (w > w0 && w < w1) ? load_le64(bits + (size_t)w * 8)
-                : bm_word(bits, nbytes, w) & bm_range_mask(w, start, end);
+        uint64_t word = bm_word(bits, nbytes, w0) & bm_range_mask(w0, start, end);
+        int64_t count = popcount64(word & ~(word << 1));
+        uint64_t prev = word >> 63;
+        if (w1 > w0) {
+            count += qp_internal_run_starts(bits + (size_t)(w0 + 1) * 8, w1 - w0 - 1, &prev);
+            word = bm_word(bits, nbytes, w1) & bm_range_mask(w1, start, end);
             count += popcount64(word & ~((word << 1) | prev));
-            prev = word >> 63;
         }
         return count;
     }
@@ -607,10 +643,16 @@ int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_
         uint64_t shifted = (word << 1) | prev;
         prev = word >> 63;
         uint64_t rise = word & ~shifted, fall = ~word & shifted;
-        if (!(rise | fall))
-            continue;
         int64_t base = w << 6;
-        if (ns + popcount64(rise) <= max_out && ne + popcount64(fall) <= max_out) {
+        if (ns + 64 <= max_out && ne + 64 <= max_out) {        /* room for any word */
+            /* the word's first start and first end without a branch: a store
+             * that is not counted gets overwritten by the next one */
+            starts[ns] = base + __builtin_ctzll(rise | (1ULL << 63));
+            ns += rise != 0;
+            rise &= rise - 1;
+            lens[ne] = base + __builtin_ctzll(fall | (1ULL << 63));
+            ne += fall != 0;
+            fall &= fall - 1;
             while (rise) {
                 starts[ns++] = base + __builtin_ctzll(rise);
                 rise &= rise - 1;
@@ -645,21 +687,35 @@ int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_
     return ns;
 }
 
+/* out = a OP b over 8-byte words (memcpy keeps unaligned buffers and aliasing
+ * legal; the compiler turns these loops into vector code), then the tail. */
+#define QP_BITMAP_LOOP(EXPR)                                          \
+    do {                                                              \
+        for (i = 0; i + 8 <= nbytes; i += 8) {                        \
+            uint64_t x, y, r;                                         \
+            memcpy(&x, a + i, 8);                                     \
+            memcpy(&y, b + i, 8);                                     \
+            r = (EXPR);                                               \
+            memcpy(out + i, &r, 8);                                   \
+        }                                                             \
+        for (; i < nbytes; i++) {                                     \
+            uint8_t x = a[i], y = b[i];                               \
+            out[i] = (uint8_t)(EXPR);                                 \
+        }                                                             \
+    } while (0)
+
 int qp_bitmap_op(const uint8_t *a, const uint8_t *b, uint8_t *out, size_t nbytes, int op)
 {
     size_t i;
     switch (op) {
     case QP_BITMAP_AND:
-        for (i = 0; i < nbytes; i++)
-            out[i] = a[i] & b[i];
+        QP_BITMAP_LOOP(x & y);
         return 0;
     case QP_BITMAP_OR:
-        for (i = 0; i < nbytes; i++)
-            out[i] = a[i] | b[i];
+        QP_BITMAP_LOOP(x | y);
         return 0;
     case QP_BITMAP_ANDNOT:
-        for (i = 0; i < nbytes; i++)
-            out[i] = a[i] & (uint8_t)~b[i];
+        QP_BITMAP_LOOP(x & ~y);
         return 0;
     default:
         return QP_ERR_ARGS;

@@ -321,3 +321,27 @@ def test_bitmap_rejects_big_endian_bitarrays():
     for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
         with pytest.raises(ValueError, match="little"):
             fn(bitarray(16, endian="big"))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.01, 0.5, 0.99, 1.0])
+def test_bitmap_scans_large_twins(density):
+    from bitarray import bitarray
+    rng = np.random.default_rng(int(density * 1000))
+    n = 300_000 + 37                               # many words, a partial last byte
+    bools = rng.random(n) < density
+    bits = bitarray(endian="little")
+    bits.frombytes(np.packbits(bools, bitorder="little").tobytes())
+    del bits[n:]
+    for start, end in ((0, None), (63, 64 * 4000 + 1), (5, n - 3), (n - 70, n)):
+        a = [x.tolist() for x in native.bitmap_runs_native(bits, start, end)]
+        assert a == [x.tolist() for x in native.bitmap_runs_pure(bits, start, end)]
+        assert native.bitmap_count_native(bits, start, end) == \
+            native.bitmap_count_pure(bits, start, end)
+        for v in (True, False):
+            assert native.bitmap_next_native(bits, start, v, end) == \
+                native.bitmap_next_pure(bits, start, v, end)
+    g = np.arange(0, n * 512, 3 << 20, dtype=np.int64)
+    ln = np.full(g.size, 1 << 20, dtype=np.int64)
+    x = native.bitmap_mask_extents_native(g, ln, bits, 512)
+    y = native.bitmap_mask_extents_pure(g, ln, bits, 512)
+    assert [v.tolist() for v in x] == [v.tolist() for v in y]
