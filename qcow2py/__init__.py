@@ -6,10 +6,11 @@
 """
 
 from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
-from .errors import (BackingChainError, CorruptImageError, FormatError, ImageClosedError,
-                     Qcow2Error, UnsupportedFeatureError)
+from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
+                     ImageClosedError, Qcow2Error, UnsupportedFeatureError)
 from .create import CreateError, create
 from .image import Image, Run, open
+from .bitmaps import Bitmap
 from .locking import ImageLockedError
 
 __version__ = "0.1.0"
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
-    "BackingChainError", "ImageClosedError", "__version__",
+    "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "__version__",
 ]

@@ -152,6 +152,19 @@ def load_bits(storage, entry: BitmapEntry, size: int, cluster_size: int,
     return bits
 
 
+def little_endian_bits(bits) -> bitarray:
+    """``bits`` (a bitarray of either bit order, or anything numpy takes as an
+    array of booleans) as a little-endian bitarray, the layout the C scans read."""
+    if isinstance(bits, bitarray):
+        e = bits.endian() if callable(bits.endian) else bits.endian
+        return bits if e == "little" else bitarray(bits, endian="little")
+    arr = np.asarray(bits, dtype=bool).reshape(-1)
+    out = bitarray(endian="little")
+    out.frombytes(np.packbits(arr, bitorder="little").tobytes())
+    del out[arr.size:]
+    return out
+
+
 class Bitmap:
     """One persistent dirty bitmap of an image (see the module docstring).
 
@@ -448,11 +461,17 @@ def store(img) -> None:
     st = img.storage
     file_size = st.size()
     entries: List[BitmapEntry] = []
-    for b in img.bitmaps:
+    # QEMU's order: the bitmaps already stored keep their places; new ones follow,
+    # the latest added first (QEMU keeps its in-memory bitmaps newest first)
+    order = [b for b in img.bitmaps if b.entry is not None] + \
+        [b for b in reversed(img.bitmaps) if b.entry is None]
+    for b in order:
         if b.inconsistent:
             entries.append(b.entry)           # kept as found, clusters and all
             continue
-        bits = b.bits
+        bits = b._bits
+        if bits is None:            # never loaded: store what the image holds
+            bits = load_bits(st, b.entry, img.size, cs, file_size)
         nbits, nbytes, tsize = geometry(img.size, b.granularity_bits, cs)
         if len(bits) != nbits:
             raise ValueError(f"bitmap '{b.name}' has {len(bits)} bits, {nbits} expected")
@@ -504,9 +523,8 @@ def store(img) -> None:
         img.refcounts.free_later(np.concatenate(old))
     img._flush_metadata()
     img.bitmap_directory = entries
-    stored = iter(entries)
-    for b in img.bitmaps:
-        e = next(stored)
+    for b, e in zip(order, entries):
         b.entry = e
         b._in_use = e.in_use
+    img.bitmaps[:] = order
     img._bitmaps_dirty = False

@@ -130,6 +130,116 @@ def _cmd_check(args) -> int:
     return res.exit_code
 
 
+class _BitmapAction(argparse.Action):
+    """Collects --add/--remove/... in command-line order (qemu-img applies them so)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        actions = list(getattr(namespace, "actions", None) or [])
+        actions.append((self.const, values))
+        namespace.actions = actions
+
+
+_GRANULARITY_HELP = ("Invalid granularity specified. You may use k, M, G, T, P or E suffixes "
+                     "for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+
+
+def _bitmap_fail(msg: str) -> int:
+    for line in msg.split("\n"):
+        print(f"qcow2py: {line}", file=sys.stderr)
+    return 1
+
+
+def _open_for_bitmap(name: str, mode: str, fmt: Optional[str]):
+    try:
+        return open_image(name, mode, format=fmt)
+    except FileNotFoundError:
+        raise _OpenError(f"Could not open '{name}': Could not open '{name}': No such file or "
+                         f"directory") from None
+    except (Qcow2Error, OSError, ValueError) as e:
+        raise _OpenError(f"Could not open '{name}': {e}") from None
+
+
+class _OpenError(Exception):
+    pass
+
+
+def _cmd_bitmap(args) -> int:
+    from .copy.cli import parse_size
+    from .errors import BitmapError
+    from .qcow2 import Qcow2Image
+    actions = args.actions or []
+    ops = [op for op, _ in actions]
+    if not actions:
+        return _bitmap_fail("Need at least one of --add, --remove, --clear, --enable, "
+                            "--disable, or --merge")
+    granularity = None
+    if args.granularity is not None:
+        try:
+            granularity = parse_size(args.granularity)
+        except ValueError:
+            return _bitmap_fail(_GRANULARITY_HELP)
+        if "add" not in ops:
+            return _bitmap_fail("granularity only supported with --add")
+    if args.source_fmt and not args.source_file:
+        return _bitmap_fail("-F only supported with -b")
+    if args.source_file and "merge" not in ops:
+        return _bitmap_fail("Merge bitmap source file only supported with --merge")
+    if len(args.names) != 2:
+        return _bitmap_fail("Expecting filename and bitmap name")
+    filename, name = args.names
+    try:
+        img = _open_for_bitmap(filename, "r+", args.f)
+    except _OpenError as e:
+        return _bitmap_fail(str(e))
+    rc = 0
+    try:
+        for op, value in actions:
+            try:
+                if not isinstance(img, Qcow2Image):
+                    if op == "add":
+                        raise BitmapError(f"Can't store persistent bitmaps to '{filename}': "
+                                          f"Operation not supported")
+                    raise BitmapError(f"Dirty bitmap '{value if op == 'merge' else name}' "
+                                      f"not found")
+                if op == "add":
+                    # qemu-img hands the size over as a 32-bit value; 0 means the default
+                    g = granularity & 0xFFFFFFFF if granularity else None
+                    img.add_bitmap(name, g, enabled=True)
+                elif op == "remove":
+                    img.remove_bitmap(name)
+                elif op == "merge":
+                    _merge(img, name, value, args.source_file, args.source_fmt)
+                else:
+                    bm = img.find_bitmap(name)
+                    getattr(bm, op)()
+            except _OpenError as e:
+                rc = _bitmap_fail(str(e))
+                break
+            except (Qcow2Error, ValueError) as e:
+                rc = _bitmap_fail(f"Operation {op} on bitmap {name} failed: {e}")
+                hint = getattr(e, "hint", None)
+                if hint:
+                    print(hint, file=sys.stderr)
+                break
+    finally:
+        img.close()
+    return rc
+
+
+def _merge(img, name: str, source: str, source_file: Optional[str],
+           source_fmt: Optional[str]) -> None:
+    from .errors import BitmapError
+    dest = img.find_bitmap(name)
+    dest._check_modifiable()            # QEMU checks the destination first
+    if source_file is None:
+        dest.merge_from(img.find_bitmap(source))
+        return
+    with _open_for_bitmap(source_file, "r", source_fmt) as src:
+        if not hasattr(src, "find_bitmap"):
+            raise BitmapError(f"Dirty bitmap '{source}' not found")
+        dest.merge_from(src.find_bitmap(source))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
                                 "(qemu-img compatible where the subcommands overlap)")
@@ -163,6 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repair leaks, or all errors (rebuilding refcounts if needed)")
     c.add_argument("filename")
     c.set_defaults(func=_cmd_check)
+
+    b = sub.add_parser("bitmap", help="add, remove, clear, enable, disable or merge "
+                       "persistent dirty bitmaps (qemu-img bitmap)",
+                       usage="qcow2py bitmap (--merge SOURCE | --add | --remove | --clear | "
+                             "--enable | --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]] "
+                             "[-g GRANULARITY] [-f FMT] [-q] FILENAME BITMAP")
+    for flag in ("add", "remove", "clear", "enable", "disable"):
+        b.add_argument(f"--{flag}", dest="actions", nargs=0, action=_BitmapAction, const=flag,
+                       help=f"{flag} the bitmap")
+    b.add_argument("--merge", dest="actions", metavar="SOURCE", action=_BitmapAction,
+                   const="merge", help="merge the bitmap SOURCE into BITMAP")
+    b.add_argument("-b", dest="source_file", metavar="SOURCE_FILE",
+                   help="image holding the --merge source bitmap")
+    b.add_argument("-F", dest="source_fmt", metavar="SOURCE_FMT", choices=["qcow2", "raw"])
+    b.add_argument("-g", dest="granularity", metavar="GRANULARITY",
+                   help="bytes per bit of a new bitmap (--add)")
+    b.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    b.add_argument("names", nargs="*", metavar="FILENAME BITMAP")
+    b.set_defaults(func=_cmd_bitmap, actions=None)
     return p
 
 

@@ -140,27 +140,16 @@ class BlockCopy:
         return plan
 
     def _mask(self, plan: Plan) -> Plan:
-        """Keep only the parts of the plan under dirty bits (vectorised)."""
-        g = self.bitmap_granularity
-        bits = np.frombuffer(self.bitmap.unpack(), dtype=np.uint8).astype(bool) \
-            if hasattr(self.bitmap, "unpack") else np.asarray(self.bitmap, dtype=bool)
-        edges = np.flatnonzero(np.diff(np.r_[0, bits.astype(np.int8), 0]))
-        starts, ends = edges[0::2] * g, edges[1::2] * g
-        if not starts.size:
+        """Keep only the parts of the plan under dirty bits (in C: one pass over the bits)."""
+        from ..bitmaps import little_endian_bits
+        bits = little_endian_bits(self.bitmap)
+        g, n, i = native.bitmap_mask_extents(plan.guest, plan.length, bits,
+                                             self.bitmap_granularity)
+        if not g.size:
             return empty_plan()
-        # cut every extent at the dirty interval boundaries, keep pieces inside
-        cuts = np.unique(np.concatenate([plan.guest, plan.guest + plan.length, starts, ends]))
-        pe = plan.guest + plan.length
-        seg = cuts[:-1]
-        i = np.clip(np.searchsorted(plan.guest, seg, side="right") - 1, 0, len(plan) - 1)
-        inside_plan = (seg >= plan.guest[i]) & (seg < pe[i])
-        j = np.searchsorted(starts, seg, side="right") - 1
-        dirty = (j >= 0) & (seg < ends[np.clip(j, 0, None)])
-        keep = inside_plan & dirty
-        seg, seg_len, i = seg[keep], np.diff(cuts)[keep], i[keep]
-        delta = seg - plan.guest[i]
+        delta = g - plan.guest[i]
         host = np.where(plan.kind[i] == P_DATA, plan.host[i] + delta, plan.host[i])
-        return Plan(seg, seg_len, plan.kind[i], plan.layer[i], host, plan.csize[i])
+        return Plan(g, n, plan.kind[i], plan.layer[i], host, plan.csize[i])
 
     def _choose_order(self, data: Plan) -> str:
         if self.order != "auto":

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read order: host (front to back per file), guest, or auto")
     p.add_argument("--bitmap", help="copy only clusters dirty in this persistent bitmap of "
                    "the source (incremental backup onto an existing target with -n)")
+    p.add_argument("--bitmaps", action="store_true", help="copy the persistent bitmaps of the "
+                   "source's top layer to the (qcow2) target, as qemu-img convert --bitmaps")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: skip inconsistent bitmaps instead of failing")
     p.add_argument("--stats", nargs="?", const="text", choices=["text", "json"],
                    help="print what was read, in how many requests, how many backward seeks")
     p.add_argument("source")
@@ -123,8 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.compress and sparse == 0:
         return _fail("Cannot enable compression and disable sparse detection at the same time"
                      " (-c and -S 0)")
-    if args.bitmap:
-        return _fail("--bitmap needs persistent bitmap support, which is not available yet")
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        return _fail("Use of --skip-broken-bitmaps requires --bitmaps")
     if args.workers < 1 or args.workers > 16:
         return _fail("Invalid number of coroutines. Allowed number of coroutines is between "
                      "1 and 16")
@@ -137,6 +141,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.backing and not args.backing_fmt:
             return _fail("Use of backing file requires explicit backing format")
         with open_image(args.source, format=args.src_fmt) as src:
+            if args.bitmaps or args.bitmap:
+                if not hasattr(src, "find_bitmap"):
+                    return _fail("Source lacks bitmap support")
+            if args.bitmaps:
+                for bm in reversed(src.bitmaps):          # QEMU's order (newest first)
+                    if not bm.inconsistent:
+                        continue
+                    if not args.skip_broken_bitmaps:
+                        return _fail(f"Cannot copy inconsistent bitmap '{bm.name}'\nTry "
+                                     f"--skip-broken-bitmaps, or use 'qemu-img bitmap "
+                                     f"--remove' to delete it")
+                    print(f"qcow2py-copy: warning: Skipping inconsistent bitmap '{bm.name}'",
+                          file=sys.stderr)
+            dirty = None
+            if args.bitmap:
+                bm = src.find_bitmap(args.bitmap)
+                dirty = (bm.bits, bm.granularity)
             if args.no_create:
                 tgt = open_image(args.target, "r+", format=args.out_fmt,
                                  storage_wrapper=wrapper)
@@ -157,6 +178,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 tgt = create(args.target, src.size, format=args.out_fmt,
                              storage_wrapper=wrapper, **opts)
                 created = True
+            if args.bitmaps and not (hasattr(tgt, "add_bitmap") and tgt.header.version >= 3):
+                tgt.close()
+                raise Qcow2Error(f"Format driver '{tgt.format}' does not support bitmaps")
             depth = 1 if (args.backing or opts.get("backing_file")) else None
             bar = None
             progress = None
@@ -172,8 +196,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 job = BlockCopy(src, tgt, order=args.order, sparse_size=sparse,
                                 compress=args.compress,
                                 workers=args.workers, progress=progress, base_depth=depth,
-                                target_is_zero=not args.no_create or args.target_is_zero)
+                                target_is_zero=not args.no_create or args.target_is_zero,
+                                bitmap=dirty[0] if dirty else None,
+                                bitmap_granularity=dirty[1] if dirty else 65536)
                 stats = job.run()
+                if args.bitmaps:
+                    _copy_bitmaps(src, tgt)
             finally:
                 if bar is not None:
                     bar.close()
@@ -195,6 +223,22 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{d['guest_order_backward_seeks']}); wrote {d['bytes_written']} bytes, "
               f"{d['bytes_zero']} zero bytes; {d['seconds']:.3f} s")
     return 0
+
+
+def _copy_bitmaps(src, tgt) -> None:
+    """The source's consistent bitmaps into the target, as qemu-img convert --bitmaps
+    (after the data, so that the copy itself dirties nothing)."""
+    for bm in reversed(src.bitmaps):      # QEMU's order; the target stores them in source order
+        if bm.inconsistent:
+            continue
+        try:
+            new = tgt.add_bitmap(bm.name, bm.granularity, enabled=bm.enabled)
+        except Qcow2Error as e:
+            raise Qcow2Error(f"Failed to create bitmap {bm.name}: {e}") from None
+        try:
+            new.merge_from(bm)
+        except Qcow2Error as e:
+            raise Qcow2Error(f"Failed to populate bitmap {bm.name}: {e}") from None
 
 
 def _remove(path: str) -> None:
