@@ -114,6 +114,25 @@ def _pure_child(path: str, check: bool) -> float:
     return json.loads(p.stdout)["seconds"]
 
 
+def _raise_priority() -> None:
+    """In the new session's child: top priority for its autogroup and itself (needs root)."""
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write("-19")
+        os.nice(-19 - os.nice(0))
+    except OSError:
+        pass        # not root, or no autogroups: run as is (the header says so)
+
+
+def _priority() -> str:
+    try:
+        with open("/proc/self/autogroup") as f:
+            group = f.read().split()[-1]
+    except (OSError, IndexError):
+        group = "?"
+    return f"nice {os.nice(0)}, autogroup nice {group}"
+
+
 def _have_qemu() -> bool:
     return bool(shutil.which("qemu-img") and shutil.which("qemu-io"))
 
@@ -221,9 +240,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--pure", action="store_true",
                     help="also time the pure-Python mode (QCOW2PY_PURE=1, child process)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run in a new session (its own scheduler autogroup) at nice -19, so "
+                         "other load on a shared machine does not decide the result (root)")
     ap.add_argument("--child", metavar="IMG", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    if args.isolate and not os.environ.get("QCOW2PY_BENCH_ISOLATED"):
+        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--isolate"]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.run([sys.executable, "-m", "benchmarks.bench_read", *rest], cwd=root,
+                           env=dict(os.environ, QCOW2PY_BENCH_ISOLATED="1"),
+                           start_new_session=True, preexec_fn=_raise_priority)
+        return p.returncode
 
     if args.child:
         if args.check:
@@ -245,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"qcow2py read vs qemu-img bench, median of {args.rounds} alternating rounds, "
           f"{size_label(bench_size())} images, native module: "
           f"{'yes' if native.HAVE_NATIVE else 'no (pure)'}, {os.cpu_count()} CPUs, "
-          f"load average before: {load_before}")
+          f"load average before: {load_before}, {_priority()}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
