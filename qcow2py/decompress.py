@@ -95,6 +95,7 @@ def _zstd_into(src: memoryview, dst: memoryview, cluster_size: int) -> None:
     except _ZSTD_ERRORS:
         got = -1
     if got != cluster_size:
+        _local.zstd = None      # start the next cluster from a fresh context
         raise _fail("zstd", src, cluster_size)
 
 
