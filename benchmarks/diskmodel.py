@@ -101,8 +101,10 @@ class HDDParams:
       with it, 8.0 ms without): Seagate Constellation SAS (ST9500430SS, 7200
       rpm) product manual rev. E, section 5.2.1 "Access time";
     * queue depth 32: SATA Native Command Queuing (AHCI/NCQ allows 32 tags);
-    * read-ahead window and segment cache: a modelling choice (drives of this
-      class have 64-128 MiB of buffer; only a short window matters here).
+    * read-ahead window (2 MiB) and read cache (32 segments, 16 MiB): modelling
+      choices.  The Constellation ES.3 has a 128 MB buffer, shared with the write
+      cache and segmented; the model keeps enough of it to serve re-reads of
+      recent metadata and out-of-order neighbours, not a second pass over a file.
     """
 
     name: str = "HDD 7200 rpm (3.5in SATA)"
@@ -117,7 +119,8 @@ class HDDParams:
     overhead_ms: float = 0.2            # command processing, paid by every non-streamed request
     head_switch_ms: float = 0.5         # same cylinder, other surface (about a track-to-track)
     readahead: int = 2 * MiB            # forward hops up to this are streamed through
-    cache_segments: int = 32            # recently read ranges served from the buffer
+    cache_segments: int = 32            # recently read ranges kept in the buffer...
+    cache_bytes: int = 16 * MiB         # ...at most this much of them (of a 128 MB buffer)
     interface_rate: float = 600 * MB    # SATA 6 Gb/s, for buffer hits
     ncq_depth: int = 32
 
@@ -136,6 +139,7 @@ class HDD:
         self.t_inner = p.rate_inner / self.rps
         self.k = (self.t_outer - self.t_inner) / max(p.cylinders - 1, 1)
         self.capacity = int(self._cum(p.cylinders))
+        self.debug: Optional[list] = None       # (request, kind, positioning, transfer, from)
         self.seek_params = fit_seek_curve(p.track_to_track_ms / 1e3, p.average_seek_ms / 1e3,
                                           p.full_stroke_ms / 1e3, p.cylinders - 1)
 
@@ -204,6 +208,14 @@ class HDD:
         track = (self._cum(c + 1) - base) / h
         return c, int((addr - base) // track), track * self.rps
 
+    def _locate(self, addr: int) -> Tuple[int, int, float]:
+        """Cylinder, surface and angle of one address."""
+        h = self.p.heads
+        c, surface, _ = self._where(addr)
+        base = self._cum(c)
+        track = (self._cum(c + 1) - base) / h
+        return c, surface, ((addr - base) - surface * track) / track
+
     # -- replay
     def simulate(self, ios: Sequence[IO], layout: Optional[Layout] = None, qd: int = 1,
                  addresses: Optional[np.ndarray] = None, detail: bool = False):
@@ -236,7 +248,7 @@ class HDD:
         head_switch = p.head_switch_ms / 1e3
         rps, window = self.rps, p.readahead
         hit_rate = p.interface_rate
-        cache = _SegmentCache(p.cache_segments)
+        cache = _SegmentCache(p.cache_segments, p.cache_bytes)
         # state: time, streaming position, arm cylinder/surface, media rate there
         t = 0.0
         pos, cur_c, cur_s, cur_rate = -1, 0, 0, rate_l[0]
@@ -249,42 +261,53 @@ class HDD:
             while len(queue) < depth and nxt < n:
                 queue.append(nxt)
                 nxt += 1
-            best, best_cost, best_kind = -1, math.inf, 0
+            best, best_cost, best_kind, best_from = -1, math.inf, 0, 0
             for i in queue:
                 a = addr_l[i]
-                if cache.covers(a, a + len_l[i]):
-                    best, best_cost, best_kind = i, 0.0, 1
+                end = a + len_l[i]
+                have = cache.end_covering(a)
+                if have >= end:
+                    best, best_cost, best_kind, best_from = i, 0.0, 1, a
                     break
+                # the part already in the buffer is not read again
+                start = have if have > a else a
                 cost, kind = math.inf, 0
-                gap = a - pos
+                gap = start - pos
                 if pos >= 0 and 0 <= gap <= window:
                     cost, kind = gap / cur_rate, 2                  # streamed through
-                d = cyl_l[i] - cur_c
+                if start == a:
+                    c, sf, an = cyl_l[i], surf_l[i], ang_l[i]
+                else:
+                    c, sf, an = self._locate(start)
+                d = c - cur_c
                 if d:
                     mech = overhead + seek1(d if d > 0 else -d)
                 else:
-                    mech = overhead + (head_switch if surf_l[i] != cur_s else 0.0)
-                wait = ((ang_l[i] - (t + mech) * rps) % 1.0) / rps
+                    mech = overhead + (head_switch if sf != cur_s else 0.0)
+                wait = ((an - (t + mech) * rps) % 1.0) / rps
                 if mech + wait < cost:
                     cost, kind = mech + wait, 3
                 if cost < best_cost:
-                    best, best_cost, best_kind = i, cost, kind
+                    best, best_cost, best_kind, best_from = i, cost, kind, start
             queue.remove(best)
             a, ln = addr_l[best], len_l[best]
             if best_kind == 1:
                 xfer = ln / hit_rate
                 hits += 1
             else:
-                xfer = ln / rate_l[best]
+                # media transfer of the new bytes; the buffered prefix at interface speed
+                xfer = (a + ln - best_from) / rate_l[best] + (best_from - a) / hit_rate
                 if best_kind == 2:
                     streams += 1
                     cache.add(pos, a + ln)
                 else:
                     seeks += 1
-                    cache.add(a, a + ln)
+                    cache.add(best_from, a + ln)
                 pos = a + ln
                 cur_c, cur_s, cur_rate = self._where(min(pos, self.capacity - 1))
             t += best_cost + xfer
+            if self.debug is not None:
+                self.debug.append((best, best_kind, best_cost, xfer, best_from))
             t_position += best_cost
             t_transfer += xfer
         if detail:
@@ -298,27 +321,41 @@ class HDD:
 
 
 class _SegmentCache:
-    """The drive buffer: the last ``n`` ranges read from the media (merged when they touch)."""
+    """The drive's read buffer: the last ``n`` ranges read from the media, at most
+    ``limit`` bytes in all (the oldest data goes first); a range that goes on
+    where the newest one ends extends it."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, limit: int):
+        self.n, self.limit = n, limit
         self.segs: List[List[int]] = []        # [start, end), oldest first
+        self.total = 0
 
-    def covers(self, a: int, b: int) -> bool:
+    def end_covering(self, a: int) -> int:
+        """End of the buffered range holding byte ``a`` (-1 if none does)."""
+        end = -1
         for s, e in self.segs:
-            if s <= a and b <= e:
-                return True
-        return False
+            if s <= a < e and e > end:
+                end = e
+        return end
 
     def add(self, a: int, b: int) -> None:
-        if self.n <= 0:
+        if self.n <= 0 or self.limit <= 0 or b <= a:
             return
         if self.segs and self.segs[-1][1] == a:
             self.segs[-1][1] = b                # the stream goes on
-            return
-        self.segs.append([a, b])
-        if len(self.segs) > self.n:
-            del self.segs[0]
+        else:
+            self.segs.append([a, b])
+            if len(self.segs) > self.n:
+                s, e = self.segs.pop(0)
+                self.total -= e - s
+        self.total += b - a
+        while self.total > self.limit:
+            first = self.segs[0]
+            cut = min(first[1] - first[0], self.total - self.limit)
+            first[0] += cut
+            self.total -= cut
+            if first[0] >= first[1]:
+                self.segs.pop(0)
 
 
 def fit_seek_curve(t2t: float, avg: float, full: float, max_distance: int):
@@ -406,7 +443,7 @@ class SSD:
         if not ios:
             return 0.0
         p = self.p
-        q = max(1, min(int(qd), len(ios)))
+        q = max(1, int(qd))
         lengths = np.array([io.length for io in ios], dtype=np.float64)
         writes = np.array([io.write for io in ios], dtype=bool)
         total = 0.0
@@ -452,13 +489,14 @@ class StraceRequest:
 
 
 def parse_strace_calls(lines: Iterable[str]) -> List[StraceRequest]:
-    """The positional read/write calls of an ``strace -f -y`` log, in completion order.
+    """The positional read/write calls of an ``strace -f -y`` log, in issue order.
 
     Handles ``<unfinished ...>`` / ``<... resumed>`` pairs of concurrent threads
-    and the iovec arrays of ``preadv``/``pwritev`` (their ``iov_len`` summed).
+    (a call interrupted that way keeps the place where it started) and the
+    iovec arrays of ``preadv``/``pwritev`` (their ``iov_len`` summed).
     """
-    out: List[StraceRequest] = []
-    pending: Dict[int, str] = {}
+    out: List[Optional[StraceRequest]] = []
+    pending: Dict[int, Tuple[str, int]] = {}
     for line in lines:
         line = line.rstrip("\n")
         m = _PID.match(line)
@@ -467,13 +505,16 @@ def parse_strace_calls(lines: Iterable[str]) -> List[StraceRequest]:
         else:
             pid, rest = 0, line
         if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest[:-len("<unfinished ...>")].rstrip()
+            # keep the call's place: requests are listed in the order they were issued
+            pending[pid] = (rest[:-len("<unfinished ...>")].rstrip(), len(out))
+            out.append(None)
             continue
+        slot = None
         r = _RESUMED.match(rest)
         if r:
-            head = pending.pop(pid, None)
-            if head is None:
+            if pid not in pending:
                 continue
+            head, slot = pending.pop(pid)
             rest = head + (" " if head.endswith(",") else "") + r.group(2)
         name = rest.split("(", 1)[0]
         if name not in _SYSCALLS:
@@ -497,9 +538,13 @@ def parse_strace_calls(lines: Iterable[str]) -> List[StraceRequest]:
         else:
             nums = [x.strip() for x in args.split(",")]
             requested, offset = int(nums[-2]), int(nums[-1])
-        out.append(StraceRequest(pid, name, path if path is not None else f"fd{fd}", offset,
-                                 requested, ret))
-    return out
+        req = StraceRequest(pid, name, path if path is not None else f"fd{fd}", offset,
+                            requested, ret)
+        if slot is None:
+            out.append(req)
+        else:
+            out[slot] = req
+    return [r for r in out if r is not None]
 
 
 def parse_strace(lines: Iterable[str], files: Optional[Iterable[str]] = None) -> List[IO]:

@@ -106,6 +106,10 @@ def test_readahead_hop_and_buffer_hit(hdd):
     assert far["seeks"] == 2
     again = hdd.simulate([IO("d", x, 4 * n), IO("d", x + n, n)], detail=True)
     assert again["hits"] == 1
+    # a request that starts inside what was just read and goes on (compressed clusters
+    # whose sector-rounded lengths overlap the next stream) continues the stream
+    overlap = hdd.simulate([IO("d", x, n), IO("d", x + n - 512, n)], detail=True)
+    assert overlap["streamed"] == 1 and overlap["positioning"] < 0.03
 
 
 def test_layout_places_files_contiguously(hdd):
@@ -162,6 +166,21 @@ def test_strace_parser_on_a_captured_log():
     writes = [io for io in everything if io.write]
     assert writes and all(io.file == "/images/o.qcow2" for io in writes)
     assert not any(io.file == "fd9999" for io in everything)      # failed calls dropped
+
+
+def test_strace_parser_keeps_issue_order():
+    log = [
+        '11 pread64(3</d/f>,  <unfinished ...>',
+        '12 pread64(3</d/f>, "\\0\\0"..., 4096, 8192) = 4096',
+        '13 preadv(3</d/f>, [{iov_base="a\\"b, c", iov_len=512}, {iov_base="", iov_len=512}], 2,'
+        ' 65536 <unfinished ...>',
+        '11 <... pread64 resumed>"\\1"..., 4096, 0) = 4096',
+        '13 <... preadv resumed>) = 1024',
+    ]
+    calls = parse_strace_calls(log)
+    assert [(c.pid, c.offset, c.requested, c.result) for c in calls] == [
+        (11, 0, 4096, 4096), (12, 8192, 4096, 4096), (13, 65536, 1024, 1024)]
+    assert [io.stream for io in parse_strace(log)] == [11, 12, 13]
 
 
 def test_tracelog_records_every_layer_in_order(tmp_path):
