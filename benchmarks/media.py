@@ -1,0 +1,597 @@
+"""Rotating versus SSD media: copying fragmented images, modelled from real traces.
+
+On a warm page cache every copy reads memory, so a wall-clock benchmark on a
+developer machine cannot show what the read order costs on a disk.  This
+report records the *requests* each copier issues and replays them on the disk
+models of :mod:`benchmarks.diskmodel` (a 7200 rpm SATA hard disk, a SATA SSD,
+an NVMe SSD):
+
+* **qcow2py guest** / **qcow2py host**: ``BlockCopy`` (order ``guest`` or
+  ``host``) to a new qcow2 target, the source opened with a
+  :class:`qcow2py.storage.TraceLog` on every file of its chain (the traced
+  storages have no file descriptor, so the copy takes its Python I/O path, one
+  batch at a time, and every request goes through the log);
+* **qcow2py-copy host, strace**: the real command (``qcow2py-copy --order
+  host``, C copier, its default two worker threads) under ``strace``, as a
+  check that the traced copy issues the same requests;
+* **qemu-img**: ``qemu-img convert -O qcow2`` under ``strace -f -y``, its
+  ``pread64``/``preadv`` calls parsed from the log.
+
+Only reads of the source files are modelled (the target is assumed to sit on
+another device).  The files of a chain are laid out one after another from the
+outer edge of the disk, each on a 1 GiB boundary.  Each trace is replayed at
+queue depth 1 (trace order, one request at a time), 2 (qcow2py-copy's two
+threads) and 32 (NCQ: the drive picks among the next 32 requests by
+rotational position; qemu-img convert keeps that many in flight).  The
+**floor** is the sequential transfer of the allocated bytes (every data
+cluster of every file of the chain as stored, compressed clusters at their
+stored length) at the zone rate where they lie; **sorted extents** is one
+sweep over just what must be read (the visible extents in file order,
+skipping what lies between them as cheaply as the drive can), i.e. the best
+any reader could do on that layout.  The **wall** column is measured on this
+machine with the whole commands (process start included), untraced,
+alternating, on a warm page cache, so it shows CPU cost, not media cost.
+
+Images (``QCOW2PY_BENCH_DIR``, default ``benchmarks/.cache``, folder
+``media-SIZE``; 64 KiB clusters):
+
+* **shuffled** — 80% of the clusters written by one ``qemu-io`` in shuffled
+  order: nearly every cluster out of place;
+* **longlived** — 60% written front to back, then rounds of discarding random
+  extents and writing new ones, which land in the freed holes;
+* **compressed** — ``qemu-img convert -c`` of *shuffled*;
+* **chain** — three qcow2 layers (50%, 25%, 12% of the clusters, each shuffled).
+
+Run ``python -m benchmarks.media`` (``--size 256M``, ``--rounds 3``,
+``--images shuffled,chain``, ``--no-wall``).  It prints the table and writes
+``benchmarks/media.json`` and, with matplotlib (``pip install -e ".[bench]"``),
+``benchmarks/media.png``.  Needs ``qemu-img``, ``qemu-io`` and ``strace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+try:
+    from . import diskmodel as dm
+    from .images import _patterns, parse_size, size_label
+except ImportError:                      # run as a file
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import diskmodel as dm
+    from benchmarks.images import _patterns, parse_size, size_label
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPE = 2
+SEED = 20240611
+CLUSTER = 64 << 10
+SHAPES = ("shuffled", "longlived", "compressed", "chain")
+READERS = ("qcow2py guest", "qcow2py host", "qcow2py-copy host, strace", "qemu-img")
+QDS = (1, 32)                # queue depths of the SSD models (and the chart)
+HDD_QDS = (1, 2, 32)         # ... of the HDD model: 2 is qcow2py-copy's two worker threads
+#: the targets of the report
+TARGET_FLOOR = 1.05          # host order on the HDD within this factor of the floor
+TARGET_VS_QEMU = 5.0         # host order at least this much faster than qemu-img at QD 32
+
+
+def log(msg: str) -> None:
+    print(f"[media] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(args: List[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def _qemu_io(img: str, lines: List[str]) -> None:
+    p = subprocess.run(["qemu-io", "-f", "qcow2", img], input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, check=True)
+    noise = p.stdout.replace("qemu-io>", "").strip()
+    if noise or p.stderr.strip():
+        raise RuntimeError(f"qemu-io on {img}: {(noise + p.stderr)[:2000]}")
+
+
+# ---------------------------------------------------------------------------- images
+def cache_dir(size: int) -> str:
+    base = os.environ.get("QCOW2PY_BENCH_DIR") or os.path.join(HERE, ".cache")
+    return os.path.join(base, f"media-{size_label(size)}")
+
+
+def _create(path: str, size: int, backing: Optional[str] = None) -> None:
+    args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+    if backing:
+        args += ["-b", backing, "-F", "qcow2"]
+    _run(args + [path, str(size)])
+
+
+def _shuffled_writes(rng: random.Random, n: int, fill: float, patterns: List[str]) -> List[str]:
+    return [f"write -q -s {patterns[rng.randrange(len(patterns))]} {c * CLUSTER} 64k"
+            for c in rng.sample(range(n), int(n * fill))]
+
+
+def _longlived_script(rng: random.Random, n: int, rounds: int = 8) -> List[str]:
+    """An install written front to back, then years of deleting and rewriting files.
+
+    Each round discards random extents (deleted files; a guest that discards
+    frees their host clusters) and writes as much again: half of it rewrites
+    ranges deleted earlier, the rest lands anywhere.  Mostly small files (1-4
+    clusters), a few big ones.  A write to an unallocated range takes the
+    lowest free host clusters that fit, i.e. the holes the deletes left.
+    """
+    lines = []
+    first = int(n * 0.6)
+    for c in range(0, first, 16):                       # 1 MiB writes
+        k = min(16, first - c)
+        lines.append(f"write -q -P {rng.randrange(1, 256)} {c * CLUSTER} {k * CLUSTER}")
+
+    def extent() -> int:
+        return rng.randint(1, 4) if rng.random() < 0.8 else rng.randint(5, 32)
+
+    deleted: List[int] = []
+    for _ in range(rounds):
+        budget = n // 16
+        while budget > 0:                               # delete files
+            k = min(extent(), budget)
+            c = rng.randrange(0, n - k)
+            lines.append(f"discard -q {c * CLUSTER} {k * CLUSTER}")
+            deleted.append(c)
+            budget -= k
+        budget = n // 16
+        while budget > 0:                               # write files
+            k = min(extent(), budget)
+            c = rng.choice(deleted) if deleted and rng.random() < 0.5 else rng.randrange(0, n)
+            c = min(c, n - k)
+            lines.append(f"write -q -P {rng.randrange(1, 256)} {c * CLUSTER} {k * CLUSTER}")
+            budget -= k
+    return lines
+
+
+def build_images(size: int) -> Dict[str, str]:
+    """Top image of every shape, built in the cache if missing or of an older recipe."""
+    folder = cache_dir(size)
+    paths = {"shuffled": "shuffled.qcow2", "longlived": "longlived.qcow2",
+             "compressed": "compressed.qcow2", "chain": "chain-top.qcow2"}
+    paths = {k: os.path.join(folder, v) for k, v in paths.items()}
+    stamp = {"recipe": RECIPE, "size": size, "seed": SEED}
+    try:
+        with open(os.path.join(folder, ".done")) as f:
+            if json.load(f) == stamp and all(os.path.exists(p) for p in paths.values()):
+                return paths
+    except (OSError, ValueError):
+        pass
+    for tool in ("qemu-img", "qemu-io"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"{tool} is needed (apt-get install qemu-utils)")
+    log(f"building {size_label(size)} images in {folder} ...")
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    rng = random.Random(SEED)
+    patterns = _patterns(tmp, rng)
+    n = size // CLUSTER
+    t = time.monotonic()
+    a = os.path.join(tmp, "shuffled.qcow2")
+    _create(a, size)
+    _qemu_io(a, _shuffled_writes(rng, n, 0.80, patterns))
+    b = os.path.join(tmp, "longlived.qcow2")
+    _create(b, size)
+    _qemu_io(b, _longlived_script(rng, n))
+    _run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536", a,
+          os.path.join(tmp, "compressed.qcow2")])
+    below = None
+    for name, fill in (("chain-base", 0.50), ("chain-mid", 0.25), ("chain-top", 0.12)):
+        p = os.path.join(tmp, name + ".qcow2")
+        _create(p, size, backing=below)
+        _qemu_io(p, _shuffled_writes(rng, n, fill, patterns))
+        below = name + ".qcow2"
+    for name in paths:
+        _run(["qemu-img", "check", "-q", os.path.join(tmp, os.path.basename(paths[name]))])
+    for p in patterns:
+        os.unlink(p)
+    with open(os.path.join(tmp, ".done"), "w") as f:
+        json.dump(stamp, f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    log(f"images built in {time.monotonic() - t:.1f}s")
+    return paths
+
+
+# ---------------------------------------------------------------------------- traces
+def chain_files(path: str) -> List[str]:
+    """Real paths of the files of the chain, base first (the order they were made)."""
+    import qcow2py
+    with qcow2py.open(path) as img:
+        files = []
+        for layer in img.chain():
+            files.append(os.path.realpath(layer.storage.name))
+            data = getattr(layer, "data_file_path", None)
+            if data:
+                files.append(os.path.realpath(data))
+    return files[::-1]
+
+
+def trace_qcow2py(src: str, order: str, tmp: str) -> Dict:
+    """Copy with BlockCopy, every read of the source chain recorded; checks the copy."""
+    import qcow2py
+    from qcow2py.copy.blockcopy import BlockCopy
+    from qcow2py.storage import TraceLog, UnsafeStorage
+
+    dst = os.path.join(tmp, f"traced-{order}.qcow2")
+    if os.path.exists(dst):
+        os.unlink(dst)
+    trace = TraceLog()
+    t = time.perf_counter()
+    with qcow2py.open(src, storage_wrapper=trace.wrap, wrap_chain=True) as img:
+        tgt = qcow2py.create(dst, img.size, format="qcow2", storage_wrapper=UnsafeStorage)
+        try:
+            stats = BlockCopy(img, tgt, order=order).run()
+        finally:
+            tgt.close()
+    seconds = time.perf_counter() - t
+    _run(["qemu-img", "compare", "-q", src, dst])
+    os.unlink(dst)
+    ios = [dm.IO(os.path.realpath(name), req.offset, req.length, False, thread)
+           for name, req, thread in trace.entries if req.kind == "read" and req.length > 0]
+    return {"ios": ios, "traced_seconds": seconds, "stats": stats.as_dict()}
+
+
+def trace_command(cmd: List[str], src: str, tmp: str) -> Dict:
+    """A copy command (``cmd + [src, dst]``) under strace; its reads of the source chain."""
+    if not shutil.which("strace"):
+        raise RuntimeError("strace is needed (apt-get install strace)")
+    dst = os.path.join(tmp, "traced-cmd.qcow2")
+    logf = os.path.join(tmp, "cmd.strace")
+    for p in (dst, logf):
+        if os.path.exists(p):
+            os.unlink(p)
+    t = time.perf_counter()
+    _run(dm.STRACE_ARGS + [logf] + cmd + [src, dst], cwd=os.path.dirname(HERE))
+    seconds = time.perf_counter() - t
+    _run(["qemu-img", "compare", "-q", src, dst])
+    files = chain_files(src)
+    with open(logf) as f:
+        ios = [io for io in dm.parse_strace(f, files=files) if not io.write]
+    os.unlink(dst)
+    os.unlink(logf)
+    return {"ios": ios, "traced_seconds": seconds}
+
+
+def sorted_extents(src: str) -> List[dm.IO]:
+    """What a copy must read, each file front to back, touching ranges merged: the
+    best single sweep the layout allows (no metadata reads)."""
+    import qcow2py
+    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, plan_copy
+
+    with qcow2py.open(src) as img:
+        chain = img.chain()
+        names = [os.path.realpath(getattr(layer, "data_file_path", None) or layer.storage.name)
+                 for layer in chain]
+        plan = plan_copy(chain)
+    sel = (plan.kind == P_DATA) | (plan.kind == P_COMPRESSED)
+    layer, host = plan.layer[sel], plan.host[sel]
+    length = np.where(plan.kind[sel] == P_DATA, plan.length[sel], plan.csize[sel])
+    order = np.lexsort((host, layer))
+    ios: List[dm.IO] = []
+    for li, h, n in zip(layer[order].tolist(), host[order].tolist(), length[order].tolist()):
+        if ios and ios[-1].file == names[li] and h <= ios[-1].offset + ios[-1].length:
+            last = ios[-1]
+            ios[-1] = dm.IO(last.file, last.offset, max(last.length, h + n - last.offset))
+        else:
+            ios.append(dm.IO(names[li], h, n))
+    return ios
+
+
+def allocated_bytes(src: str):
+    """Bytes stored in each file of the chain, and the part of them a copy must read.
+
+    ``allocated``: every data cluster of every layer as stored (compressed
+    streams at their stored length); ``visible``: only what the guest sees
+    (data not hidden by an upper layer).
+    """
+    import qcow2py
+    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, layer_arrays, plan_copy
+    from qcow2py.native import COMPRESSED, DATA
+
+    def stored(kinds, lengths, hosts, csizes, i_comp):
+        b = int(lengths[kinds == DATA].sum())
+        if i_comp.any():
+            _, first = np.unique(hosts[i_comp], return_index=True)
+            b += int(csizes[i_comp][first].sum())
+        return b
+
+    with qcow2py.open(src) as img:
+        chain = img.chain()
+        names = [os.path.realpath(getattr(layer, "data_file_path", None) or layer.storage.name)
+                 for layer in chain]
+        allocated = {}
+        for name, layer in zip(names, chain):
+            s, n, k, h, c = layer_arrays(layer, 0, layer.size)
+            allocated[name] = stored(k, n, h, c, k == COMPRESSED)
+        plan = plan_copy(chain)
+    visible = {}
+    for i, name in enumerate(names):
+        sel = plan.layer == i
+        visible[name] = stored(np.where(plan.kind[sel] == P_DATA, DATA, 0), plan.length[sel],
+                               plan.host[sel], plan.csize[sel], plan.kind[sel] == P_COMPRESSED)
+    return allocated, visible
+
+
+# ---------------------------------------------------------------------------- wall time
+def wall_times(src: str, tmp: str, rounds: int) -> Dict[str, float]:
+    """Median seconds of the whole, untraced commands; alternating; round 0 warms up."""
+    cmds = {
+        "qcow2py guest": [sys.executable, "-m", "qcow2py.copy", "-O", "qcow2", "--order", "guest"],
+        "qcow2py host": [sys.executable, "-m", "qcow2py.copy", "-O", "qcow2", "--order", "host"],
+        "qemu-img": ["qemu-img", "convert", "-O", "qcow2"],
+    }
+    times: Dict[str, List[float]] = {k: [] for k in cmds}
+    dst = os.path.join(tmp, "wall.qcow2")
+    for r in range(rounds + 1):
+        for label, cmd in cmds.items():
+            if os.path.exists(dst):
+                os.unlink(dst)
+            t = time.perf_counter()
+            subprocess.run(cmd + [src, dst], check=True, stdout=subprocess.DEVNULL,
+                           cwd=os.path.dirname(HERE))
+            if r:
+                times[label].append(time.perf_counter() - t)
+    if os.path.exists(dst):
+        os.unlink(dst)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------- the report
+def model_reader(ios: List[dm.IO], layout: dm.Layout, hdd: dm.HDD, ssds: Dict[str, dm.SSD]):
+    out = {"requests": len(ios), "bytes": dm.total_bytes(ios)}
+    addresses = layout.addresses(ios)
+    for qd in HDD_QDS:
+        d = hdd.simulate(ios, qd=qd, addresses=addresses, detail=True)
+        out[f"hdd_qd{qd}"] = d["seconds"]
+        out[f"hdd_qd{qd}_detail"] = {k: (round(v, 6) if isinstance(v, float) else v)
+                                     for k, v in d.items()}
+    for qd in QDS:
+        for key, ssd in ssds.items():
+            out[f"{key}_qd{qd}"] = ssd.simulate(ios, qd=qd)
+    return out
+
+
+def measure(shapes: List[str], size: int, rounds: int, wall: bool) -> Dict:
+    paths = build_images(size)
+    hdd = dm.HDD()
+    ssds = {"sata": dm.SSD(dm.SATA_SSD), "nvme": dm.SSD(dm.NVME_SSD)}
+    result = {"size": size, "shapes": {}, "models": {
+        "hdd": hdd.p.__dict__, "sata": dm.SATA_SSD.__dict__, "nvme": dm.NVME_SSD.__dict__},
+        "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count()}
+    tmp = tempfile.mkdtemp(prefix="qcow2py-media-")
+    try:
+        for shape in shapes:
+            src = paths[shape]
+            files = chain_files(src)
+            layout = dm.Layout.contiguous({f: os.path.getsize(f) for f in files}, base=0)
+            alloc, visible = allocated_bytes(src)
+            total = sum(alloc.values())
+            floor = {"bytes": total, "visible_bytes": sum(visible.values()),
+                     "hdd": hdd.floor({layout.starts[f]: b for f, b in alloc.items()}),
+                     **{k: s.floor(total) for k, s in ssds.items()}}
+            bound_ios = sorted_extents(src)
+            floor["sorted_extents_hdd"] = hdd.simulate(bound_ios, layout)
+            log(f"{shape}: tracing the copies")
+            traces = {
+                "qcow2py guest": trace_qcow2py(src, "guest", tmp),
+                "qcow2py host": trace_qcow2py(src, "host", tmp),
+                "qcow2py-copy host, strace": trace_command(
+                    [sys.executable, "-m", "qcow2py.copy", "-O", "qcow2", "--order", "host"],
+                    src, tmp),
+                "qemu-img": trace_command(["qemu-img", "convert", "-O", "qcow2"], src, tmp)}
+            log(f"{shape}: modelling")
+            readers = {}
+            for label, tr in traces.items():
+                readers[label] = model_reader(tr["ios"], layout, hdd, ssds)
+                readers[label]["traced_seconds"] = round(tr["traced_seconds"], 3)
+                if "stats" in tr:
+                    readers[label]["copy_stats"] = tr["stats"]
+            if wall:
+                log(f"{shape}: wall time, {rounds} alternating rounds")
+                for label, s in wall_times(src, tmp, rounds).items():
+                    readers[label]["wall"] = s
+            result["shapes"][shape] = {
+                "files": [os.path.basename(f) for f in files],
+                "file_bytes": [os.path.getsize(f) for f in files],
+                "floor": floor, "readers": readers, "targets": targets(readers, floor)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["footprint"] = footprint_sensitivity(hdd)
+    return result
+
+
+def targets(readers: Dict, floor: Dict) -> Dict:
+    host, guest, qemu = readers["qcow2py host"], readers["qcow2py guest"], readers["qemu-img"]
+    host_hdd = host["hdd_qd1"]          # the traced copy issues one request at a time
+    t = {"host_over_floor": host_hdd / floor["hdd"],
+         "host_over_sorted_extents": host_hdd / floor["sorted_extents_hdd"],
+         "qemu_qd32_over_host": qemu["hdd_qd32"] / host_hdd,
+         "qemu_qd32_over_floor": qemu["hdd_qd32"] / floor["hdd"],
+         "ssd_host_le_guest": all(host[f"{k}_qd{q}"] <= guest[f"{k}_qd{q}"] * (1 + 1e-9)
+                                  for k in ("sata", "nvme") for q in QDS)}
+    t["floor_met"] = t["host_over_floor"] <= TARGET_FLOOR
+    t["qemu_met"] = t["qemu_qd32_over_host"] >= TARGET_VS_QEMU
+    return t
+
+
+def footprint_sensitivity(hdd: dm.HDD, n: int = 2000) -> List[Dict]:
+    """Random 64 KiB reads (a shuffled image's guest order) over growing spans, at QD 1
+    and 32, against reading the same bytes sequentially: the ceiling of any
+    host-order speed-up over a guest-order reader on an image of that size."""
+    rng = np.random.default_rng(SEED)
+    rows = []
+    for span in (256 << 20, 4 << 30, 64 << 30, 1 << 40):
+        clusters = span // CLUSTER
+        idx = rng.permutation(clusters)[:n] if clusters <= 1 << 24 else \
+            rng.choice(clusters, n, replace=False)
+        ios = [dm.IO("f", int(c) * CLUSTER, CLUSTER) for c in idx]
+        seq = n * CLUSTER / hdd.rate_at(0)
+        rows.append({"span": span, "qd1": hdd.simulate(ios, qd=1) / seq,
+                     "qd32": hdd.simulate(ios, qd=32) / seq})
+    return rows
+
+
+def format_table(result: Dict) -> str:
+    head = ["image", "reader", "reads", "MiB", "HDD QD1 s", "HDD QD2 s", "HDD QD32 s",
+            "QD1 ÷ floor",
+            "SATA SSD QD1 s", "SATA SSD QD32 s", "NVMe QD1 s", "NVMe QD32 s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape, s in result["shapes"].items():
+        f = s["floor"]
+        lines.append("| " + " | ".join([
+            shape, "*floor* (allocated bytes, sequential)", "", f"{f['bytes'] / 2**20:.0f}",
+            f"{f['hdd']:.2f}", "", "", "1.00", f"{f['sata']:.3f}",
+            f"{f['sata']:.3f}", f"{f['nvme']:.3f}", f"{f['nvme']:.3f}", ""]) + " |")
+        lines.append("| " + " | ".join([
+            shape, "*sorted extents* (one sweep of what must be read)", "",
+            f"{f['visible_bytes'] / 2**20:.0f}", f"{f['sorted_extents_hdd']:.2f}", "", "",
+            f"{f['sorted_extents_hdd'] / f['hdd']:.2f}", "", "", "", "", ""]) + " |")
+        for label in READERS:
+            r = s["readers"][label]
+            lines.append("| " + " | ".join([
+                shape, label, str(r["requests"]), f"{r['bytes'] / 2**20:.0f}",
+                f"{r['hdd_qd1']:.2f}", f"{r['hdd_qd2']:.2f}", f"{r['hdd_qd32']:.2f}",
+                f"{r['hdd_qd1'] / f['hdd']:.2f}",
+                f"{r['sata_qd1']:.3f}", f"{r['sata_qd32']:.3f}", f"{r['nvme_qd1']:.3f}",
+                f"{r['nvme_qd32']:.3f}", f"{r['wall']:.2f}" if "wall" in r else "–"]) + " |")
+    return "\n".join(lines)
+
+
+def format_targets(result: Dict) -> str:
+    lines = ["| image | host ÷ floor (HDD) | host ÷ sorted extents | qemu-img QD32 ÷ host (HDD) "
+             "| qemu-img QD32 ÷ floor | host ≤ guest (SSD) |", "|---|---|---|---|---|---|"]
+    for shape, s in result["shapes"].items():
+        t = s["targets"]
+        lines.append(f"| {shape} | {t['host_over_floor']:.3f} "
+                     f"({'met' if t['floor_met'] else 'MISSED'}, ≤ {TARGET_FLOOR}) | "
+                     f"{t['host_over_sorted_extents']:.3f} | "
+                     f"{t['qemu_qd32_over_host']:.1f}× "
+                     f"({'met' if t['qemu_met'] else 'MISSED'}, ≥ {TARGET_VS_QEMU:g}) | "
+                     f"{t['qemu_qd32_over_floor']:.1f}× | "
+                     f"{'yes' if t['ssd_host_le_guest'] else 'NO'} |")
+    rows = result.get("footprint")
+    if rows:
+        lines.append("")
+        lines.append("Random 64 KiB reads over a span ÷ the same bytes read sequentially "
+                     "(HDD model; the most a host-order copy can gain on a shuffled image "
+                     "of that size):")
+        lines.append("| span | QD1 | QD32 |")
+        lines.append("|---|---|---|")
+        for r in rows:
+            lines.append(f"| {r['span'] / 2**30:g} GiB | {r['qd1']:.1f}× | {r['qd32']:.1f}× |")
+    return "\n".join(lines)
+
+
+def chart(result: Dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no chart")
+        return False
+    shapes = list(result["shapes"])
+    colors = {"qcow2py guest": "#9e9e9e", "qcow2py host": "#1f77b4", "qemu-img": "#d62728"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=80)
+    for ax, (key, title, log_scale) in zip(axes, (("hdd", "7200 rpm HDD (model, log scale)", True),
+                                                  ("sata", "SATA SSD (model)", False))):
+        x = np.arange(len(shapes))
+        w = 0.13
+        k = 0
+        for label in ("qcow2py guest", "qcow2py host", "qemu-img"):
+            for qd in QDS:
+                vals = [result["shapes"][s]["readers"][label][f"{key}_qd{qd}"] for s in shapes]
+                ax.bar(x + (k - 2.5) * w, vals, w, color=colors[label],
+                       alpha=1.0 if qd == 1 else 0.55, hatch="" if qd == 1 else "//",
+                       label=f"{label} QD{qd}", edgecolor="white", linewidth=0.3)
+                k += 1
+        floors = [result["shapes"][s]["floor"][key] for s in shapes]
+        ax.hlines(floors, x - 3 * w, x + 3 * w, colors="black", linewidth=1.5,
+                  label="floor: allocated bytes, sequential")
+        ax.set_xticks(x)
+        ax.set_xticklabels(shapes)
+        if log_scale:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, None)
+        ax.set_ylabel("seconds")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"Copying {size_label(result['size'])} fragmented images: "
+                 "modelled time to read the source", fontsize=10)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float):
+        return round(o, 6)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return round(float(o), 6)
+    return o
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.media",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default=os.environ.get("QCOW2PY_BENCH_SIZE", "256M"),
+                    help="virtual size of each image (default 256M)")
+    ap.add_argument("--rounds", type=int, default=3, help="wall-time rounds (default 3)")
+    ap.add_argument("--images", default=",".join(SHAPES), help=",".join(SHAPES))
+    ap.add_argument("--no-wall", action="store_true", help="skip the wall-time measurement")
+    ap.add_argument("--out", default=HERE, help="folder for media.json and media.png")
+    args = ap.parse_args(argv)
+    size = parse_size(args.size)
+    if size < (16 << 20) or size % (1 << 20):
+        ap.error("--size must be a multiple of 1 MiB, at least 16M")
+    shapes = [s for s in args.images.split(",") if s]
+    unknown = set(shapes) - set(SHAPES)
+    if unknown:
+        ap.error(f"unknown images: {', '.join(sorted(unknown))}")
+    t0 = time.monotonic()
+    result = measure(shapes, size, args.rounds, not args.no_wall)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "media.json"), "w") as f:
+        json.dump(_jsonable(result), f, indent=1, sort_keys=True)
+        f.write("\n")
+    png = os.path.join(args.out, "media.png")
+    drew = chart(result, png)
+    print(f"Copy of {size_label(size)} images; modelled seconds of the source reads "
+          f"({result['models']['hdd']['name']}; SATA and NVMe SSD presets); "
+          f"wall = measured here, {args.rounds} rounds, warm cache, "
+          f"{os.cpu_count()} CPUs, load before {result['load_average_before']:.1f}")
+    print(format_table(result))
+    print()
+    print(format_targets(result))
+    print(f"\nwrote {os.path.join(args.out, 'media.json')}" + (f" and {png}" if drew else "")
+          + f" in {result['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
