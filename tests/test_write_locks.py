@@ -1,0 +1,193 @@
+"""qcow2py's write locks against QEMU's (and its own).
+
+qcow2py takes QEMU's OFD byte-range locks when it opens an image "r+", so a
+QEMU process and qcow2py (or two qcow2py writers) never write one image at
+once, and ``qemu-img info`` without ``-U`` refuses an image qcow2py writes,
+as it refuses one a VM writes.  Read-only opens take no lock.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import qcow2py
+from qemu import create, need, qemu_img, qemu_io
+
+LOCK_MSG = "lock"
+
+
+class QemuHolder:
+    """A QEMU process holding an image open (qemu-io at its prompt, or qemu-nbd)."""
+
+    def __init__(self, args, ready, stop_by_eof: bool = True) -> None:
+        need(args[0])
+        self.stop_by_eof = stop_by_eof
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        out = b""
+        while not ready(out):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"{args[0]} did not open the image: {out!r}")
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.05)
+            if r:
+                out += os.read(self.proc.stdout.fileno(), 4096)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                if not self.stop_by_eof:
+                    raise subprocess.TimeoutExpired(self.proc.args, 0)
+                self.proc.stdin.close()            # qemu-io quits at EOF
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if not f.closed:
+                f.close()
+
+
+def qemu_io_holding(path: Path, *extra: str) -> QemuHolder:
+    """``qemu-io`` with the image open, sitting at its prompt (stdin is a pipe)."""
+    return QemuHolder(["qemu-io", *extra, "-f", "qcow2", str(path)],
+                      lambda out: b"qemu-io>" in out)
+
+
+def qemu_nbd_holding(path: Path, sock: Path) -> QemuHolder:
+    """``qemu-nbd --persistent`` serving the image read-write on a unix socket."""
+    return QemuHolder(["qemu-nbd", "--persistent", "-f", "qcow2", "-k", str(sock), str(path)],
+                      lambda out: sock.exists(), stop_by_eof=False)
+
+
+def qemu_io_write(path: Path) -> subprocess.CompletedProcess:
+    need("qemu-io")
+    return subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 512", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "img.qcow2"
+    create(path, "4M")
+    qemu_io(path, "write -P 1 0 64k")
+    return path
+
+
+def test_qemu_io_writer_locks_out_qcow2py(image):
+    holder = qemu_io_holding(image)
+    try:
+        with pytest.raises(qcow2py.ImageLockedError, match="lock"):
+            qcow2py.open(str(image), "r+")
+        # reading takes no lock: it works while QEMU writes
+        with qcow2py.open(str(image)) as img:
+            assert img.read(0, 512) == b"\x01" * 512
+    finally:
+        holder.close()
+    with qcow2py.open(str(image), "r+") as img:       # free again
+        img.write(0, b"\x02" * 512)
+    assert qemu_img("check", image, check=False).returncode == 0
+
+
+def test_qemu_io_reader_locks_out_qcow2py_writer(image):
+    """``qemu-io -r`` does not share "write": qcow2py may not write under it."""
+    holder = qemu_io_holding(image, "-r")
+    try:
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.open(str(image), "r+")
+    finally:
+        holder.close()
+
+
+def test_qemu_nbd_locks_out_qcow2py(image, tmp_path):
+    holder = qemu_nbd_holding(image, tmp_path / "nbd.sock")
+    try:
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.open(str(image), "r+")
+        with qcow2py.open(str(image)) as img:
+            assert img.read(0, 512) == b"\x01" * 512
+    finally:
+        holder.close()
+    with qcow2py.open(str(image), "r+"):
+        pass
+
+
+def test_qcow2py_writer_locks_out_qemu(image):
+    img = qcow2py.open(str(image), "r+")
+    try:
+        img.write(0, b"\x03" * 4096)
+        p = qemu_io_write(image)
+        assert p.returncode != 0 or "wrote" not in p.stdout, p
+        assert 'Failed to get "write" lock' in p.stderr, p.stderr
+        info = qemu_img("info", image, check=False)
+        assert info.returncode != 0 and 'Failed to get shared "write" lock' in info.stderr, info
+        shared = qemu_img("info", "-U", "--output=json", image, check=False)
+        assert shared.returncode == 0 and '"virtual-size": 4194304' in shared.stdout, shared
+        # a read-only qemu-io without -U is refused as well; with -U it reads
+        ro = subprocess.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 1 8k 512",
+                             str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+        assert ro.returncode == 0 and "read 512/512" in ro.stdout, ro
+    finally:
+        img.close()
+    # after close everything works again
+    p = qemu_io_write(image)
+    assert p.returncode == 0 and "wrote 512/512" in p.stdout, p
+    assert qemu_img("info", image, check=False).returncode == 0
+    with qcow2py.open(str(image)) as img:
+        assert img.read(0, 512) == b"\x07" * 512
+        assert img.read(512, 512) == b"\x03" * 512
+    assert qemu_img("check", image, check=False).returncode == 0
+
+
+def test_image_from_create_is_locked(tmp_path):
+    path = tmp_path / "new.qcow2"
+    img = qcow2py.create(str(path), 1 << 20)
+    try:
+        assert 'Failed to get "write" lock' in qemu_io_write(path).stderr
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.open(str(path), "r+")
+    finally:
+        img.close()
+    assert qemu_io_write(path).returncode == 0
+
+
+def test_two_qcow2py_writers(image):
+    first = qcow2py.open(str(image), "r+")
+    try:
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.open(str(image), "r+")
+        # the failed open left the first writer's locks alone
+        assert 'Failed to get "write" lock' in qemu_io_write(image).stderr
+        first.write(0, b"\x05" * 512)
+        # a second writer that opts out of locking is the caller's business
+        with qcow2py.open(str(image), "r+", lock=False) as unlocked:
+            assert unlocked.read(64 * 1024, 512) == bytes(512)
+    finally:
+        first.close()
+    second = qcow2py.open(str(image), "r+")
+    try:
+        assert second.read(0, 512) == b"\x05" * 512
+    finally:
+        second.close()
+
+
+def test_read_only_open_takes_no_lock(image):
+    readers = [qcow2py.open(str(image)) for _ in range(2)]
+    try:
+        p = qemu_io_write(image)                       # QEMU may write meanwhile
+        assert p.returncode == 0 and "wrote 512/512" in p.stdout, p
+        assert qemu_img("info", image, check=False).returncode == 0
+        with qcow2py.open(str(image), "r+") as w:      # and so may a qcow2py writer
+            w.write(4096, b"\x09" * 512)
+    finally:
+        for r in readers:
+            r.close()
+    assert qemu_img("check", image, check=False).returncode == 0
