@@ -50,8 +50,15 @@ def nbd_dirty(path, name):
             if time.monotonic() > deadline:
                 raise AssertionError("qemu-nbd did not create its socket")
             time.sleep(0.02)
-        out = run(["nbdinfo", f"--map=qemu:dirty-bitmap:{name}",
-                   f"nbd+unix:///?socket={sock}"]).stdout
+        # the socket file appears at bind(), a moment before qemu-nbd listens
+        for _ in range(200):
+            r = run(["nbdinfo", f"--map=qemu:dirty-bitmap:{name}",
+                     f"nbd+unix:///?socket={sock}"], check=False)
+            if r.returncode == 0 or "Connection refused" not in r.stderr:
+                break
+            time.sleep(0.05)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
     finally:
         p.terminate()
         try:
