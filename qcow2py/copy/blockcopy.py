@@ -427,7 +427,8 @@ class BlockCopy:
             a, b = ab
             buf = getattr(local, "buf", None)
             if buf is None:
-                buf = local.buf = bytearray(buf_len)
+                # np.empty: pages are committed only as data lands in them
+                buf = local.buf = np.empty(buf_len, dtype=np.uint8)
                 local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
                 if local.mark is not None:
                     with marks_lock:
