@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import locking
 from .errors import FormatError, Qcow2Error
 from .format import refcount as rc
 from .format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
@@ -47,34 +48,90 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
     ``size`` may be omitted when a backing file gives it.  ``storage_wrapper``
     is passed to :func:`qcow2py.open` (to trace or journal the new image).
     """
-    path = os.fspath(path)
+    return _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
+                   extended_l2, lazy_refcounts, compression_type, backing_file,
+                   backing_format, data_file, data_file_raw, preallocation, lock,
+                   storage_wrapper, keep_open=True)
+
+
+def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
+                cluster_size: int = 65536, compat: str = "1.1", refcount_bits: int = 16,
+                extended_l2: bool = False, lazy_refcounts: bool = False,
+                compression_type: str = "zlib", backing_file: Optional[str] = None,
+                backing_format: Optional[str] = None, data_file: Optional[str] = None,
+                data_file_raw: bool = False, preallocation: str = "off",
+                lock: bool = True) -> None:
+    """Create an image as :func:`create` does, but leave it closed (``qemu-img create``).
+
+    The backing file is opened only when it must give the size or its format
+    is to be probed, so with both given it need not exist yet
+    (``qemu-img create -u``).
+    """
+    _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
+            extended_l2, lazy_refcounts, compression_type, backing_file, backing_format,
+            data_file, data_file_raw, preallocation, lock, None, keep_open=False)
+
+
+def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
+            lazy_refcounts, compression_type, backing_file, backing_format, data_file,
+            data_file_raw, preallocation, lock, storage_wrapper, keep_open):
     if preallocation not in PREALLOCATION_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if format == "raw":
-        return _create_raw(path, size, preallocation, storage_wrapper)
+        if lock:
+            _claim(path)
+        img = _create_raw(path, size, preallocation, storage_wrapper)
+        if not keep_open:
+            img.close()
+        return img
     if format != "qcow2":
         raise CreateError(f"Unknown format '{format}' (qcow2 or raw)")
     header = _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
                            lazy_refcounts, compression_type, backing_file, backing_format,
                            data_file, data_file_raw, preallocation)
-    _write_fresh_qcow2(path, header)
+    data_path = None
     if data_file is not None:
         data_path = data_file if os.path.isabs(data_file) else \
             os.path.join(os.path.dirname(path), data_file)
+    if lock:
+        _claim(path)
+        if data_path is not None:
+            _claim(data_path)
+    _write_fresh_qcow2(path, header)
+    if data_path is not None:
         with open(data_path, "wb") as f:          # qemu-img create overwrites it
             f.truncate(header.size)               # as long as the guest disk, like QEMU's
             if preallocation in ("falloc", "full"):
                 os.posix_fallocate(f.fileno(), 0, header.size)
-    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"        # a raw data file must stay a valid raw image
+    if not keep_open and preallocation == "off":
+        return None
+    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
     if preallocation != "off":
         try:
             _preallocate(img, preallocation)
         except BaseException:
             img.close()
             raise
+    if not keep_open:
+        img.close()
     return img
+
+
+def _claim(path: str) -> None:
+    """Refuse to overwrite a file another process has open for writing, or does not
+    let others write (a running VM, qemu-nbd, a qcow2py writer), as qemu-img create
+    refuses: it would truncate the image under them."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        locking.lock_for_write(fd, path)
+        locking.unlock(fd)
+    finally:
+        os.close(fd)
 
 
 def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
@@ -113,6 +170,8 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
     if data_file is not None and version == 2:
         raise CreateError("External data files are only supported with compatibility level "
                           "1.1 and above (use version=v3 or greater)")
+    if backing_format is not None and backing_file is None:
+        raise CreateError("Backing format cannot be used without backing file")
     if backing_file is not None and data_file_raw:
         raise CreateError("Backing file and data-file-raw cannot be used at the same time")
     if backing_file is not None and preallocation != "off" and not extended_l2:
@@ -141,7 +200,8 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
     l2_entries = cs // (16 if extended_l2 else 8)
     l1_size = -(-size // (cs * l2_entries))
     if l1_size * 8 > MAX_L1_BYTES:
-        raise CreateError("Image size is too large for this cluster size")
+        raise CreateError("The image size is too large for file format 'qcow2' (try using a "
+                          "larger cluster size)")
     h = Header(version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=bits,
                size=size, crypt_method=0, l1_size=0, l1_table_offset=0,
                refcount_table_offset=cs, refcount_table_clusters=1, nb_snapshots=0,
@@ -282,6 +342,7 @@ def _create_raw(path: str, size: Optional[int], preallocation: str,
                 storage_wrapper=None) -> Image:
     if size is None:
         raise CreateError("Image creation needs a size parameter")
+    size = -(-int(size) // 512) * 512            # whole sectors, as qemu-img rounds
     st = FileStorage(path, writable=True, create=True)
     try:
         st.truncate(int(size))

@@ -191,3 +191,25 @@ def test_read_only_open_takes_no_lock(image):
         for r in readers:
             r.close()
     assert qemu_img("check", image, check=False).returncode == 0
+
+
+def test_create_does_not_truncate_an_image_in_use(image, tmp_path):
+    """qemu-img create refuses to overwrite an image a QEMU process holds; so does
+    qcow2py.create (for the image and for its external data file)."""
+    before = image.read_bytes()
+    holder = qemu_io_holding(image)
+    try:
+        for fmt in ("qcow2", "raw"):
+            with pytest.raises(qcow2py.ImageLockedError):
+                qcow2py.create(str(image), 1 << 20, format=fmt)
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.create(str(tmp_path / "other.qcow2"), 1 << 20, data_file=image.name)
+    finally:
+        holder.close()
+    assert image.read_bytes() == before
+    with qcow2py.open(str(image), "r+"):              # a qcow2py writer counts too
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.create(str(image), 1 << 20)
+    assert image.read_bytes() == before
+    qcow2py.create(str(image), 1 << 20).close()       # nobody holds it: overwritten
+    assert qemu_img("info", "--output=json", image).stdout.count('"virtual-size": 1048576')

@@ -523,6 +523,7 @@ ERRORS = [
     {"backing_file": "base.qcow2", "backing_format": "qcow2", "preallocation": "metadata"},
     {"backing_file": "base.qcow2", "backing_format": "qcow2", "preallocation": "falloc"},
     {"backing_file": "base.qcow2", "backing_format": "qcow2", "preallocation": "full"},
+    {"backing_format": "qcow2"},
     {"preallocation": "foo"},
     {"compat": "1.2"},
     {"compat": "0.9"},
