@@ -240,11 +240,252 @@ def _merge(img, name: str, source: str, source_file: Optional[str],
         dest.merge_from(src.find_bitmap(source))
 
 
+# ------------------------------------------------------------------ create
+class _CreateFailure(Exception):
+    """A create error: one line on stderr."""
+
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+             "p": 1 << 50, "e": 1 << 60}
+_BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
+               "off": False, "no": False, "false": False, "n": False}
+_SIZE_HELP = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
+              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+_INT64_MAX = (1 << 63) - 1
+#: -o options per format and how to read them (as QEMU 7.2's create options)
+_CREATE_OPTIONS = {
+    "qcow2": {"size": "size", "compat": "str", "backing_file": "str", "backing_fmt": "str",
+              "data_file": "str", "data_file_raw": "bool", "cluster_size": "size",
+              "extended_l2": "bool", "preallocation": "str", "lazy_refcounts": "bool",
+              "refcount_bits": "number", "compression_type": "str"},
+    "raw": {"size": "size", "preallocation": "str"},
+}
+#: the order in which qemu-img prints the options it formats with
+_QCOW2_LINE = ("cluster_size", "extended_l2", "preallocation", "compression_type", "size",
+               "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
+               "lazy_refcounts", "refcount_bits")
+_QCOW2_DEFAULTS = {"cluster_size": 65536, "extended_l2": "off", "compression_type": "zlib",
+                   "lazy_refcounts": "off", "refcount_bits": 16}
+
+
+def parse_qemu_size(text: str) -> int:
+    """A size as qemu-img reads one: decimal bytes (leading blanks allowed), or with a
+    k/M/G/T/P/E suffix (powers of 1024, a fraction allowed: ``1.5G``), or 0x hex.
+    Raises ValueError."""
+    import re
+    m = re.fullmatch(r"\s*(?:0[xX]([0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)", text)
+    if not m:
+        raise ValueError(text)
+    hexa, whole, frac, suffix = m.groups()
+    mul = _SUFFIXES[suffix.lower()]
+    if hexa is not None:
+        return int(hexa, 16) * mul
+    value = int(whole) * mul
+    if frac and int(frac):
+        if mul == 1:
+            raise ValueError(text)              # no fractional bytes
+        value += int(frac) * mul // 10 ** len(frac)
+    return value
+
+
+def _parse_number(text: str) -> int:
+    """An unsigned 64-bit number as QEMU's option parser reads it (0x hex, 0 octal)."""
+    t = text.lstrip()
+    neg = t.startswith("-")
+    if neg or t.startswith("+"):
+        t = t[1:]
+    if len(t) > 2 and t[:2].lower() == "0x":
+        value = int(t[2:], 16)
+    elif len(t) > 1 and t[0] == "0":
+        value = int(t[1:], 8)
+    else:
+        if not t.isdigit():
+            raise ValueError(text)
+        value = int(t)
+    if value >= 1 << 64:
+        raise ValueError(text)
+    return -value if neg else value
+
+
+def _split_options(text: str) -> List[str]:
+    """``key=value,key=value`` with ",," standing for a comma inside a value."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    items.append(cur)
+    if any(not item for item in items):
+        raise _CreateFailure(f"Invalid option list: {text}")
+    return items
+
+
+def _create_options(fmt: str, texts: List[str], name: str) -> dict:
+    """-o lists into {option: (parsed value, text to print)}, later ones winning."""
+    kinds = _CREATE_OPTIONS[fmt]
+    out: dict = {}
+    for text in texts:
+        for item in _split_options(text):
+            key, eq, value = item.partition("=")
+            if key.startswith("encrypt"):
+                raise _CreateFailure(f"{name}: qcow2py does not create encrypted images")
+            kind = kinds.get(key)
+            if kind is None:
+                raise _CreateFailure(f"{name}: Invalid parameter '{key}'")
+            if kind == "bool":
+                if not eq:
+                    value = "on"
+                if value not in _BOOL_WORDS:
+                    raise _CreateFailure(f"{name}: Parameter '{key}' expects 'on' or 'off'")
+                out[key] = (_BOOL_WORDS[value], value)
+            elif kind == "size":
+                try:
+                    n = parse_qemu_size(value)
+                    if n >= 1 << 64:
+                        raise ValueError(value)
+                except ValueError:
+                    raise _CreateFailure(f"{name}: Parameter '{key}' expects a non-negative "
+                                         f"number below 2^64") from None
+                out[key] = (n, str(n))
+            elif kind == "number":
+                try:
+                    n = _parse_number(value)
+                except ValueError:
+                    raise _CreateFailure(f"{name}: Parameter '{key}' expects a "
+                                         f"number") from None
+                signed = n - (1 << 64) if n >= 1 << 63 else n
+                out[key] = (n, str(signed))
+            else:
+                out[key] = (value, value)
+    return out
+
+
+def _cmd_create(args) -> int:
+    try:
+        return _create(args)
+    except _CreateFailure as e:
+        print(f"qcow2py: {e}", file=sys.stderr)
+        return 1
+
+
+def _create(args) -> int:
+    import os
+    from .create import create_file
+    from .image import open as open_any
+    name, fmt = args.filename, args.f or "raw"
+    if fmt not in _CREATE_OPTIONS:
+        raise _CreateFailure(f"Unknown file format '{fmt}' (qcow2py creates qcow2 and raw)")
+    if any(t.strip() in ("help", "?") for t in args.o or []):
+        print(f"Supported {fmt} options:")
+        for key in sorted(_CREATE_OPTIONS[fmt]):
+            print(f"  {key}=<{_CREATE_OPTIONS[fmt][key]}>")
+        return 0
+    if name is None:
+        raise _CreateFailure("Expecting image file name")
+    opts = _create_options(fmt, args.o or [], name)
+    if args.backing is not None:
+        opts["backing_file"] = (args.backing, args.backing)
+    if args.backing_fmt is not None:
+        opts["backing_fmt"] = (args.backing_fmt, args.backing_fmt)
+    size = None
+    if args.size is not None:
+        if "size" in opts:
+            raise _CreateFailure(f"{name}: The image size must be specified only once")
+        try:
+            size = parse_qemu_size(args.size)
+        except ValueError:
+            raise _CreateFailure(_SIZE_HELP) from None
+        if size > _INT64_MAX:
+            raise _CreateFailure(f"Invalid image size specified. Must be between 0 and "
+                                 f"{_INT64_MAX}.")
+    elif "size" in opts:
+        size = opts.pop("size")[0]
+    backing = opts.get("backing_file", (None,))[0]
+    backing_fmt = opts.get("backing_fmt", (None,))[0]
+    if backing is not None:
+        if fmt == "raw":
+            raise _CreateFailure(f"{name}: Backing file not supported for file format 'raw'")
+        if backing_fmt is None:
+            raise _CreateFailure(f"{name}: Backing file specified without backing format")
+        if not args.unsafe:
+            # the backing file must open (and gives the size when none was given)
+            path = backing if os.path.isabs(backing) else \
+                os.path.join(os.path.dirname(name), backing)
+            try:
+                with open_any(path, format=backing_fmt) as b:
+                    if size is None:
+                        size = b.size
+            except FileNotFoundError:
+                raise _CreateFailure(f"{name}: Could not open '{path}': No such file or "
+                                     f"directory") from None
+            except (Qcow2Error, OSError, ValueError) as e:
+                raise _CreateFailure(f"{name}: Could not open backing image '{path}': "
+                                     f"{e}") from None
+    if size is None:
+        raise _CreateFailure(f"{name}: Image creation needs a size parameter")
+    if not args.quiet:
+        shown = {k: v[1] for k, v in opts.items()}
+        shown["size"] = str(size)
+        if fmt == "raw":
+            keys, defaults = ("size", "preallocation"), {}
+        else:
+            keys, defaults = _QCOW2_LINE, _QCOW2_DEFAULTS
+        words = [f"{k}={shown.get(k, defaults.get(k))}" for k in keys
+                 if k in shown or k in defaults]
+        print(f"Formatting '{name}', fmt={fmt} " + " ".join(words), flush=True)
+    kw = {("backing_format" if k == "backing_fmt" else k): v[0] for k, v in opts.items()}
+    try:
+        create_file(name, size, format=fmt, **kw)
+    except (Qcow2Error, OSError, ValueError) as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror:
+            msg = e.strerror
+        raise _CreateFailure(msg if msg.startswith(f"{name}:") else f"{name}: {msg}") from None
+    return 0
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Usage errors as one line on stderr and exit status 1 (as qemu-img)."""
+    def error(message: str):
+        print(f"qcow2py {parser.prog.split()[-1]}: {message}", file=sys.stderr)
+        sys.exit(1)
+    parser.error = error
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
                                 "(qemu-img compatible where the subcommands overlap)")
     p.add_argument("--version", action="version", version=f"qcow2py {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    cr = _one_line_errors(sub.add_parser(
+        "create", help="create a qcow2 or raw image (qemu-img create)",
+        usage="qcow2py create [-q] [-f FMT] [-b BACKING_FILE [-F BACKING_FMT]] [-u] "
+              "[-o OPTIONS] FILENAME [SIZE]"))
+    cr.add_argument("-f", metavar="FMT", help="qcow2 or raw (default raw, as qemu-img)")
+    cr.add_argument("-o", action="append", metavar="OPTIONS",
+                    help="key=value,... (cluster_size, compat, refcount_bits, "
+                         "lazy_refcounts, extended_l2, compression_type, preallocation, "
+                         "backing_file, backing_fmt, data_file, data_file_raw, size); "
+                         "'-o help' lists them")
+    cr.add_argument("-b", dest="backing", metavar="BACKING_FILE")
+    cr.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT")
+    cr.add_argument("-u", dest="unsafe", action="store_true",
+                    help="do not open the backing file (SIZE is then required)")
+    cr.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    cr.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    cr.add_argument("filename", nargs="?")
+    cr.add_argument("size", nargs="?",
+                    help="bytes, or with a k, M, G, T, P or E suffix (1024-based)")
+    cr.set_defaults(func=_cmd_create)
 
     i = sub.add_parser("info", help="describe an image")
     i.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
@@ -298,7 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "create":       # one line, status 1
+            print(f"qcow2py create: unexpected argument: {extra[0]}", file=sys.stderr)
+            return 1
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (Qcow2Error, OSError, ValueError) as e:
