@@ -36,10 +36,10 @@ import threading
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import numpy as np
-from bitarray import bitarray, frozenbitarray
+from bitarray import bitarray
 
 from . import native
-from .errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError, Qcow2Error,
+from .errors import (BitmapError, CorruptImageError, FormatError, Qcow2Error,
                      UnsupportedFeatureError)
 from .format.bitmap import (FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,
                             MAX_GRANULARITY_BITS, MAX_NAME, BitmapEntry, encode_bitmap_directory,

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import pytest
-from bitarray import bitarray
 
 import qcow2py
 from qcow2py.errors import BitmapError
@@ -309,7 +308,10 @@ def test_v2_and_size_limits(tmp_path):
         with pytest.raises(BitmapError, match="Too much space will be occupied"):
             img.add_bitmap("b", granularity=512)
         img.add_bitmap("ok", granularity=1 << 20)
+        img.write(99 << 40, b"end")
     assert qemu_bitmaps(big) == [{"name": "ok", "granularity": 1 << 20, "flags": ["auto"]}]
+    assert our_dirty(big) == {"ok": [(99 << 40, 1 << 20)]}
+    assert_clean(big)
 
 
 def test_merge_between_images(tmp_path):
