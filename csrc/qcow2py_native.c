@@ -146,21 +146,6 @@ int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
     return 0;
 }
 
-static int write_all(int fd, const uint8_t *p, size_t n, int64_t off)
-{
-    size_t done = 0;
-    while (done < n) {
-        ssize_t w = pwrite(fd, p + done, n - done, (off_t)(off + done));
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        done += (size_t)w;
-    }
-    return 0;
-}
-
 static int read_full(int fd, uint8_t *p, size_t n, int64_t off)
 {
     size_t done = 0;
@@ -190,85 +175,6 @@ static void mark_range(uint8_t *mark, size_t mark_len, int64_t base, int shift,
         mark[u / 8] |= (uint8_t)(1u << (u % 8));
 }
 
-int qp_copy_extents(size_t n, const int32_t *src_fd, const int64_t *src_off,
-                    const int64_t *dst_off, const int64_t *len, int dst_fd,
-                    uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
-                    int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
-                    int64_t *stats)
-{
-    if (buf_len == 0 || zero_chunk < 0 || mark_shift < 0 || mark_shift > 40)
-        return -EINVAL;
-    for (size_t i = 0; i < n; i++)
-        if (src_off[i] < 0 || dst_off[i] < 0 || len[i] < 0)
-            return -EINVAL;
-    static const uint8_t zeros[65536];
-    for (size_t i = 0; i < n; i++) {
-        int64_t done = 0;
-        while (done < len[i]) {
-            size_t piece = (size_t)(len[i] - done) < buf_len ? (size_t)(len[i] - done) : buf_len;
-            int rc = read_full(src_fd[i], buf, piece, src_off[i] + done);
-            if (rc)
-                return rc;
-            stats[0] += (int64_t)piece;
-            stats[3] += 1;
-            int64_t dst = dst_off[i] + done;
-            if (zero_chunk <= 0) {
-                rc = write_all(dst_fd, buf, piece, dst);
-                if (rc)
-                    return rc;
-                stats[1] += (int64_t)piece;
-                mark_range(mark, mark_len, mark_base, mark_shift, dst, dst + (int64_t)piece);
-            } else {
-                /* walk chunks aligned in target space; write runs of non-zero chunks */
-                size_t pos = 0, run_start = 0;
-                int in_run = 0;
-                while (pos < piece) {
-                    int64_t abs = dst + (int64_t)pos;
-                    size_t clen = (size_t)(zero_chunk - abs % zero_chunk);
-                    if (clen > piece - pos)
-                        clen = piece - pos;
-                    int z = qp_is_zero(buf + pos, clen);
-                    if (!z && !in_run) {
-                        run_start = pos;
-                        in_run = 1;
-                    } else if (z && in_run) {
-                        rc = write_all(dst_fd, buf + run_start, pos - run_start, dst + (int64_t)run_start);
-                        if (rc)
-                            return rc;
-                        stats[1] += (int64_t)(pos - run_start);
-                        mark_range(mark, mark_len, mark_base, mark_shift,
-                                   dst + (int64_t)run_start, dst + (int64_t)pos);
-                        in_run = 0;
-                    }
-                    if (z) {
-                        if (write_zeroes) {
-                            size_t off = 0;
-                            while (off < clen) {
-                                size_t k = clen - off < sizeof zeros ? clen - off : sizeof zeros;
-                                rc = write_all(dst_fd, zeros, k, abs + (int64_t)off);
-                                if (rc)
-                                    return rc;
-                                off += k;
-                            }
-                        }
-                        stats[2] += (int64_t)clen;
-                    }
-                    pos += clen;
-                }
-                if (in_run) {
-                    rc = write_all(dst_fd, buf + run_start, piece - run_start, dst + (int64_t)run_start);
-                    if (rc)
-                        return rc;
-                    stats[1] += (int64_t)(piece - run_start);
-                    mark_range(mark, mark_len, mark_base, mark_shift,
-                               dst + (int64_t)run_start, dst + (int64_t)piece);
-                }
-            }
-            done += (int64_t)piece;
-        }
-    }
-    return 0;
-}
 
 #include <sys/uio.h>
 #define QP_IOV 512

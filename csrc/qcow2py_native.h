@@ -39,21 +39,6 @@ int qp_decode_l2(const uint8_t *table, size_t table_len, int cluster_bits,
 int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
                   const int64_t *buf_off, const int64_t *host_off,
                   const int64_t *len, size_t n);
-/* Copy extents: for each i (in the order given), read len[i] bytes at
- * src_off[i] of src_fd[i] (one request per piece of at most buf_len bytes;
- * past EOF reads as zeros) and write them at dst_off[i] of dst_fd.
- * Zero detection works on chunks of zero_chunk bytes aligned in the target's
- * address space (0: none): an all-zero chunk is skipped, or written as zeros
- * when write_zeroes is set.  When mark is given, the bit of every target
- * unit ((dst - mark_base) >> mark_shift) that received non-zero data is set.
- * stats[0..3] += bytes read, bytes written, zero bytes skipped, read requests.
- * Returns 0, -errno, or -EINVAL for bad arguments. */
-int qp_copy_extents(size_t n, const int32_t *src_fd, const int64_t *src_off,
-                    const int64_t *dst_off, const int64_t *len, int dst_fd,
-                    uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
-                    int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
-                    int64_t *stats);
-
 /* Bitmaps (persistent dirty bitmaps, copy masks).  Bit i of a bitmap is bit
  * (i % 8) of byte i / 8: LSB-first, as qcow2 stores them and as bitarray
  * does with endian="little".  A bitmap of nbits bits needs (nbits + 7) / 8
@@ -92,13 +77,19 @@ int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t
                                const uint8_t *bits, int64_t nbits, int64_t granularity,
                                int64_t *out_guest, int64_t *out_len, int64_t *out_idx,
                                int64_t max_out);
+
 /* Copy one batch of extents through a buffer: read them in the given order,
  * merging extents that continue each other in the same source file into one
  * request, into buf (sum of len[] must fit in buf_len), then write them in
  * write_order[] (a permutation of 0..n-1, usually by target offset),
  * gathering pieces that continue each other in the target into one pwritev.
- * Zero detection, marks and stats as qp_copy_extents; scratch must hold n
- * int64 (buffer positions).  Returns 0, -errno, or -EINVAL. */
+ * Zero detection works on chunks of zero_chunk bytes aligned in the target's
+ * address space (0: none): an all-zero chunk is skipped, or written as zeros
+ * when write_zeroes is set.  When mark is given, the bit of every target
+ * unit ((dst - mark_base) >> mark_shift) that received non-zero data is set.
+ * stats[0..3] += bytes read, bytes written, zero bytes, read requests.
+ * scratch must hold n int64 (buffer positions).  Returns 0, -errno, or
+ * -EINVAL for bad arguments. */
 int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
                   const int64_t *dst_off, const int64_t *len, const int64_t *write_order,
                   int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,

@@ -36,14 +36,17 @@ _ERRORS = {
 }
 
 _ffi = _lib = None
-if not os.environ.get("QCOW2PY_PURE"):
+if True:
     try:  # pragma: no cover - depends on the build
         from ._native import ffi as _ffi, lib as _lib
     except ImportError:
         _ffi = _lib = None
 
 #: True when the C module is loaded and in use.
+#: True when the C module is built (the twin tests compare it with the pure code).
 HAVE_NATIVE = _lib is not None
+#: True when the package uses it (``QCOW2PY_PURE=1`` forces the pure twins).
+USE_NATIVE = HAVE_NATIVE and not os.environ.get("QCOW2PY_PURE")
 
 
 # ---------------------------------------------------------------- is_zero
@@ -194,115 +197,6 @@ def pread_runs_native(fd: int, buf, buf_offsets, host_offsets, lengths) -> None:
         raise OSError(-rc, os.strerror(-rc))
 
 
-# ---------------------------------------------------------------- copy_extents
-def copy_extents_generic(n, read_into, write, src_off, dst_off, lengths, buf_len: int,
-                         zero_chunk: int, write_zeroes: bool, mark_base: int = 0,
-                         mark_shift: int = 0, mark=None, stats=None):
-    """The contract of ``qp_copy_extents`` over any reader/writer callables.
-
-    ``read_into(i, view, offset)`` fills ``view`` from the source of extent
-    ``i`` (zeros past its end); ``write(data, offset)`` writes the target.
-    Returns ``stats`` = [bytes read, bytes written, zero bytes, read requests].
-    """
-    stats = stats if stats is not None else [0, 0, 0, 0]
-    buf = bytearray(buf_len)
-    mv = memoryview(buf)
-    zeros = bytes(min(zero_chunk, 1 << 16)) if zero_chunk > 0 else b""
-
-    def mark_range(a: int, b: int) -> None:
-        if mark is None or b <= a or a < mark_base:
-            return
-        for u in range((a - mark_base) >> mark_shift, ((b - 1 - mark_base) >> mark_shift) + 1):
-            if u // 8 < len(mark):
-                mark[u // 8] |= 1 << (u % 8)
-
-    for i in range(n):
-        total, so, do = int(lengths[i]), int(src_off[i]), int(dst_off[i])
-        done = 0
-        while done < total:
-            piece = min(total - done, buf_len)
-            view = mv[:piece]
-            read_into(i, view, so + done)
-            stats[0] += piece
-            stats[3] += 1
-            dst = do + done
-            if zero_chunk <= 0:
-                write(view, dst)
-                stats[1] += piece
-                mark_range(dst, dst + piece)
-            else:
-                pos, run = 0, None
-                while pos < piece:
-                    clen = min(zero_chunk - (dst + pos) % zero_chunk, piece - pos)
-                    z = is_zero(view[pos:pos + clen])
-                    if not z and run is None:
-                        run = pos
-                    elif z and run is not None:
-                        write(view[run:pos], dst + run)
-                        stats[1] += pos - run
-                        mark_range(dst + run, dst + pos)
-                        run = None
-                    if z:
-                        if write_zeroes:
-                            for off in range(0, clen, len(zeros)):
-                                write(zeros[:min(len(zeros), clen - off)], dst + pos + off)
-                        stats[2] += clen
-                    pos += clen
-                if run is not None:
-                    write(view[run:piece], dst + run)
-                    stats[1] += piece - run
-                    mark_range(dst + run, dst + piece)
-            done += piece
-    return stats
-
-
-def copy_extents_pure(src_fds, src_off, dst_off, lengths, dst_fd: int, buf_len: int,
-                      zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
-                      mark_shift: int = 0, mark=None):
-    """fd-based twin of :func:`copy_extents_native` (same contract)."""
-    def read_into(i, view, off):
-        done = 0
-        while done < len(view):
-            got = os.preadv(int(src_fds[i]), [view[done:]], off + done)
-            if got == 0:
-                view[done:] = bytes(len(view) - done)
-                break
-            done += got
-
-    def write(data, off):
-        data = memoryview(data)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(dst_fd, data[done:], off + done)
-
-    return copy_extents_generic(len(lengths), read_into, write, src_off, dst_off, lengths,
-                                buf_len, zero_chunk, write_zeroes, mark_base, mark_shift, mark)
-
-
-def copy_extents_native(src_fds, src_off, dst_off, lengths, dst_fd: int, buf_len: int,
-                        zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
-                        mark_shift: int = 0, mark=None):
-    """Copy extents in C with the GIL released; returns [read, written, zero, requests]."""
-    fds = np.ascontiguousarray(src_fds, dtype=np.int32)
-    so, do, ln = (np.ascontiguousarray(a, dtype=np.int64) for a in (src_off, dst_off, lengths))
-    if not (fds.size == so.size == do.size == ln.size):
-        raise ValueError("extent arrays must have the same length")
-    buf = np.empty(buf_len, dtype=np.uint8)
-    stats = np.zeros(4, dtype=np.int64)
-    mark_ptr = _ffi.from_buffer(mark) if mark is not None else _ffi.NULL
-    rc = _lib.qp_copy_extents(fds.size, _ffi.from_buffer("int32_t[]", fds),
-                              _ffi.from_buffer("int64_t[]", so), _ffi.from_buffer("int64_t[]", do),
-                              _ffi.from_buffer("int64_t[]", ln), dst_fd, _ffi.from_buffer(buf),
-                              buf_len, zero_chunk, int(write_zeroes), mark_base, mark_shift,
-                              mark_ptr, len(mark) if mark is not None else 0,
-                              _ffi.from_buffer("int64_t[]", stats))
-    if rc == -22:
-        raise ValueError("invalid arguments to copy_extents")
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    return stats.tolist()
-
-
 # ---------------------------------------------------------------- copy_batch
 def copy_batch_generic(read_into, writev, src_key, src_off, dst_off, lengths, write_order,
                        buf, zero_chunk: int, write_zeroes: bool, mark_base: int = 0,
@@ -438,17 +332,15 @@ def copy_batch_native(src_fds, src_off, dst_off, lengths, write_order, dst_fd: i
     return stats.tolist()
 
 
-if HAVE_NATIVE:
+if USE_NATIVE:
     is_zero = is_zero_native
     decode_l2 = decode_l2_native
     pread_runs = pread_runs_native
-    copy_extents = copy_extents_native
     copy_batch = copy_batch_native
 else:
     is_zero = is_zero_pure
     decode_l2 = decode_l2_pure
     pread_runs = pread_runs_pure
-    copy_extents = copy_extents_pure
     copy_batch = copy_batch_pure
 
 
@@ -638,7 +530,7 @@ def bitmap_mask_extents_native(guest, length, bits, granularity: int, nbits=None
     return tuple(out)
 
 
-if HAVE_NATIVE:
+if USE_NATIVE:
     bitmap_count = bitmap_count_native
     bitmap_next = bitmap_next_native
     bitmap_runs = bitmap_runs_native

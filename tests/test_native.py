@@ -8,13 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 from qcow2py import CorruptImageError, native
 
-pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE and not os.environ.get("QCOW2PY_PURE"),
-                                reason="native module not built")
 
 
 def test_native_module_is_built():
     # the package must ship its C module unless the pure twins were asked for
-    assert native.HAVE_NATIVE or os.environ.get("QCOW2PY_PURE")
+    assert native.HAVE_NATIVE
 
 
 @given(st.binary(max_size=300), st.integers(0, 299))
@@ -106,51 +104,6 @@ def test_pread_runs_twins(tmp_path_factory, runs):
                                      np.array([0], np.int64), np.array([6], np.int64))
     finally:
         os.close(fd)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.data())
-def test_copy_extents_twins(tmp_path_factory, data):
-    d = tmp_path_factory.mktemp("copy")
-    src = d / "src"
-    blocks = data.draw(st.lists(st.sampled_from([b"\0" * 512, b"\x07" * 512, b"\0" * 100 + b"\1" + b"\0" * 411]),
-                                min_size=4, max_size=40))
-    content = b"".join(blocks)
-    src.write_bytes(content)
-    n = data.draw(st.integers(0, 8))
-    exts = [(data.draw(st.integers(0, len(content) + 600)), data.draw(st.integers(0, 3000)))
-            for _ in range(n)]
-    zero_chunk = data.draw(st.sampled_from([0, 512, 4096]))
-    write_zeroes = data.draw(st.booleans())
-    buf_len = data.draw(st.sampled_from([512, 1000, 65536]))
-    dst_off, pos = [], 7
-    for _, ln in exts:
-        dst_off.append(pos)
-        pos += ln + data.draw(st.integers(0, 1000))
-    results = []
-    for fn in (native.copy_extents_native, native.copy_extents_pure):
-        dst = d / f"dst-{fn.__name__}"
-        dst.write_bytes(b"\xee" * pos)
-        sfd = os.open(src, os.O_RDONLY)
-        dfd = os.open(dst, os.O_RDWR)
-        mark = bytearray(8)
-        try:
-            stats = fn([sfd] * n, [e[0] for e in exts], dst_off, [e[1] for e in exts], dfd,
-                       buf_len, zero_chunk, write_zeroes, 0, 9, mark)
-        finally:
-            os.close(sfd)
-            os.close(dfd)
-        results.append((list(stats), dst.read_bytes(), bytes(mark)))
-    assert results[0] == results[1]
-    # the target holds the source bytes, except zero chunks that were skipped
-    out = results[0][1]
-    for (so, ln), do in zip(exts, dst_off):
-        want = content[so:so + ln].ljust(ln, b"\0")
-        got = out[do:do + ln]
-        if zero_chunk == 0 or write_zeroes:
-            assert got == want
-        else:
-            assert all(g == w or (w == 0 and g == 0xEE) for g, w in zip(got, want))
 
 
 @settings(max_examples=60, deadline=None)

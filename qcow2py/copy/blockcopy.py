@@ -3,7 +3,7 @@
 QEMU's convert and backup read in guest order; on a fragmented qcow2 that is
 a seek per cluster on a spinning disk.  BlockCopy plans the copy from the
 metadata (:mod:`.plan`), sorts the data extents by (file, host offset) and
-hands whole extent lists to C (``qp_copy_extents``), which reads big
+hands whole extent lists to C (``qp_copy_batch``), which reads big
 sequential pieces, skips zero chunks and writes to the target with the GIL
 released.
 
