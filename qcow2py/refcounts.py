@@ -87,6 +87,10 @@ class RefcountManager:
     # ------------------------------------------------------------ changes
     def _add(self, clusters: np.ndarray, delta: int) -> None:
         clusters = np.asarray(clusters, dtype=np.int64)
+        if clusters.size == 1:                   # the common case, without numpy passes
+            c = int(clusters[0])
+            self._add_run(c, c + 1, delta)
+            return
         bis = clusters // self.per_block
         for bi in np.unique(bis).tolist():
             blk = self._block(bi)
@@ -106,6 +110,32 @@ class RefcountManager:
                                   f"at {1 << self.order} bits)")
             blk[uniq] = new.astype(np.uint64)
             self.dirty_blocks.add(bi)
+
+    def _add_run(self, start: int, end: int, delta: int) -> None:
+        """``delta`` on every cluster of ``[start, end)`` (the blocks must exist)."""
+        per = self.per_block
+        pos = start
+        while pos < end:
+            bi = pos // per
+            blk = self._block(bi)
+            if blk is None:
+                raise CorruptImageError(f"no refcount block for host cluster {pos}")
+            a = pos % per
+            b = min(per, a + end - pos)
+            seg = blk[a:b]
+            if delta < 0 and int(seg.min()) < -delta:
+                bad = a + int(np.flatnonzero(seg < -delta)[0])
+                raise CorruptImageError(f"refcount of host cluster {bi * per + bad} "
+                                        f"would drop below zero")
+            if delta > 0 and int(seg.max()) > self.max_refcount - delta:
+                raise FormatError(f"refcount overflow ({self.max_refcount} is the maximum "
+                                  f"at {1 << self.order} bits)")
+            if delta > 0:
+                seg += np.uint64(delta)
+            else:
+                seg -= np.uint64(-delta)
+            self.dirty_blocks.add(bi)
+            pos += b - a
 
     def increment(self, clusters: np.ndarray) -> None:
         """+1 for each listed cluster (repeats count)."""
@@ -142,7 +172,7 @@ class RefcountManager:
         """The first free cluster at or after ``pos``."""
         while True:
             blk = self._block(pos // self.per_block)
-            if blk is None:
+            if blk is None or blk[pos % self.per_block] == 0:
                 return pos
             frees = np.flatnonzero(blk[pos % self.per_block:] == 0)
             if frees.size:
@@ -157,7 +187,7 @@ class RefcountManager:
             blk = self._block(bi)
             if blk is None:
                 return want
-            seg = blk[pos % self.per_block:]
+            seg = blk[pos % self.per_block:pos % self.per_block + want - count]
             used = np.flatnonzero(seg != 0)
             if used.size:
                 return count + int(used[0])
@@ -192,7 +222,7 @@ class RefcountManager:
                 break
             self._new_block(missing, max(start, missing * per))
             self.free_hint = min(self.free_hint, start)
-        self.increment(np.arange(start, end, dtype=np.int64))
+        self._add_run(start, end, +1)
         return start << self.cluster_bits
 
     def _new_block(self, bi: int, cluster: int) -> None:

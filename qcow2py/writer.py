@@ -401,6 +401,8 @@ class WritableQcow2Image(Qcow2Image):
             if self.extended_l2:
                 with self._lock:
                     self._write_in_table_ext(l1i, start, mv[rel:rel + n])
+            elif (start ^ (start + n - 1)) >> self.cluster_bits == 0:
+                self._write_in_cluster(l1i, start, mv[rel:rel + n])
             else:
                 self._write_in_table(l1i, start, mv[rel:rel + n])
 
@@ -555,14 +557,24 @@ class WritableQcow2Image(Qcow2Image):
                 targets[alloc] = self._allocate(m) + np.arange(m, dtype=np.int64) * cs
             writes = self._plan_writes(start, length, c0, targets, inplace,
                                        head_partial, tail_partial)
-            for host, _, _, _, size in writes:
+            cow = {}
+            for host, kind, a, _, size in writes:
                 self._overlap_check(host, size)
+                if kind == "cow":
+                    cow[a] = self._cow_source(int(entries[a // cs - c0]),
+                                              bool(alloc[a // cs - c0]), a, host)
         for host, kind, a, b, _ in writes:                  # 2. data
             if kind == "cow":
-                # copy-on-write: the old content, read before the L2 entry changes
                 g = a
-                buf = self._old_content(g // cs)
                 lo, hi = max(start, g), min(start + length, g + cs)
+                zero_old, virgin = cow[g]
+                if virgin:
+                    # a new cluster past the end of the file reads as zeros already:
+                    # only the new bytes are written (flush extends the file over it)
+                    self.data_storage.pwrite(mv[lo - start:hi - start], host + lo - g)
+                    continue
+                # copy-on-write: the old content, read before the L2 entry changes
+                buf = bytearray(cs) if zero_old else self._old_content(g // cs)
                 buf[lo - g:hi - g] = mv[lo - start:hi - start]
                 self.data_storage.pwrite(buf, host)
             else:
@@ -574,6 +586,72 @@ class WritableQcow2Image(Qcow2Image):
                 self._release(entries[alloc])
                 l2[idx[changed]] = targets[changed].astype(np.uint64) | _COPIED
                 self._touch_l2(l1i)
+
+    def _write_in_cluster(self, l1i: int, start: int, mv: memoryview) -> None:
+        """:meth:`_write_in_table` for a write inside one cluster, with scalars (the
+        same plan, data and commit steps; random I/O is mostly such writes)."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        length = len(mv)
+        g = (start >> cb) << cb
+        i = (start >> cb) % (cs // 8)
+        within = start - g
+        with self._lock:                                    # 1. plan
+            e = int(self._writable_l2(l1i)[i])
+            compressed = bool(e & (1 << 62))
+            host = 0 if compressed else e & int(_OFFSET_MASK)
+            copied = bool(e & (1 << 63))
+            has_host = host != 0 or (copied and self._external)
+            owned = not compressed and has_host and copied
+            inplace = owned and not e & 1
+            alloc = not owned                       # else in place, or a preallocated zero
+            if alloc:
+                target = g if self._external else self._allocate(1)
+            else:
+                target = host
+            whole = within == 0 and length == cs
+            if inplace or whole:
+                self._overlap_check(target + within, length)
+                cow = None
+            else:
+                self._overlap_check(target, cs)
+                cow = self._cow_source(e, alloc, g, target)
+        if cow is None:                                     # 2. data
+            self.data_storage.pwrite(mv, target + within)
+        elif cow[1]:
+            # a new cluster past the end of the file: only the new bytes (see _cow_source)
+            self.data_storage.pwrite(mv, target + within)
+        else:
+            buf = bytearray(cs) if cow[0] else self._old_content(g >> cb)
+            buf[within:within + length] = mv
+            self.data_storage.pwrite(buf, target)
+        if not inplace:                                     # 3. commit
+            with self._lock:
+                l2 = self._writable_l2(l1i)
+                if alloc and (compressed or (host and not self._external)):
+                    self._release(np.array([e], dtype=np.uint64))
+                l2[i] = np.uint64(target | (1 << 63))
+                self._touch_l2(l1i)
+
+    def _cow_source(self, entry: int, allocated: bool, guest: int, host: int):
+        """For a copy-on-write cluster: (reads as zeros now, new host cluster untouched).
+
+        The old content is known to be zeros, without a read, for a zero cluster
+        and for an unallocated one with nothing (or a too short backing file)
+        below.  A newly allocated host cluster at or past the end of the file
+        has never been written: it reads as zeros, so a zero copy-on-write
+        need not write anything there.  Called with the metadata lock held.
+        """
+        if entry & (1 << 62):                                   # compressed
+            return False, False
+        if entry & 1:                                           # zero flag
+            zero_old = True
+        elif entry & int(_OFFSET_MASK) or (entry & (1 << 63) and self._external):
+            zero_old = False
+        else:
+            zero_old = self.backing is None or guest >= self.backing.size
+        virgin = zero_old and allocated and not self._external and \
+            host >= self.data_storage.size()
+        return zero_old, virgin
 
     def _plan_writes(self, start, length, c0, targets, inplace, head_partial, tail_partial):
         """The pwrites of one table's write: ``(host, kind, a, b, size)`` tuples.
@@ -912,7 +990,10 @@ class WritableQcow2Image(Qcow2Image):
             self._marked_dirty = True
         if self.data_storage is not st:
             self.data_storage.fsync()
-        # 1: refcount increments, together with every data write so far
+        # 1: refcount increments, together with every data write so far (and the
+        # file extended over new clusters that were only written in part)
+        if not self._external and st.size() < self._file_size:
+            st.truncate(self._file_size)
         if rc.dirty_blocks:
             rc.write_dirty_blocks()
         st.fsync()
