@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-is-zero", action="store_true",
                    help="with -n: the target reads as zeros already")
     p.add_argument("-m", dest="workers", type=int, default=2, help="parallel copy workers")
+    p.add_argument("--memory", default="128M",
+                   help="buffer memory for the copy (default 128M; larger batches write the "
+                        "target in longer runs)")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-t", dest="cache", default="unsafe",
@@ -194,6 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bar.refresh()
             try:
                 job = BlockCopy(src, tgt, order=args.order, sparse_size=sparse,
+                                memory_limit=parse_size(args.memory),
                                 compress=args.compress,
                                 workers=args.workers, progress=progress, base_depth=depth,
                                 target_is_zero=not args.no_create or args.target_is_zero,
