@@ -108,6 +108,7 @@ class WritableQcow2Image(Qcow2Image):
         self._dirty_l2: Set[int] = set()
         self._dirty_l1 = False
         self._metadata_map: Optional[np.ndarray] = None
+        self._metadata_extra: List[int] = []
         self._lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
         self._marked_dirty = False
         self._corrupt_reason: Optional[str] = None
@@ -319,12 +320,24 @@ class WritableQcow2Image(Qcow2Image):
         self._l1_raw[l1_index] = np.uint64(l2_offset) | _COPIED
         self._l1[l1_index] = l2_offset
         self._dirty_l1 = True
-        self._metadata_map = None
+        if self._metadata_map is not None:
+            # a new L2 table joins the overlap map without a rebuild (rebuilding it
+            # for every new table made preallocation quadratic in the tables); a
+            # replaced table stays in it until the next flush rebuilds the map,
+            # and it cannot be reused before that flush frees it
+            extra = self._metadata_extra
+            extra.append(l2_offset >> self.cluster_bits)
+            if len(extra) >= 64:
+                add = np.array(sorted(extra), dtype=np.int64)
+                m = self._metadata_map
+                self._metadata_map = np.insert(m, np.searchsorted(m, add), add)
+                extra.clear()
 
     # ------------------------------------------------------------ overlap checks
     def _metadata_clusters(self) -> np.ndarray:
         """Sorted host cluster indexes holding metadata (QEMU's "cached" overlap template)."""
         if self._metadata_map is None:
+            self._metadata_extra = []                  # see _set_l1
             h = self.header
             cb = self.cluster_bits
             parts = [np.array([0], dtype=np.int64)]
@@ -354,8 +367,11 @@ class WritableQcow2Image(Qcow2Image):
         m = self._metadata_clusters()
         first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
         i = np.searchsorted(m, first)
-        if i < m.size and m[i] <= last:
-            self._mark_corrupt(f"write to host cluster {int(m[i])} ({host:#x}+{length}) "
+        hit = int(m[i]) if i < m.size and m[i] <= last else None
+        if hit is None:
+            hit = next((c for c in self._metadata_extra if first <= c <= last), None)
+        if hit is not None:
+            self._mark_corrupt(f"write to host cluster {hit} ({host:#x}+{length}) "
                                f"would overwrite metadata")
 
     # ------------------------------------------------------------ guest writes

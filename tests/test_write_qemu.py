@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import pytest
 
 import qcow2py
@@ -555,3 +556,25 @@ def test_create_refuses_what_qemu_img_refuses(tmp_path, opts):
         qcow2py.create(str(tmp_path / "y.qcow2"), 16 * MiB, **opts)
     assert str(e.value) == qemu_msg[len(prefix):]
     assert not (tmp_path / "y.qcow2").exists()
+
+
+def test_overlap_check_sees_tables_made_in_this_session(tmp_path):
+    """The overlap map grows with each new L2 table (without a rebuild): a data
+    write aimed at a table made a moment ago still marks the image corrupt."""
+    need("qemu-img")
+    path = tmp_path / "o.qcow2"
+    img = qcow2py.create(str(path), 64 * MiB, cluster_size=4096)    # 2 MiB per L2 table
+    try:
+        img.write(0, b"\x01" * 4096)                  # builds the overlap map
+        for t in range(1, 6):                         # five new tables after it
+            img.write(t * 2 * MiB, b"\x02" * 4096)
+        victim = int(img._l1[5])
+        assert victim and victim >> 12 in img._metadata_extra
+        l2 = img._writable_l2(0)
+        l2[1] = np.uint64(victim | (1 << 63))         # guest cluster 1 -> that L2 table
+        img._forget_table(0)
+        with pytest.raises(qcow2py.CorruptImageError, match="overwrite metadata"):
+            img.write(4096, b"\x03" * 4096)
+    finally:
+        img.close()
+    assert qemu_img("info", "--output=json", str(path)).stdout.count('"corrupt": true')
