@@ -7,7 +7,9 @@ refcount blocks, the refcount table) is kept in memory and written back by
 :meth:`WritableQcow2Image.flush` in this order, each step made durable with an
 fsync before the next one starts:
 
-1. refcount blocks (increments only) — together with all data written so far;
+1. refcount blocks (increments only) — together with all data written so far
+   (and the file extended over new clusters past its old end: a partial write
+   into such a cluster writes only its own bytes, the rest reads as zeros);
 2. the refcount table (entries for new refcount blocks);
 3. L2 tables (they may now point at the new data and the new clusters are
    already counted);
