@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from bitarray import frozenbitarray
@@ -75,6 +75,8 @@ class Qcow2Image(Image):
         self._cache_bytes = 0
         self._cache_limit = ctx.l2_cache_bytes or DEFAULT_L2_CACHE_BYTES
         self._cache_lock = threading.Lock()
+        #: per L1 index, how often its decoded table was dropped (see _table)
+        self._forgotten: Dict[int, int] = {}
         self._last_cluster: Tuple[int, bytes] = (-1, b"")
         self._l1 = self._read_l1()
         self.snapshots: List[Snapshot] = self._read_snapshots()
@@ -203,6 +205,7 @@ class Qcow2Image(Image):
             if t is not None:
                 self._cache.move_to_end(l1_index)
                 return t
+            generation = self._forgotten.get(l1_index, 0)
         l2_off = int(self._l1[l1_index]) if l1_index < self._l1.size else 0
         if l2_off == 0:
             t = self._empty_table()
@@ -218,6 +221,14 @@ class Qcow2Image(Image):
                 if (kinds == COMPRESSED).any() else None
             t = _UnitTable(kinds, hosts, csizes)
         with self._cache_lock:
+            if self._forgotten.get(l1_index, 0) != generation:
+                # a writer changed the table while it was decoded here: the result
+                # is good for this caller's clusters (it holds them) but may be stale
+                # for others, so it must not be cached
+                return t
+            old = self._cache.pop(l1_index, None)
+            if old is not None:
+                self._cache_bytes -= old.nbytes
             self._cache[l1_index] = t
             self._cache_bytes += t.nbytes
             while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
@@ -232,6 +243,7 @@ class Qcow2Image(Image):
     def _forget_table(self, l1_index: int) -> None:
         """Drop a decoded table from the cache after its L2 entries changed."""
         with self._cache_lock:
+            self._forgotten[l1_index] = self._forgotten.get(l1_index, 0) + 1
             t = self._cache.pop(l1_index, None)
             if t is not None:
                 self._cache_bytes -= t.nbytes

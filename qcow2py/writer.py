@@ -731,6 +731,9 @@ class WritableQcow2Image(Qcow2Image):
     def _touch_l2(self, l1i: int) -> None:
         self._dirty_l2.add(l1i)
         self._forget_table(l1i)
+        # the reader keeps the last decompressed cluster by its stream offset: a
+        # released stream's bytes may be reused by a new stream at that offset
+        self._last_cluster = (-1, b"")
 
     # ------------------------------------------------------------ compressed clusters
     def write_compressed(self, cluster: int, data, compressed: Optional[bytes] = None) -> None:
