@@ -9,6 +9,7 @@ planner build on.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
@@ -39,7 +40,7 @@ class Run:
         return self.data or self.zero
 
 
-class Image:
+class Image(ABC):
     """Base class of every image format.  Subclasses set the attributes below."""
 
     format: str = "?"
@@ -113,9 +114,9 @@ class Image:
                              f"the image ({self.size} bytes)")
         return length
 
+    @abstractmethod
     def _read_zeroed(self, mv: memoryview, offset: int) -> None:
         """Read into ``mv``, which is already zero-filled: zero ranges can be skipped."""
-        raise NotImplementedError
 
     def _read_backing(self, mv: memoryview, offset: int) -> None:
         """Read a range this layer leaves unallocated; zeros past the backing's end."""
@@ -136,9 +137,9 @@ class Image:
         self._check_open()
 
     # -- mapping ------------------------------------------------------------
+    @abstractmethod
     def layer_runs(self, offset: int, length: int) -> Iterator[Run]:
         """This layer's mapping of a guest range, as coalesced runs in guest order."""
-        raise NotImplementedError
 
     def chain(self) -> List["Image"]:
         """This image followed by its backing images, top first."""

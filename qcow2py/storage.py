@@ -13,6 +13,7 @@ strace see the real requests.
 from __future__ import annotations
 
 import errno
+from abc import ABC, abstractmethod
 import os
 import threading
 from dataclasses import dataclass
@@ -26,28 +27,32 @@ __all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "TraceLo
            "Request"]
 
 
-class Storage:
+class Storage(ABC):
     """Abstract positional block storage.  Subclasses implement the primitives."""
 
     name: str = "<storage>"
     writable: bool = False
 
     # --- primitives -----------------------------------------------------
+    @abstractmethod
     def size(self) -> int:
-        raise NotImplementedError
+        """Current length in bytes."""
 
+    @abstractmethod
     def pread_into(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; returns the bytes read (short only at EOF)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pwrite(self, data, offset: int) -> None:
-        raise NotImplementedError
+        """Write all of ``data`` at ``offset`` (extending the storage if needed)."""
 
+    @abstractmethod
     def fsync(self) -> None:
-        raise NotImplementedError
+        """Return only once everything written before is durable."""
 
+    @abstractmethod
     def truncate(self, size: int) -> None:
-        raise NotImplementedError
+        """Set the length to ``size`` bytes."""
 
     def close(self) -> None:
         pass
