@@ -58,11 +58,15 @@ class Qcow2Image(Image):
         self.storage = storage
         self.filename = filename
         self._file_size = storage.size()
-        first = storage.pread(0, min(_MAX_HEADER_READ, max(self._file_size, 0)))
+        # cluster 0 holds the header: read its first 4 KiB, then the rest if larger
+        first = storage.pread(0, min(4096, max(self._file_size, 0)))
         if len(first) < 72 or first[:4] != b"QFI\xfb":
             Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
         bits = int.from_bytes(first[20:24], "big")
-        cs = 1 << bits if 9 <= bits <= 21 else len(first)
+        cs = 1 << bits if 9 <= bits <= 21 else _MAX_HEADER_READ
+        want = min(cs, _MAX_HEADER_READ, max(self._file_size, 0))
+        if want > len(first):
+            first = storage.pread(0, want)
         self.header = h = Header.parse(first[:cs], self._file_size)
         self.size = h.size
         self.cluster_size = h.cluster_size
