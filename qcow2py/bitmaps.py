@@ -41,7 +41,7 @@ from bitarray import bitarray
 from . import native
 from .errors import (BitmapError, CorruptImageError, FormatError, Qcow2Error,
                      UnsupportedFeatureError)
-from .format.bitmap import (FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,
+from .format.bitmap import (bitmap_info, FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,
                             MAX_GRANULARITY_BITS, MAX_NAME, BitmapEntry, encode_bitmap_directory,
                             entry_size, set_directory_flags)
 from .format.header import AUTOCLEAR_BITMAPS, BitmapsExtension
@@ -240,12 +240,7 @@ class Bitmap:
 
     def info(self) -> dict:
         """As ``qemu-img info`` lists it."""
-        flags = []
-        if self._in_use:
-            flags.append("in-use")
-        if self._enabled:
-            flags.append("auto")
-        return {"name": self.name, "granularity": self.granularity, "flags": flags}
+        return bitmap_info(self.name, self.granularity, self._in_use, self._enabled)
 
     def __repr__(self) -> str:
         state = "inconsistent" if self.inconsistent else \

@@ -44,12 +44,13 @@ class BitmapEntry:
 
     def info(self) -> dict:
         """As ``qemu-img info`` lists it."""
-        flags = []
-        if self.in_use:
-            flags.append("in-use")
-        if self.auto:
-            flags.append("auto")
-        return {"name": self.name, "granularity": self.granularity, "flags": flags}
+        return bitmap_info(self.name, self.granularity, self.in_use, self.auto)
+
+
+def bitmap_info(name: str, granularity: int, in_use: bool, auto: bool) -> dict:
+    """One bitmap as ``qemu-img info`` lists it (flags in QEMU's order)."""
+    flags = (["in-use"] if in_use else []) + (["auto"] if auto else [])
+    return {"name": name, "granularity": granularity, "flags": flags}
 
 
 def parse_bitmap_directory(buf: bytes, count: int) -> List[BitmapEntry]:
