@@ -39,13 +39,28 @@ Images (``QCOW2PY_BENCH_DIR``, default ``benchmarks/.cache``, folder
   order: nearly every cluster out of place;
 * **longlived** — 60% written front to back, then rounds of discarding random
   extents and writing new ones, which land in the freed holes;
-* **compressed** — ``qemu-img convert -c`` of *shuffled*;
+* **compressed** — 80% of the clusters written compressed (``qemu-io write
+  -c``), one at a time in shuffled order, from the same patterns: QEMU packs
+  each stream at the next free byte, so the file is in write order, not guest
+  order (the random patterns do not compress and are stored plain, as
+  ``qemu-img convert -c`` would store them);
 * **chain** — three qcow2 layers (50%, 25%, 12% of the clusters, each shuffled).
 
+The **data span** of a file runs from its first data byte to the end of its
+last one; ``span ÷ allocated`` above 1 means free clusters (or packing slack)
+lie between the data, which a head reading the data in one sweep must pass
+over: the floor is then out of any reader's reach, and *sorted extents* is
+the bound.
+
 Run ``python -m benchmarks.media`` (``--size 256M``, ``--rounds 3``,
-``--images shuffled,chain``, ``--no-wall``).  It prints the table and writes
-``benchmarks/media.json`` and, with matplotlib (``pip install -e ".[bench]"``),
-``benchmarks/media.png``.  Needs ``qemu-img``, ``qemu-io`` and ``strace``.
+``--images shuffled,chain``, ``--no-wall``, ``--no-compare``,
+``--one-at-a-time``, ``--name``).  It prints the table and writes
+``benchmarks/media.json`` (``media-SIZE.json`` for sizes other than 256M)
+and, with matplotlib (``pip install -e ".[bench]"``), the chart next to it.
+Needs ``qemu-img``, ``qemu-io`` and ``strace``.  A large run, e.g.
+``--size 16G --one-at-a-time --no-wall --no-compare``, builds, measures and
+deletes one image at a time: it needs the space of one image and one copy of
+it (about 1.7 times the virtual size), not of all four.
 """
 
 from __future__ import annotations
@@ -73,7 +88,7 @@ except ImportError:                      # run as a file
     from benchmarks.images import _patterns, parse_size, size_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RECIPE = 2
+RECIPE = 3                   # 3: compressed written cluster by cluster in shuffled order
 SEED = 20240611
 CLUSTER = 64 << 10
 SHAPES = ("shuffled", "longlived", "compressed", "chain")
@@ -83,6 +98,7 @@ HDD_QDS = (1, 2, 32)         # ... of the HDD model: 2 is qcow2py-copy's two wor
 #: the targets of the report
 TARGET_FLOOR = 1.05          # host order on the HDD within this factor of the floor
 TARGET_VS_QEMU = 5.0         # host order at least this much faster than qemu-img at QD 32
+COMPARE = True               # check every traced copy with qemu-img compare (--no-compare)
 
 
 def log(msg: str) -> None:
@@ -156,54 +172,114 @@ def _longlived_script(rng: random.Random, n: int, rounds: int = 8) -> List[str]:
     return lines
 
 
-def build_images(size: int) -> Dict[str, str]:
-    """Top image of every shape, built in the cache if missing or of an older recipe."""
+#: the files of each shape, top of the chain last
+FILES = {"shuffled": ("shuffled.qcow2",), "longlived": ("longlived.qcow2",),
+         "compressed": ("compressed.qcow2",),
+         "chain": ("chain-base.qcow2", "chain-mid.qcow2", "chain-top.qcow2")}
+CHAIN_FILL = (("chain-base", 0.50), ("chain-mid", 0.25), ("chain-top", 0.12))
+
+
+def _scripts(size: int, folder: str):
+    """The pattern files (written to ``folder``) and the qemu-io script of every file.
+
+    All scripts come from one random stream in a fixed order, so every shape
+    is the same image whether it is built alone or with the others (and
+    shuffled, longlived and chain are those of recipe 2).
+    """
+    rng = random.Random(SEED)
+    patterns = _patterns(folder, rng)
+    n = size // CLUSTER
+    scripts = {"shuffled": _shuffled_writes(rng, n, 0.80, patterns),
+               "longlived": _longlived_script(rng, n)}
+    for name, fill in CHAIN_FILL:
+        scripts[name] = _shuffled_writes(rng, n, fill, patterns)
+    # compressed clusters written one at a time in shuffled guest order: QEMU packs
+    # each stream at the next free byte, so the file is in write order, not guest order
+    scripts["compressed"] = [line.replace("write -q", "write -c -q")
+                             for line in _shuffled_writes(rng, n, 0.80, patterns)]
+    return patterns, scripts
+
+
+def _stamp(size: int, shape: str) -> Dict:
+    return {"recipe": RECIPE, "size": size, "seed": SEED, "shape": shape}
+
+
+def _stamp_path(size: int, shape: str) -> str:
+    return os.path.join(cache_dir(size), f".done-{shape}")
+
+
+def image_path(size: int, shape: str) -> str:
+    """The top file of a shape's chain."""
+    return os.path.join(cache_dir(size), FILES[shape][-1])
+
+
+def shape_bytes(size: int, shape: str) -> int:
+    """Bytes the files of a built shape take on disk (0 if not built)."""
+    total = 0
+    for name in FILES[shape]:
+        try:
+            total += os.stat(os.path.join(cache_dir(size), name)).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
+def delete_shape(size: int, shape: str) -> None:
+    for name in FILES[shape] + (os.path.basename(_stamp_path(size, shape)),):
+        try:
+            os.unlink(os.path.join(cache_dir(size), name))
+        except FileNotFoundError:
+            pass
+
+
+def build_shape(size: int, shape: str) -> str:
+    """Top image of a shape, built in the cache if missing or of an older recipe."""
     folder = cache_dir(size)
-    paths = {"shuffled": "shuffled.qcow2", "longlived": "longlived.qcow2",
-             "compressed": "compressed.qcow2", "chain": "chain-top.qcow2"}
-    paths = {k: os.path.join(folder, v) for k, v in paths.items()}
-    stamp = {"recipe": RECIPE, "size": size, "seed": SEED}
+    top = image_path(size, shape)
     try:
-        with open(os.path.join(folder, ".done")) as f:
-            if json.load(f) == stamp and all(os.path.exists(p) for p in paths.values()):
-                return paths
+        with open(_stamp_path(size, shape)) as f:
+            if json.load(f) == _stamp(size, shape) and \
+                    all(os.path.exists(os.path.join(folder, n)) for n in FILES[shape]):
+                return top
     except (OSError, ValueError):
         pass
     for tool in ("qemu-img", "qemu-io"):
         if not shutil.which(tool):
             raise RuntimeError(f"{tool} is needed (apt-get install qemu-utils)")
-    log(f"building {size_label(size)} images in {folder} ...")
-    tmp = folder + ".tmp"
+    os.makedirs(folder, exist_ok=True)
+    try:
+        os.unlink(os.path.join(folder, ".done"))       # recipe 2 kept one stamp for all
+    except FileNotFoundError:
+        pass
+    delete_shape(size, shape)
+    log(f"building {shape} ({size_label(size)}) in {folder} ...")
+    tmp = os.path.join(folder, f".tmp-{shape}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    rng = random.Random(SEED)
-    patterns = _patterns(tmp, rng)
-    n = size // CLUSTER
     t = time.monotonic()
-    a = os.path.join(tmp, "shuffled.qcow2")
-    _create(a, size)
-    _qemu_io(a, _shuffled_writes(rng, n, 0.80, patterns))
-    b = os.path.join(tmp, "longlived.qcow2")
-    _create(b, size)
-    _qemu_io(b, _longlived_script(rng, n))
-    _run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536", a,
-          os.path.join(tmp, "compressed.qcow2")])
-    below = None
-    for name, fill in (("chain-base", 0.50), ("chain-mid", 0.25), ("chain-top", 0.12)):
-        p = os.path.join(tmp, name + ".qcow2")
-        _create(p, size, backing=below)
-        _qemu_io(p, _shuffled_writes(rng, n, fill, patterns))
-        below = name + ".qcow2"
-    for name in paths:
-        _run(["qemu-img", "check", "-q", os.path.join(tmp, os.path.basename(paths[name]))])
-    for p in patterns:
-        os.unlink(p)
-    with open(os.path.join(tmp, ".done"), "w") as f:
-        json.dump(stamp, f)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
-    log(f"images built in {time.monotonic() - t:.1f}s")
-    return paths
+    try:
+        patterns, scripts = _scripts(size, tmp)
+        if shape == "chain":
+            below = None
+            for name, _ in CHAIN_FILL:
+                p = os.path.join(tmp, name + ".qcow2")
+                _create(p, size, backing=below)
+                _qemu_io(p, scripts[name])
+                below = name + ".qcow2"
+        else:
+            p = os.path.join(tmp, FILES[shape][0])
+            _create(p, size)
+            _qemu_io(p, scripts[shape])
+        for name in FILES[shape]:
+            _run(["qemu-img", "check", "-q", os.path.join(tmp, name)])
+        for name in FILES[shape]:
+            os.rename(os.path.join(tmp, name), os.path.join(folder, name))
+        with open(_stamp_path(size, shape), "w") as f:
+            json.dump(_stamp(size, shape), f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"{shape} built in {time.monotonic() - t:.1f}s, {shape_bytes(size, shape) / 1e9:.2f} GB")
+    return top
 
 
 # ---------------------------------------------------------------------------- traces
@@ -238,7 +314,8 @@ def trace_qcow2py(src: str, order: str, tmp: str) -> Dict:
         finally:
             tgt.close()
     seconds = time.perf_counter() - t
-    _run(["qemu-img", "compare", "-q", src, dst])
+    if COMPARE:
+        _run(["qemu-img", "compare", "-q", src, dst])
     os.unlink(dst)
     ios = [dm.IO(os.path.realpath(name), req.offset, req.length, False, thread)
            for name, req, thread in trace.entries if req.kind == "read" and req.length > 0]
@@ -257,7 +334,8 @@ def trace_command(cmd: List[str], src: str, tmp: str) -> Dict:
     t = time.perf_counter()
     _run(dm.STRACE_ARGS + [logf] + cmd + [src, dst], cwd=os.path.dirname(HERE))
     seconds = time.perf_counter() - t
-    _run(["qemu-img", "compare", "-q", src, dst])
+    if COMPARE:
+        _run(["qemu-img", "compare", "-q", src, dst])
     files = chain_files(src)
     with open(logf) as f:
         ios = [io for io in dm.parse_strace(f, files=files) if not io.write]
@@ -292,11 +370,14 @@ def sorted_extents(src: str) -> List[dm.IO]:
 
 
 def allocated_bytes(src: str):
-    """Bytes stored in each file of the chain, and the part of them a copy must read.
+    """Bytes stored in each file of the chain, the part of them a copy must read,
+    and where the data lies.
 
     ``allocated``: every data cluster of every layer as stored (compressed
     streams at their stored length); ``visible``: only what the guest sees
-    (data not hidden by an upper layer).
+    (data not hidden by an upper layer); ``spans``: per file, the first data
+    byte and the end of the last one (metadata and free clusters between
+    them included: what a head sweeping the data passes over).
     """
     import qcow2py
     from qcow2py.copy.plan import P_COMPRESSED, P_DATA, layer_arrays, plan_copy
@@ -313,17 +394,20 @@ def allocated_bytes(src: str):
         chain = img.chain()
         names = [os.path.realpath(getattr(layer, "data_file_path", None) or layer.storage.name)
                  for layer in chain]
-        allocated = {}
+        allocated, spans = {}, {}
         for name, layer in zip(names, chain):
             s, n, k, h, c = layer_arrays(layer, 0, layer.size)
             allocated[name] = stored(k, n, h, c, k == COMPRESSED)
+            data = (k == DATA) | (k == COMPRESSED)
+            ends = h + np.where(k == DATA, n, c)
+            spans[name] = (int(h[data].min()), int(ends[data].max())) if data.any() else (0, 0)
         plan = plan_copy(chain)
     visible = {}
     for i, name in enumerate(names):
         sel = plan.layer == i
         visible[name] = stored(np.where(plan.kind[sel] == P_DATA, DATA, 0), plan.length[sel],
                                plan.host[sel], plan.csize[sel], plan.kind[sel] == P_COMPRESSED)
-    return allocated, visible
+    return allocated, visible, spans
 
 
 # ---------------------------------------------------------------------------- wall time
@@ -365,59 +449,96 @@ def model_reader(ios: List[dm.IO], layout: dm.Layout, hdd: dm.HDD, ssds: Dict[st
     return out
 
 
-def measure(shapes: List[str], size: int, rounds: int, wall: bool) -> Dict:
-    paths = build_images(size)
+def measure(shapes: List[str], size: int, rounds: int, wall: bool,
+            one_at_a_time: bool = False) -> Dict:
+    """Build, trace and model each shape.  ``one_at_a_time``: build a shape just
+    before it is measured and delete it after (a large run then needs the disk
+    space of one shape and one copy of it, not of all four)."""
     hdd = dm.HDD()
     ssds = {"sata": dm.SSD(dm.SATA_SSD), "nvme": dm.SSD(dm.NVME_SSD)}
     result = {"size": size, "shapes": {}, "models": {
         "hdd": hdd.p.__dict__, "sata": dm.SATA_SSD.__dict__, "nvme": dm.NVME_SSD.__dict__},
-        "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count()}
-    tmp = tempfile.mkdtemp(prefix="qcow2py-media-")
+        "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "one_at_a_time": one_at_a_time, "compared": COMPARE}
+    if not one_at_a_time:
+        for shape in shapes:
+            build_shape(size, shape)
+    tmp = tempfile.mkdtemp(prefix="qcow2py-media-", dir=os.environ.get("QCOW2PY_MEDIA_TMP"))
     try:
         for shape in shapes:
-            src = paths[shape]
-            files = chain_files(src)
-            layout = dm.Layout.contiguous({f: os.path.getsize(f) for f in files}, base=0)
-            alloc, visible = allocated_bytes(src)
-            total = sum(alloc.values())
-            floor = {"bytes": total, "visible_bytes": sum(visible.values()),
-                     "hdd": hdd.floor({layout.starts[f]: b for f, b in alloc.items()}),
-                     **{k: s.floor(total) for k, s in ssds.items()}}
-            bound_ios = sorted_extents(src)
-            floor["sorted_extents_hdd"] = hdd.simulate(bound_ios, layout)
-            log(f"{shape}: tracing the copies")
-            traces = {
-                "qcow2py guest": trace_qcow2py(src, "guest", tmp),
-                "qcow2py host": trace_qcow2py(src, "host", tmp),
-                "qcow2py-copy host, strace": trace_command(
-                    [sys.executable, "-m", "qcow2py.copy", "-O", "qcow2", "--order", "host"],
-                    src, tmp),
-                "qemu-img": trace_command(["qemu-img", "convert", "-O", "qcow2"], src, tmp)}
-            log(f"{shape}: modelling")
-            readers = {}
-            for label, tr in traces.items():
-                readers[label] = model_reader(tr["ios"], layout, hdd, ssds)
-                readers[label]["traced_seconds"] = round(tr["traced_seconds"], 3)
-                if "stats" in tr:
-                    readers[label]["copy_stats"] = tr["stats"]
-            if wall:
-                log(f"{shape}: wall time, {rounds} alternating rounds")
-                for label, s in wall_times(src, tmp, rounds).items():
-                    readers[label]["wall"] = s
-            result["shapes"][shape] = {
-                "files": [os.path.basename(f) for f in files],
-                "file_bytes": [os.path.getsize(f) for f in files],
-                "floor": floor, "readers": readers, "targets": targets(readers, floor)}
+            t_shape = time.monotonic()
+            src = build_shape(size, shape)
+            t_built = time.monotonic()
+            on_disk = shape_bytes(size, shape)
+            try:
+                result["shapes"][shape] = measure_shape(shape, src, tmp, hdd, ssds, rounds, wall)
+            finally:
+                if one_at_a_time:
+                    delete_shape(size, shape)
+            result["shapes"][shape]["seconds"] = {
+                "build": round(t_built - t_shape, 1),
+                "measure": round(time.monotonic() - t_built, 1)}
+            result["shapes"][shape]["disk_bytes"] = on_disk
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["footprint"] = footprint_sensitivity(hdd)
     return result
 
 
+def measure_shape(shape: str, src: str, tmp: str, hdd: dm.HDD, ssds: Dict[str, dm.SSD], rounds: int,
+                  wall: bool) -> Dict:
+    files = chain_files(src)
+    layout = dm.Layout.contiguous({f: os.path.getsize(f) for f in files}, base=0)
+    alloc, visible, spans = allocated_bytes(src)
+    total = sum(alloc.values())
+    span = sum(b - a for a, b in spans.values())
+    floor = {"bytes": total, "visible_bytes": sum(visible.values()), "span_bytes": span,
+             "hdd": hdd.floor({layout.starts[f]: b for f, b in alloc.items()}),
+             "span_hdd": hdd.floor({layout.starts[f] + spans[f][0]: spans[f][1] - spans[f][0]
+                                    for f in files}),
+             **{k: s.floor(total) for k, s in ssds.items()}}
+    bound_ios = sorted_extents(src)
+    floor["sorted_extents_hdd"] = hdd.simulate(bound_ios, layout)
+    log(f"{shape}: tracing the copies")
+    traces = {}
+    for label in READERS:
+        t = time.monotonic()
+        if label == "qcow2py guest":
+            traces[label] = trace_qcow2py(src, "guest", tmp)
+        elif label == "qcow2py host":
+            traces[label] = trace_qcow2py(src, "host", tmp)
+        elif label == "qcow2py-copy host, strace":
+            traces[label] = trace_command(
+                [sys.executable, "-m", "qcow2py.copy", "-O", "qcow2", "--order", "host"], src, tmp)
+        else:
+            traces[label] = trace_command(["qemu-img", "convert", "-O", "qcow2"], src, tmp)
+        log(f"{shape}: {label}: {len(traces[label]['ios'])} reads, "
+            f"{time.monotonic() - t:.1f}s")
+    log(f"{shape}: modelling")
+    readers = {}
+    for label, tr in traces.items():
+        t = time.monotonic()
+        readers[label] = model_reader(tr["ios"], layout, hdd, ssds)
+        readers[label]["traced_seconds"] = round(tr["traced_seconds"], 3)
+        if "stats" in tr:
+            readers[label]["copy_stats"] = tr["stats"]
+        log(f"{shape}: {label}: modelled in {time.monotonic() - t:.1f}s")
+    if wall:
+        log(f"{shape}: wall time, {rounds} alternating rounds")
+        for label, s in wall_times(src, tmp, rounds).items():
+            readers[label]["wall"] = s
+    return {"files": [os.path.basename(f) for f in files],
+            "file_bytes": [os.path.getsize(f) for f in files],
+            "data_spans": [list(spans[f]) for f in files],
+            "floor": floor, "readers": readers, "targets": targets(readers, floor)}
+
+
 def targets(readers: Dict, floor: Dict) -> Dict:
     host, guest, qemu = readers["qcow2py host"], readers["qcow2py guest"], readers["qemu-img"]
     host_hdd = host["hdd_qd1"]          # the traced copy issues one request at a time
     t = {"host_over_floor": host_hdd / floor["hdd"],
+         "span_over_allocated": floor["span_bytes"] / floor["bytes"],
+         "sorted_extents_over_floor": floor["sorted_extents_hdd"] / floor["hdd"],
          "host_over_sorted_extents": host_hdd / floor["sorted_extents_hdd"],
          "qemu_qd32_over_host": qemu["hdd_qd32"] / host_hdd,
          "qemu_qd32_over_floor": qemu["hdd_qd32"] / floor["hdd"],
@@ -457,6 +578,10 @@ def format_table(result: Dict) -> str:
             f"{f['hdd']:.2f}", "", "", "1.00", f"{f['sata']:.3f}",
             f"{f['sata']:.3f}", f"{f['nvme']:.3f}", f"{f['nvme']:.3f}", ""]) + " |")
         lines.append("| " + " | ".join([
+            shape, "*data span* (first to last data byte, sequential)", "",
+            f"{f['span_bytes'] / 2**20:.0f}", f"{f['span_hdd']:.2f}", "", "",
+            f"{f['span_hdd'] / f['hdd']:.2f}", "", "", "", "", ""]) + " |")
+        lines.append("| " + " | ".join([
             shape, "*sorted extents* (one sweep of what must be read)", "",
             f"{f['visible_bytes'] / 2**20:.0f}", f"{f['sorted_extents_hdd']:.2f}", "", "",
             f"{f['sorted_extents_hdd'] / f['hdd']:.2f}", "", "", "", "", ""]) + " |")
@@ -472,12 +597,14 @@ def format_table(result: Dict) -> str:
 
 
 def format_targets(result: Dict) -> str:
-    lines = ["| image | host ÷ floor (HDD) | host ÷ sorted extents | qemu-img QD32 ÷ host (HDD) "
-             "| qemu-img QD32 ÷ floor | host ≤ guest (SSD) |", "|---|---|---|---|---|---|"]
+    lines = ["| image | host ÷ floor (HDD) | span ÷ allocated | sorted extents ÷ floor "
+             "| host ÷ sorted extents | qemu-img QD32 ÷ host (HDD) "
+             "| qemu-img QD32 ÷ floor | host ≤ guest (SSD) |", "|---|---|---|---|---|---|---|---|"]
     for shape, s in result["shapes"].items():
         t = s["targets"]
         lines.append(f"| {shape} | {t['host_over_floor']:.3f} "
                      f"({'met' if t['floor_met'] else 'MISSED'}, ≤ {TARGET_FLOOR}) | "
+                     f"{t['span_over_allocated']:.3f} | {t['sorted_extents_over_floor']:.3f} | "
                      f"{t['host_over_sorted_extents']:.3f} | "
                      f"{t['qemu_qd32_over_host']:.1f}× "
                      f"({'met' if t['qemu_met'] else 'MISSED'}, ≥ {TARGET_VS_QEMU:g}) | "
@@ -563,8 +690,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="wall-time rounds (default 3)")
     ap.add_argument("--images", default=",".join(SHAPES), help=",".join(SHAPES))
     ap.add_argument("--no-wall", action="store_true", help="skip the wall-time measurement")
-    ap.add_argument("--out", default=HERE, help="folder for media.json and media.png")
+    ap.add_argument("--out", default=HERE, help="folder for the json and the chart")
+    ap.add_argument("--name", default=None,
+                    help="file name of the json and chart, without extension (default "
+                         "media for 256M, media-SIZE for other sizes)")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="build each image just before it is measured and delete it after "
+                         "(a large run needs the space of one image and one copy)")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="do not check the traced copies with qemu-img compare (saves "
+                         "reading the image and its copy once per reader on a large run)")
     args = ap.parse_args(argv)
+    global COMPARE
+    COMPARE = not args.no_compare
     size = parse_size(args.size)
     if size < (16 << 20) or size % (1 << 20):
         ap.error("--size must be a multiple of 1 MiB, at least 16M")
@@ -572,14 +710,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(shapes) - set(SHAPES)
     if unknown:
         ap.error(f"unknown images: {', '.join(sorted(unknown))}")
+    name = args.name or ("media" if size == 256 << 20 else f"media-{size_label(size)}")
     t0 = time.monotonic()
-    result = measure(shapes, size, args.rounds, not args.no_wall)
+    result = measure(shapes, size, args.rounds, not args.no_wall, args.one_at_a_time)
     result["seconds"] = round(time.monotonic() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "media.json"), "w") as f:
+    out = os.path.join(args.out, name + ".json")
+    with open(out, "w") as f:
         json.dump(_jsonable(result), f, indent=1, sort_keys=True)
         f.write("\n")
-    png = os.path.join(args.out, "media.png")
+    png = os.path.join(args.out, name + ".png")
     drew = chart(result, png)
     print(f"Copy of {size_label(size)} images; modelled seconds of the source reads "
           f"({result['models']['hdd']['name']}; SATA and NVMe SSD presets); "
@@ -588,7 +728,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_table(result))
     print()
     print(format_targets(result))
-    print(f"\nwrote {os.path.join(args.out, 'media.json')}" + (f" and {png}" if drew else "")
+    print(f"\nwrote {out}" + (f" and {png}" if drew else "")
           + f" in {result['seconds']:.0f}s")
     return 0
 
