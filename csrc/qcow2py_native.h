@@ -95,4 +95,13 @@ int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
                   int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,
                   int write_zeroes, int64_t mark_base, int mark_shift, uint8_t *mark,
                   size_t mark_len, int64_t *scratch, int64_t *stats);
+
+/* The write phase of qp_copy_batch on its own, for data already in memory
+ * (decompressed clusters): piece i is len[i] bytes at buf + buf_off[i], to
+ * go to dst_off[i].  Same zero detection, marks and stats (stats[1..2]). */
+int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
+                   const int64_t *len, const int64_t *write_order, int dst_fd,
+                   const uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
+                   int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
+                   int64_t *stats);
 #endif

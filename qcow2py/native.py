@@ -230,6 +230,21 @@ def copy_batch_generic(read_into, writev, src_key, src_off, dst_off, lengths, wr
                 read_into(a, mv[p:p + run], int(src_off[a]))
                 stats[0] += run
                 stats[3] += 1
+    return write_batch_generic(writev, pos_of, dst_off, lengths, write_order, mv, zero_chunk,
+                               write_zeroes, mark_base, mark_shift, mark, stats)
+
+
+def write_batch_generic(writev, buf_off, dst_off, lengths, write_order, buf, zero_chunk: int,
+                        write_zeroes: bool, mark_base: int = 0, mark_shift: int = 0, mark=None,
+                        stats=None):
+    """The contract of ``qp_write_batch`` over a ``writev(views, offset)`` callable."""
+    stats = stats if stats is not None else [0, 0, 0, 0]
+    mv = memoryview(buf).cast("B")
+    pos_of = np.asarray(buf_off, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if pos_of.size and (((pos_of < 0) | (lengths < 0)).any()
+                        or int((pos_of + lengths).max()) > len(mv)):
+        raise ValueError("piece does not fit the buffer")
     pending, p_start, p_end = [], 0, 0
 
     def add(view, dst):
@@ -294,14 +309,50 @@ def copy_batch_pure(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int
                 break
             done += got
 
+    return copy_batch_generic(read_into, _fd_writev(dst_fd), fds, src_off, dst_off, lengths,
+                              write_order, buf, zero_chunk, write_zeroes, mark_base, mark_shift,
+                              mark)
+
+
+def _fd_writev(fd: int):
     def writev(views, off):
         data = b"".join(bytes(v) for v in views)
         done = 0
         while done < len(data):
-            done += os.pwrite(dst_fd, data[done:], off + done)
+            done += os.pwrite(fd, data[done:], off + done)
+    return writev
 
-    return copy_batch_generic(read_into, writev, fds, src_off, dst_off, lengths, write_order,
-                              buf, zero_chunk, write_zeroes, mark_base, mark_shift, mark)
+
+def write_batch_pure(buf_off, dst_off, lengths, write_order, dst_fd: int, buf,
+                     zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
+                     mark_shift: int = 0, mark=None):
+    """fd-based twin of :func:`write_batch_native`."""
+    return write_batch_generic(_fd_writev(dst_fd), buf_off, dst_off, lengths, write_order, buf,
+                               zero_chunk, write_zeroes, mark_base, mark_shift, mark)
+
+
+def write_batch_native(buf_off, dst_off, lengths, write_order, dst_fd: int, buf,
+                       zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
+                       mark_shift: int = 0, mark=None):
+    """Write pieces of ``buf`` in C (GIL released); returns [0, written, zero, 0]."""
+    bo, do, ln, wo = (np.ascontiguousarray(a, dtype=np.int64)
+                      for a in (buf_off, dst_off, lengths, write_order))
+    if not (bo.size == do.size == ln.size == wo.size):
+        raise ValueError("piece arrays must have the same length")
+    stats = np.zeros(4, dtype=np.int64)
+    mv = memoryview(buf).cast("B")
+    mark_ptr = _ffi.from_buffer(mark) if mark is not None else _ffi.NULL
+    rc = _lib.qp_write_batch(bo.size, _ffi.from_buffer("int64_t[]", bo),
+                             _ffi.from_buffer("int64_t[]", do), _ffi.from_buffer("int64_t[]", ln),
+                             _ffi.from_buffer("int64_t[]", wo), dst_fd, _ffi.from_buffer(mv),
+                             len(mv), zero_chunk, int(write_zeroes), mark_base, mark_shift,
+                             mark_ptr, len(mark) if mark is not None else 0,
+                             _ffi.from_buffer("int64_t[]", stats))
+    if rc == -22:
+        raise ValueError("invalid arguments to write_batch")
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return stats.tolist()
 
 
 def copy_batch_native(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int, buf,
@@ -337,11 +388,13 @@ if USE_NATIVE:
     decode_l2 = decode_l2_native
     pread_runs = pread_runs_native
     copy_batch = copy_batch_native
+    write_batch = write_batch_native
 else:
     is_zero = is_zero_pure
     decode_l2 = decode_l2_pure
     pread_runs = pread_runs_pure
     copy_batch = copy_batch_pure
+    write_batch = write_batch_pure
 
 
 # ---------------------------------------------------------------- bitmaps

@@ -164,6 +164,49 @@ def test_copy_batch_twins(tmp_path_factory, data):
             assert got == want
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_write_batch_twins(tmp_path_factory, data):
+    """Pieces of a buffer (overlapping, out of order) written by target offset."""
+    d = tmp_path_factory.mktemp("wbatch")
+    buf = bytearray(b"".join(data.draw(st.lists(
+        st.sampled_from([b"\0" * 512, b"\7" * 512, b"\0" * 100 + b"\3" + b"\0" * 411]),
+        min_size=1, max_size=12))))
+    n = data.draw(st.integers(0, 10))
+    pieces = []
+    for _ in range(n):
+        off = data.draw(st.integers(0, len(buf)))
+        pieces.append((off, data.draw(st.integers(0, len(buf) - off))))
+    dst_off, pos = [0] * n, 5
+    for i in data.draw(st.permutations(range(n))):      # laid out in some order
+        dst_off[i] = pos
+        pos += pieces[i][1] + data.draw(st.sampled_from([0, 0, 300]))   # some gather
+    order = sorted(range(n), key=lambda i: dst_off[i])
+    zero_chunk = data.draw(st.sampled_from([0, 512, 1024]))
+    write_zeroes = data.draw(st.booleans())
+    results = []
+    for fn in (native.write_batch_native, native.write_batch_pure):
+        dst = d / f"dst-{fn.__name__}"
+        dst.write_bytes(b"\xee" * (pos + 10))
+        dfd = os.open(dst, os.O_RDWR)
+        mark = bytearray(64)
+        try:
+            stats = fn([p[0] for p in pieces], dst_off, [p[1] for p in pieces], order, dfd,
+                       buf, zero_chunk, write_zeroes, 0, 9, mark)
+        finally:
+            os.close(dfd)
+        results.append((list(stats), dst.read_bytes(), bytes(mark)))
+    assert results[0] == results[1]
+    out = results[0][1]
+    assert results[0][0][1] + results[0][0][2] == sum(p[1] for p in pieces)
+    for (bo, ln), do in zip(pieces, dst_off):
+        got, want = out[do:do + ln], bytes(buf[bo:bo + ln])
+        if zero_chunk == 0 or write_zeroes:      # else a zero chunk keeps the old bytes
+            assert got == want
+    with pytest.raises(ValueError):
+        native.write_batch_native([len(buf)], [0], [1], [0], 1, buf)
+
+
 # ---------------------------------------------------------------- bitmaps
 def _bits_strategy(max_bits=700):
     """Bitmaps with long runs, random noise and word-boundary cases."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import native
 from ..codec import decompress_cluster
+from ..decompress import decompress_into
 from ..errors import Qcow2Error
 from ..image import Image
 from ..qcow2 import Qcow2Image
@@ -419,26 +420,14 @@ class BlockCopy:
         bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, idx.size]
         st.backward_seeks += backward_seeks(layer, src, length)
         fd_of_layer = np.array([fd if fd is not None else -1 for fd in src_fds], dtype=np.int32)
-        local = threading.local()
-        marks: List[bytearray] = []
-        marks_lock = threading.Lock()
 
-        def run_batch(ab):
-            a, b = ab
-            buf = getattr(local, "buf", None)
-            if buf is None:
-                # np.empty: pages are committed only as data lands in them
-                buf = local.buf = np.empty(buf_len, dtype=np.uint8)
-                local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
-                if local.mark is not None:
-                    with marks_lock:
-                        marks.append(local.mark)
+        def run_batch(a, b, buf, local_mark):
             sl = slice(a, b)
             order = np.argsort(dst[sl], kind="stable")
             if native_ok:
                 r = native.copy_batch(fd_of_layer[layer[sl]], src[sl], dst[sl], length[sl],
                                       order, dst_fd, buf, zero_chunk, write_zeroes,
-                                      mark_base, mark_shift, local.mark)
+                                      mark_base, mark_shift, local_mark)
             else:
                 lay = layer[sl]
 
@@ -447,17 +436,44 @@ class BlockCopy:
                     if got < len(view):
                         view[got:] = bytes(len(view) - got)
 
-                def writev(views, off):
-                    dst_storage.pwrite(b"".join(bytes(v) for v in views), off)
-                r = native.copy_batch_generic(read_into, writev, lay, src[sl], dst[sl],
-                                              length[sl], order, buf, zero_chunk, write_zeroes,
-                                              mark_base, mark_shift, local.mark)
+                r = native.copy_batch_generic(read_into, _storage_writev(dst_storage), lay,
+                                              src[sl], dst[sl], length[sl], order, buf,
+                                              zero_chunk, write_zeroes, mark_base, mark_shift,
+                                              local_mark)
             return r, int(length[sl].sum())
 
+        self._run_batches(bounds, buf_len, workers, run_batch, mark_buf)
+
+    def _run_batches(self, bounds: np.ndarray, buf_len: int, workers: int, run_batch,
+                     mark_buf) -> None:
+        """Run ``run_batch(a, b, buf, mark)`` over batches ``bounds[i]:bounds[i + 1]``.
+
+        On ``workers`` threads, each with its own buffer of ``buf_len`` bytes
+        and its own copy of the target's cluster marks (OR-ed into
+        ``mark_buf`` at the end); ``run_batch`` returns (stats, guest bytes):
+        stats as ``qp_copy_batch`` counts them.  Results are taken in batch
+        order, so progress and an interruption stop between batches.
+        """
+        local = threading.local()
+        marks: List[bytearray] = []
+        marks_lock = threading.Lock()
+
+        def run(ab):
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                # np.empty: pages are committed only as data lands in them
+                buf = local.buf = np.empty(buf_len, dtype=np.uint8)
+                local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
+                if local.mark is not None:
+                    with marks_lock:
+                        marks.append(local.mark)
+            return run_batch(ab[0], ab[1], buf, local.mark)
+
+        st = self.stats
         batches = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
-            results = pool.map(run_batch, batches) if pool else map(run_batch, batches)
+            results = pool.map(run, batches) if pool else map(run, batches)
             for r, nbytes in results:
                 st.bytes_read += int(r[0])
                 st.bytes_written += int(r[1])
@@ -509,82 +525,103 @@ class BlockCopy:
             copy_data(np.arange(start, d0))
             small = np.arange(d0, d1)[data.length[d0:d1] <= _MIXED_WINDOW]
             copy_data(np.setdiff1d(np.arange(d0, d1), small))
-            # extents that continue each other in the file: one read, written in pieces
-            sd, sdst = data.select(small), dst_data[small]
-            first = np.r_[True, sd.host[1:] != sd.host[:-1] + sd.length[:-1]] if len(sd) \
-                else np.zeros(0, dtype=bool)
-            heads = np.flatnonzero(first)
-            runs = Plan(sd.guest[heads], np.add.reduceat(sd.length, heads) if heads.size
-                        else sd.length[heads], sd.kind[heads], sd.layer[heads], sd.host[heads],
-                        sd.csize[heads])
-            both = Plan.concat([runs, comp.select(slice(c0, c1))])
-            dst = np.concatenate([sdst[heads], dst_comp[c0:c1]])
+            both = Plan.concat([data.select(small), comp.select(slice(c0, c1))])
             by_host = np.argsort(both.host, kind="stable")
-            scatter = {}
-            ends = np.r_[heads[1:], len(sd)]
-            for j in np.flatnonzero(ends - heads > 1).tolist():     # runs of several extents
-                a, b = int(heads[j]), int(ends[j])
-                offs = (sd.host[a:b] - sd.host[a]).tolist()
-                scatter[j] = list(zip(offs, sd.length[a:b].tolist(), sdst[a:b].tolist()))
-            position = np.empty(len(both), dtype=np.int64)
-            position[by_host] = np.arange(len(both))
-            scatter = {int(position[j]): v for j, v in scatter.items()}
-            self._copy_compressed(both.select(by_host), dst[by_host], dst_storage, mark,
-                                  scatter)
+            dst = np.concatenate([dst_data[small], dst_comp[c0:c1]])
+            self._copy_compressed(both.select(by_host), dst[by_host], dst_storage, mark)
             start = d1
         copy_data(np.arange(start, len(data)))
 
-    def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark,
-                         scatter=None) -> None:
-        """Compressed source clusters: read the streams in order, inflate on every core.
+    def _copy_compressed(self, comp: Plan, dst_off: np.ndarray, dst_storage, mark) -> None:
+        """Compressed source clusters (and plain extents among them), in batches.
 
-        Plain data extents in the list (from :meth:`_copy_mixed`) are read as they
-        are; ``scatter`` maps such an entry to the ``(offset in it, length, target
-        offset)`` of the extents it holds when it is several read as one.
+        A batch reads its streams with one request per run of them that
+        continue (or overlap: stored lengths are rounded to sectors) each other
+        in their file, so packed streams in host order are one sequential
+        read; inflates them on every core
+        (:func:`qcow2py.decompress.decompress_into`) into the batch's buffer;
+        then writes the pieces in target order like a data batch (zero
+        detection, gathered writes, in C with the GIL released).  Batches run
+        on ``workers`` threads, so one batch's I/O overlaps another's
+        inflating.
         """
         if not len(comp):
             return
         chain = self.source.chain()
-        st = self.stats
+        is_comp = comp.kind == P_COMPRESSED
+        cluster_size = np.array([img.cluster_size for img in chain], dtype=np.int64)
+        in_len = np.where(is_comp, comp.csize, comp.length)
+        out_len = np.where(is_comp, cluster_size[comp.layer], 0)
+        # where each entry is read from: 2 * layer + 1 is the layer's image file (its
+        # streams, and its data unless an external data file holds it), 2 * layer that file
+        in_image = np.array([self._layer_storage(i) is img.storage
+                             for i, img in enumerate(chain)], dtype=bool)
+        src_key = comp.layer.astype(np.int64) * 2 + (is_comp | in_image[comp.layer])
+        storages = {k: chain[k // 2].storage if k % 2 else self._layer_storage(k // 2)
+                    for k in np.unique(src_key).tolist()}
+        dst_fd = dst_storage.fileno()
+        zero_chunk = self.sparse_size
+        write_zeroes = bool(zero_chunk) and not self.target_is_zero
+        mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
+        workers = self.workers
+        cost = in_len + out_len
+        half = max(int(cost.max()), max(2 << 20, min(32 << 20, self.memory_limit // 2 // workers)))
+        batch = (np.cumsum(cost) - 1) // half
+        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, len(comp)]
 
-        def one(k: int):
-            if comp.kind[k] == P_DATA:
-                n = int(comp.length[k])
-                return k, self._layer_storage(int(comp.layer[k])).pread(int(comp.host[k]), n), n
-            img = chain[int(comp.layer[k])]
-            cs = img.cluster_size
-            co, sz = int(comp.host[k]), int(comp.csize[k])
-            raw = img.storage.pread(co, sz)
-            out = decompress_cluster(img.codec, raw, cs)
-            within = int(comp.guest[k]) % cs
-            return k, out[within:within + int(comp.length[k])], sz
+        def run_batch(a, b, buf, local_mark):
+            sl = slice(a, b)
+            key, host, ilen = src_key[sl], comp.host[sl], in_len[sl]
+            end = host + ilen
+            cont = np.zeros(b - a, dtype=bool)
+            cont[1:] = (key[1:] == key[:-1]) & (host[1:] >= host[:-1]) & (host[1:] <= end[:-1])
+            heads = np.flatnonzero(~cont)
+            run_host = host[heads]
+            run_len = np.maximum.reduceat(end, heads) - run_host
+            run_pos = np.r_[0, np.cumsum(run_len)[:-1]]
+            run_of = np.cumsum(~cont) - 1
+            pos = run_pos[run_of] + host - run_host[run_of]
+            mv = memoryview(buf)
+            run_key = key[heads]
+            segs = np.r_[0, np.flatnonzero(run_key[1:] != run_key[:-1]) + 1, heads.size]
+            for s0, s1 in zip(segs[:-1].tolist(), segs[1:].tolist()):
+                storages[int(run_key[s0])].read_runs(mv, run_pos[s0:s1], run_host[s0:s1],
+                                                     run_len[s0:s1])
+            n_read = int(run_len.sum())
+            # inflate into the space after the streams, one cluster each
+            piece = pos.copy()
+            ci = np.flatnonzero(is_comp[sl])
+            if ci.size:
+                layers = comp.layer[sl][ci]
+                olen = out_len[sl][ci]
+                out_pos = n_read + np.r_[0, np.cumsum(olen)[:-1]]
+                for li in np.unique(layers).tolist():
+                    sel = layers == li
+                    cs = chain[li].cluster_size
+                    dsts = [mv[o:o + cs] for o in out_pos[sel].tolist()]
+                    decompress_into(chain[li].codec, mv, pos[ci[sel]], ilen[ci[sel]], dsts, cs)
+                piece[ci] = out_pos + comp.guest[sl][ci] % cluster_size[layers]
+            length = comp.length[sl]
+            order = np.argsort(dst_off[sl], kind="stable")
+            if dst_fd is not None:
+                r = native.write_batch(piece, dst_off[sl], length, order, dst_fd, buf,
+                                       zero_chunk, write_zeroes, mark_base, mark_shift,
+                                       local_mark)
+            else:
+                r = native.write_batch_generic(_storage_writev(dst_storage), piece, dst_off[sl],
+                                               length, order, buf, zero_chunk, write_zeroes,
+                                               mark_base, mark_shift, local_mark)
+            r[0], r[3] = n_read, heads.size
+            return r, int(length.sum())
 
-        workers = max(2, self.workers)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for k, got, sz in pool.map(one, range(len(comp))):
-                st.bytes_read += sz
-                st.read_requests += 1
-                parts = [(memoryview(got)[o:o + n], d) for o, n, d in scatter[k]] \
-                    if scatter and k in scatter else [(got, int(dst_off[k]))]
-                for piece, dst in parts:
-                    self._put(piece, dst, dst_storage, mark)
+        self._run_batches(bounds, 2 * half, workers, run_batch, mark_buf)
 
-    def _put(self, piece, dst: int, dst_storage, mark) -> None:
-        """Write one copied piece (or skip it, all zero), mark its clusters, count it."""
-        st = self.stats
-        if self.sparse_size and native.is_zero(piece):
-            st.bytes_zero += len(piece)
-            if not self.target_is_zero:
-                dst_storage.pwrite(piece, dst)
-        else:
-            dst_storage.pwrite(piece, dst)
-            st.bytes_written += len(piece)
-            if mark is not None:
-                buf, base, shift = mark
-                for u in range((dst - base) >> shift,
-                               ((dst + len(piece) - 1 - base) >> shift) + 1):
-                    buf[u // 8] |= 1 << (u % 8)
-        self._advance(len(piece))
+
+def _storage_writev(storage):
+    """A ``writev(views, offset)`` over a storage's pwrite (storages without a file descriptor)."""
+    def writev(views, off):
+        storage.pwrite(b"".join(bytes(v) for v in views), off)
+    return writev
 
 
 def _clip(p: Plan, start: int, end: int) -> Plan:
