@@ -773,15 +773,26 @@ class WritableQcow2Image(Qcow2Image):
             self._flush_if_full()
 
     def _alloc_bytes(self, size: int) -> int:
-        """Room for a compressed stream: after the previous one when it fits in its host cluster."""
+        """Room for a compressed stream (``size`` < one cluster), packed after the previous one.
+
+        It goes right after the previous stream when that fits in the same
+        host cluster, or when the next host cluster allocated is the one that
+        follows: the stream then spans the two (the format allows it, QEMU
+        packs so, and ``qemu-img convert -c`` output is as small as QEMU's).
+        Every host cluster a stream touches counts it in its refcount.
+        """
         cs, cb = self.cluster_size, self.cluster_bits
         rc = self.refcounts
         off = getattr(self, "_free_byte", 0)
-        if off and (cs - off % cs >= size) and off % cs and \
-                rc.get(off >> cb) < rc.max_refcount:
+        shared = bool(off and off % cs) and rc.get(off >> cb) < rc.max_refcount
+        if shared and cs - off % cs >= size:
             rc.increment(np.array([off >> cb], dtype=np.int64))
         else:
-            off = self._allocate(1)
+            new = self._allocate(1)
+            if shared and new == (off >> cb) + 1 << cb:
+                rc.increment(np.array([off >> cb], dtype=np.int64))
+            else:
+                off = new
         self._free_byte = off + size
         return off
 
