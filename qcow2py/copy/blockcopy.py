@@ -30,8 +30,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .. import native
-from ..codec import decompress_cluster
-from ..decompress import decompress_into
+from ..decompress import decompress_into, read_and_decompress
 from ..errors import Qcow2Error
 from ..image import Image
 from ..qcow2 import Qcow2Image
@@ -248,16 +247,20 @@ class BlockCopy:
                     st.read_requests += int(sel.sum())
                     st.bytes_read += int(data.length[sel].sum())
                 comp = sub.select(sub.kind == P_COMPRESSED)
-                for k in range(len(comp)):
-                    img = chain[int(comp.layer[k])]
-                    raw = img.storage.pread(int(comp.host[k]), int(comp.csize[k]))
-                    out = decompress_cluster(img.codec, raw, img.cluster_size)
-                    g = int(comp.guest[k])
-                    within = g % img.cluster_size
-                    buf[g - w0:g - w0 + int(comp.length[k])] = \
-                        out[within:within + int(comp.length[k])]
-                    st.bytes_read += int(comp.csize[k])
-                    st.read_requests += 1
+                for li in np.unique(comp.layer).tolist():       # inflated on every core
+                    c = comp.select(comp.layer == li)
+                    if order == "host":
+                        c = c.select(np.argsort(c.host, kind="stable"))
+                    img = chain[li]
+                    lcs = img.cluster_size
+                    out = memoryview(bytearray(len(c) * lcs))
+                    read_and_decompress(img.codec, img.storage, c.host.tolist(), c.csize.tolist(),
+                                        [out[i * lcs:(i + 1) * lcs] for i in range(len(c))], lcs)
+                    for i, (g, n) in enumerate(zip(c.guest.tolist(), c.length.tolist())):
+                        within = i * lcs + g % lcs
+                        mv[g - w0:g - w0 + n] = out[within:within + n]
+                    st.bytes_read += int(c.csize.sum())
+                    st.read_requests += len(c)
                 arr = np.frombuffer(buf, dtype=np.uint8).reshape(-1, cs)
                 nonzero = np.flatnonzero(arr.any(axis=1))
                 st.bytes_zero += (arr.shape[0] - nonzero.size) * cs
