@@ -12,11 +12,13 @@ from .create import CreateError, create
 from .image import Image, Run, open
 from .bitmaps import Bitmap
 from .locking import ImageLockedError
+from .copy.blockcopy import BlockCopy, CopyStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
+    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
+    "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "__version__",
 ]

@@ -364,3 +364,26 @@ def test_cli_interrupt_removes_new_target(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.returncode == 1 and "interrupted" in p.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_block_copy_api_as_documented(tmp_path, fmt):
+    """``from qcow2py import BlockCopy`` with the keywords of the issue and the README;
+    progress ends at the total (zero ranges count as done)."""
+    from qcow2py import BlockCopy as TopLevel
+    src_path = tmp_path / "s.qcow2"
+    create(src_path, "8M")
+    qemu_io(src_path, "write -P 5 1M 200k", "write -P 6 5M 64k")
+    seen = []
+    with qcow2py.open(src_path) as src:
+        dst = qcow2py.create(tmp_path / "d", src.size, format=fmt)
+        try:
+            stats = TopLevel(src, dst, order="host", bitmap=None, compress=False,
+                             sparse_size=4096, workers=2, memory_limit=64 << 20,
+                             progress=lambda done, total: seen.append((done, total))).run()
+        finally:
+            dst.close()
+    assert stats.bytes_read >= 264 * 1024 and stats.bytes_written == 264 * 1024
+    assert stats.read_requests >= 1 and stats.seconds > 0
+    assert seen and seen[-1][0] == seen[-1][1] == 8 * MiB
+    assert qemu_img("compare", "-F", fmt, src_path, tmp_path / "d", check=False).returncode == 0

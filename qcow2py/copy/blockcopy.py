@@ -204,6 +204,8 @@ class BlockCopy:
             # no zero detection (-S 0): zeros are data too, the output fully allocated
             self._write_zero_data(zeros)
             zeros = zeros.select(np.zeros(len(zeros), dtype=bool))
+        # ranges with nothing to read are done at once (progress reaches the total)
+        self._advance(int(zeros.length.sum()) + int(plan.length[plan.kind == P_BACKING].sum()))
         if isinstance(self.target, Qcow2Image):
             self._run_qcow2(data, comp, zeros, plan)
         else:
