@@ -146,25 +146,6 @@ int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
     return 0;
 }
 
-static int read_full(int fd, uint8_t *p, size_t n, int64_t off)
-{
-    size_t done = 0;
-    while (done < n) {
-        ssize_t r = pread(fd, p + done, n - done, (off_t)(off + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0) {
-            memset(p + done, 0, n - done);
-            break;
-        }
-        done += (size_t)r;
-    }
-    return 0;
-}
-
 static void mark_range(uint8_t *mark, size_t mark_len, int64_t base, int shift,
                        int64_t start, int64_t end)
 {
@@ -293,54 +274,6 @@ int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
     if (g.cnt)
         return gather_flush(&g);
     return 0;
-}
-
-int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
-                  const int64_t *dst_off, const int64_t *len, const int64_t *write_order,
-                  int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,
-                  int write_zeroes, int64_t mark_base, int mark_shift, uint8_t *mark,
-                  size_t mark_len, int64_t *scratch, int64_t *stats)
-{
-    if (zero_chunk < 0 || mark_shift < 0 || mark_shift > 40)
-        return -EINVAL;
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (src_off[i] < 0 || dst_off[i] < 0 || len[i] < 0 ||
-            write_order[i] < 0 || (uint64_t)write_order[i] >= n)
-            return -EINVAL;
-        total += (uint64_t)len[i];
-    }
-    if (total > buf_len)
-        return -EINVAL;
-    /* read phase: one request per run of extents that continue each other */
-    int64_t pos = 0;
-    size_t i = 0;
-    while (i < n) {
-        size_t j = i;
-        int64_t run = len[i];
-        while (j + 1 < n && src_fd[j + 1] == src_fd[i] &&
-               src_off[j + 1] == src_off[j] + len[j]) {
-            j++;
-            run += len[j];
-        }
-        int64_t p = pos;
-        for (size_t k = i; k <= j; k++) {
-            scratch[k] = p;
-            p += len[k];
-        }
-        if (run > 0) {
-            int rc = read_full(src_fd[i], buf + pos, (size_t)run, src_off[i]);
-            if (rc)
-                return rc;
-            stats[0] += run;
-            stats[3] += 1;
-        }
-        pos += run;
-        i = j + 1;
-    }
-    return qp_write_batch(n, scratch, dst_off, len, write_order, dst_fd, buf, buf_len,
-                          zero_chunk, write_zeroes, mark_base, mark_shift, mark, mark_len,
-                          stats);
 }
 
 /* ------------------------------------------------------------------ bitmaps */

@@ -78,27 +78,17 @@ int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t
                                int64_t *out_guest, int64_t *out_len, int64_t *out_idx,
                                int64_t max_out);
 
-/* Copy one batch of extents through a buffer: read them in the given order,
- * merging extents that continue each other in the same source file into one
- * request, into buf (sum of len[] must fit in buf_len), then write them in
- * write_order[] (a permutation of 0..n-1, usually by target offset),
- * gathering pieces that continue each other in the target into one pwritev.
- * Zero detection works on chunks of zero_chunk bytes aligned in the target's
- * address space (0: none): an all-zero chunk is skipped, or written as zeros
- * when write_zeroes is set.  When mark is given, the bit of every target
- * unit ((dst - mark_base) >> mark_shift) that received non-zero data is set.
- * stats[0..3] += bytes read, bytes written, zero bytes, read requests.
- * scratch must hold n int64 (buffer positions).  Returns 0, -errno, or
- * -EINVAL for bad arguments. */
-int qp_copy_batch(size_t n, const int32_t *src_fd, const int64_t *src_off,
-                  const int64_t *dst_off, const int64_t *len, const int64_t *write_order,
-                  int dst_fd, uint8_t *buf, size_t buf_len, int64_t zero_chunk,
-                  int write_zeroes, int64_t mark_base, int mark_shift, uint8_t *mark,
-                  size_t mark_len, int64_t *scratch, int64_t *stats);
-
-/* The write phase of qp_copy_batch on its own, for data already in memory
- * (decompressed clusters): piece i is len[i] bytes at buf + buf_off[i], to
- * go to dst_off[i].  Same zero detection, marks and stats (stats[1..2]). */
+/* Write pieces of a buffer (a batch of a copy, read by qp_pread_runs or
+ * inflated): piece i is len[i] bytes at buf + buf_off[i], to go to
+ * dst_off[i].  Pieces are written in write_order[] (a permutation of
+ * 0..n-1, usually by target offset), those that continue each other in the
+ * target gathered into one pwritev.  Zero detection works on chunks of
+ * zero_chunk bytes aligned in the target's address space (0: none): an
+ * all-zero chunk is skipped, or written as zeros when write_zeroes is set.
+ * When mark is given, the bit of every target unit ((dst - mark_base) >>
+ * mark_shift) that received non-zero data is set.  stats[1], stats[2] +=
+ * bytes written, zero bytes.  Returns 0, -errno, or -EINVAL for bad
+ * arguments. */
 int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
                    const int64_t *len, const int64_t *write_order, int dst_fd,
                    const uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,

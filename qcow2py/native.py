@@ -197,47 +197,12 @@ def pread_runs_native(fd: int, buf, buf_offsets, host_offsets, lengths) -> None:
         raise OSError(-rc, os.strerror(-rc))
 
 
-# ---------------------------------------------------------------- copy_batch
-def copy_batch_generic(read_into, writev, src_key, src_off, dst_off, lengths, write_order,
-                       buf, zero_chunk: int, write_zeroes: bool, mark_base: int = 0,
-                       mark_shift: int = 0, mark=None, stats=None):
-    """The contract of ``qp_copy_batch`` over reader/writer callables.
-
-    ``read_into(i, view, offset)`` fills ``view`` from the source of extent
-    ``i``; extents ``i..j`` that continue each other in the same source
-    (``src_key`` equal, offsets adjacent) are read with one call.
-    ``writev(views, offset)`` writes consecutive pieces at ``offset``.
-    """
-    stats = stats if stats is not None else [0, 0, 0, 0]
-    n = len(lengths)
-    src_off = np.asarray(src_off, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if int(lengths.sum()) > len(buf):
-        raise ValueError("batch does not fit the buffer")
-    mv = memoryview(buf).cast("B")
-    pos_of = np.zeros(n, dtype=np.int64)
-    if n:
-        key = np.asarray(src_key)
-        cont = np.zeros(n, dtype=bool)
-        cont[1:] = (key[1:] == key[:-1]) & (src_off[1:] == src_off[:-1] + lengths[:-1])
-        pos_of[1:] = np.cumsum(lengths)[:-1]
-        starts = np.flatnonzero(~cont)
-        ends = np.r_[starts[1:], n]
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            run = int(lengths[a:b].sum())
-            if run:
-                p = int(pos_of[a])
-                read_into(a, mv[p:p + run], int(src_off[a]))
-                stats[0] += run
-                stats[3] += 1
-    return write_batch_generic(writev, pos_of, dst_off, lengths, write_order, mv, zero_chunk,
-                               write_zeroes, mark_base, mark_shift, mark, stats)
-
-
+# ---------------------------------------------------------------- write_batch
 def write_batch_generic(writev, buf_off, dst_off, lengths, write_order, buf, zero_chunk: int,
                         write_zeroes: bool, mark_base: int = 0, mark_shift: int = 0, mark=None,
                         stats=None):
-    """The contract of ``qp_write_batch`` over a ``writev(views, offset)`` callable."""
+    """The contract of ``qp_write_batch`` over a ``writev(views, offset)`` callable
+    (for targets without a file descriptor, and as the pure twin)."""
     stats = stats if stats is not None else [0, 0, 0, 0]
     mv = memoryview(buf).cast("B")
     pos_of = np.asarray(buf_off, dtype=np.int64)
@@ -294,26 +259,6 @@ def write_batch_generic(writev, buf_off, dst_off, lengths, write_order, buf, zer
     return stats
 
 
-def copy_batch_pure(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int, buf,
-                    zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
-                    mark_shift: int = 0, mark=None):
-    """fd-based twin of :func:`copy_batch_native`."""
-    fds = np.asarray(src_fds, dtype=np.int64)
-
-    def read_into(i, view, off):
-        done = 0
-        while done < len(view):
-            got = os.preadv(int(fds[i]), [view[done:]], off + done)
-            if got == 0:
-                view[done:] = bytes(len(view) - done)
-                break
-            done += got
-
-    return copy_batch_generic(read_into, _fd_writev(dst_fd), fds, src_off, dst_off, lengths,
-                              write_order, buf, zero_chunk, write_zeroes, mark_base, mark_shift,
-                              mark)
-
-
 def _fd_writev(fd: int):
     def writev(views, off):
         data = b"".join(bytes(v) for v in views)
@@ -355,45 +300,15 @@ def write_batch_native(buf_off, dst_off, lengths, write_order, dst_fd: int, buf,
     return stats.tolist()
 
 
-def copy_batch_native(src_fds, src_off, dst_off, lengths, write_order, dst_fd: int, buf,
-                      zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
-                      mark_shift: int = 0, mark=None):
-    """Copy one batch in C (GIL released); returns [read, written, zero, read requests]."""
-    fds = np.ascontiguousarray(src_fds, dtype=np.int32)
-    so, do, ln, wo = (np.ascontiguousarray(a, dtype=np.int64)
-                      for a in (src_off, dst_off, lengths, write_order))
-    if not (fds.size == so.size == do.size == ln.size == wo.size):
-        raise ValueError("extent arrays must have the same length")
-    scratch = np.empty(fds.size, dtype=np.int64)
-    stats = np.zeros(4, dtype=np.int64)
-    mv = memoryview(buf).cast("B")
-    mark_ptr = _ffi.from_buffer(mark) if mark is not None else _ffi.NULL
-    rc = _lib.qp_copy_batch(fds.size, _ffi.from_buffer("int32_t[]", fds),
-                            _ffi.from_buffer("int64_t[]", so), _ffi.from_buffer("int64_t[]", do),
-                            _ffi.from_buffer("int64_t[]", ln), _ffi.from_buffer("int64_t[]", wo),
-                            dst_fd, _ffi.from_buffer(mv, require_writable=True), len(mv),
-                            zero_chunk, int(write_zeroes), mark_base, mark_shift, mark_ptr,
-                            len(mark) if mark is not None else 0,
-                            _ffi.from_buffer("int64_t[]", scratch),
-                            _ffi.from_buffer("int64_t[]", stats))
-    if rc == -22:
-        raise ValueError("invalid arguments to copy_batch")
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    return stats.tolist()
-
-
 if USE_NATIVE:
     is_zero = is_zero_native
     decode_l2 = decode_l2_native
     pread_runs = pread_runs_native
-    copy_batch = copy_batch_native
     write_batch = write_batch_native
 else:
     is_zero = is_zero_pure
     decode_l2 = decode_l2_pure
     pread_runs = pread_runs_pure
-    copy_batch = copy_batch_pure
     write_batch = write_batch_pure
 
 

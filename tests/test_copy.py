@@ -188,6 +188,39 @@ def test_host_order_reads_are_ascending(tmp_path):
     assert qemu_img("compare", src, tmp_path / "t-host.raw", check=False).returncode == 0
 
 
+@pytest.mark.parametrize("shape", ["fragmented", "zstd", "chain"])
+def test_worker_threads_read_one_ascending_stream(tmp_path, monkeypatch, shape):
+    """With several workers and many small batches the file still sees the reads of one
+    sweep: batches take turns to read (random delays make untidy interleaving likely)."""
+    from qcow2py.storage import FileStorage
+    src = build(shape, tmp_path)
+    log, lock, rnd = [], __import__("threading").Lock(), random.Random(5)
+    real = FileStorage.read_runs
+
+    def read_runs(self, buf, buf_offsets, host_offsets, lengths):
+        __import__("time").sleep(rnd.random() / 500)
+        with lock:
+            log.extend((self.name, h, n) for h, n in zip(host_offsets.tolist(), lengths.tolist()))
+        return real(self, buf, buf_offsets, host_offsets, lengths)
+    monkeypatch.setattr(FileStorage, "read_runs", read_runs)
+    with qcow2py.open(src) as img:
+        tgt = qcow2py.create(tmp_path / "t.qcow2", img.size)
+        try:
+            stats = BlockCopy(img, tgt, order="host", workers=3, memory_limit=1 * MiB).run()
+        finally:
+            tgt.close()
+    assert stats.read_requests == len(log) > 4
+    by_file = {}
+    for name, h, n in log:
+        by_file.setdefault(name, []).append((h, n))
+    for reads in by_file.values():
+        for (o1, n1), (o2, _) in zip(reads, reads[1:]):
+            assert o2 >= o1 + n1 or shape == "zstd" and o2 >= o1     # streams share sectors
+    files = [name for name, _, _ in log]
+    assert files == sorted(files, key=files.index)          # one file after the other
+    assert qemu_img("compare", src, tmp_path / "t.qcow2", check=False).returncode == 0
+
+
 def test_guest_order_reads_follow_the_guest(tmp_path):
     src = build("fragmented", tmp_path)
     stats, reads = _traced_copy(src, tmp_path, "guest")

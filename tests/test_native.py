@@ -108,64 +108,6 @@ def test_pread_runs_twins(tmp_path_factory, runs):
 
 @settings(max_examples=60, deadline=None)
 @given(st.data())
-def test_copy_batch_twins(tmp_path_factory, data):
-    d = tmp_path_factory.mktemp("batch")
-    srcs = []
-    for k in range(2):
-        p = d / f"src{k}"
-        blocks = data.draw(st.lists(st.sampled_from([b"\0" * 512, bytes([k + 5]) * 512,
-                                                      b"\0" * 300 + b"\2" + b"\0" * 211]),
-                                    min_size=2, max_size=20))
-        p.write_bytes(b"".join(blocks))
-        srcs.append(p)
-    n = data.draw(st.integers(0, 12))
-    exts = []
-    for _ in range(n):
-        f = data.draw(st.integers(0, 1))
-        size = srcs[f].stat().st_size
-        off = data.draw(st.integers(0, size + 100))
-        exts.append((f, off, data.draw(st.integers(0, 2000))))
-    # sometimes make neighbours continue each other (merged reads)
-    for i in range(1, n):
-        if data.draw(st.booleans()):
-            f, o, ln = exts[i - 1]
-            exts[i] = (f, o + ln, exts[i][2])
-    dst_off, pos = [], 3
-    for _ in exts:
-        dst_off.append(pos)
-        pos += 2100
-    dst_off = data.draw(st.permutations(dst_off))
-    order = sorted(range(n), key=lambda i: dst_off[i])
-    zero_chunk = data.draw(st.sampled_from([0, 512, 1024]))
-    write_zeroes = data.draw(st.booleans())
-    results = []
-    for fn in (native.copy_batch_native, native.copy_batch_pure):
-        dst = d / f"dst-{fn.__name__}"
-        dst.write_bytes(b"\xee" * (pos + 10))
-        fds = [os.open(p, os.O_RDONLY) for p in srcs]
-        dfd = os.open(dst, os.O_RDWR)
-        mark = bytearray(64)
-        try:
-            stats = fn([fds[e[0]] for e in exts], [e[1] for e in exts], dst_off,
-                       [e[2] for e in exts], order, dfd, bytearray(sum(e[2] for e in exts) + 1),
-                       zero_chunk, write_zeroes, 0, 10, mark)
-        finally:
-            for fd in fds:
-                os.close(fd)
-            os.close(dfd)
-        results.append((list(stats), dst.read_bytes(), bytes(mark)))
-    assert results[0] == results[1]
-    contents = [p.read_bytes() for p in srcs]
-    out = results[0][1]
-    for (f, so, ln), do in zip(exts, dst_off):
-        want = contents[f][so:so + ln].ljust(ln, b"\0")
-        got = out[do:do + ln]
-        if zero_chunk == 0 or write_zeroes:
-            assert got == want
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.data())
 def test_write_batch_twins(tmp_path_factory, data):
     """Pieces of a buffer (overlapping, out of order) written by target offset."""
     d = tmp_path_factory.mktemp("wbatch")

@@ -3,9 +3,12 @@
 QEMU's convert and backup read in guest order; on a fragmented qcow2 that is
 a seek per cluster on a spinning disk.  BlockCopy plans the copy from the
 metadata (:mod:`.plan`), sorts the data extents by (file, host offset) and
-hands whole extent lists to C (``qp_copy_batch``), which reads big
-sequential pieces, skips zero chunks and writes to the target with the GIL
-released.
+moves them in batches: each batch is read with one request per run of
+extents that continue each other (``qp_pread_runs``), its compressed
+clusters inflated on every core, and written in target order, zero chunks
+skipped (``qp_write_batch``), all in C with the GIL released.  Worker
+threads overlap one batch's writing with the next one's reading, but the
+reads take turns: the source sees one ascending stream, as on a disk it must.
 
 Target layout: a new qcow2 target gets all its data clusters allocated in one
 run, in guest order, before the copy (so the output is defragmented whatever
@@ -398,15 +401,13 @@ class BlockCopy:
         each other in their file — in host order, one big sequential read —
         then written in target order, pieces that continue each other in the
         target gathered into one pwritev.  Batches run on ``workers`` threads,
-        each with its own buffer; the C code releases the GIL.
+        each with its own buffer, reading in turn (:meth:`_run_batches`).
         """
         if not len(data):
             return
         storages = [self._layer_storage(i) for i in range(len(self.source.chain()))]
         src_fds = [s.fileno() for s in storages]
         dst_fd = dst_storage.fileno()
-        zero_chunk = self.sparse_size
-        write_zeroes = bool(zero_chunk) and not self.target_is_zero
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
         st = self.stats
         native_ok = dst_fd is not None and all(fd is not None for fd in src_fds)
@@ -424,46 +425,58 @@ class BlockCopy:
         batch = (np.cumsum(length) - 1) // half
         bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, idx.size]
         st.backward_seeks += backward_seeks(layer, src, length)
-        fd_of_layer = np.array([fd if fd is not None else -1 for fd in src_fds], dtype=np.int32)
+        key = layer.astype(np.int64)
+        by_key = dict(enumerate(storages))
 
-        def run_batch(a, b, buf, local_mark):
-            sl = slice(a, b)
-            order = np.argsort(dst[sl], kind="stable")
-            if native_ok:
-                r = native.copy_batch(fd_of_layer[layer[sl]], src[sl], dst[sl], length[sl],
-                                      order, dst_fd, buf, zero_chunk, write_zeroes,
-                                      mark_base, mark_shift, local_mark)
-            else:
-                lay = layer[sl]
+        def read(a, b, buf):
+            return _read_batch(by_key, key[a:b], src[a:b], length[a:b], buf)
 
-                def read_into(i, view, off):
-                    got = storages[int(lay[i])].pread_into(view, off)
-                    if got < len(view):
-                        view[got:] = bytes(len(view) - got)
+        def write(a, b, buf, local_mark, got):
+            pos, n_read, requests = got
+            r = self._write_pieces(dst_storage, pos, dst[a:b], length[a:b], buf, local_mark,
+                                   (mark_base, mark_shift))
+            r[0], r[3] = n_read, requests
+            return r, int(length[a:b].sum())
 
-                r = native.copy_batch_generic(read_into, _storage_writev(dst_storage), lay,
-                                              src[sl], dst[sl], length[sl], order, buf,
-                                              zero_chunk, write_zeroes, mark_base, mark_shift,
-                                              local_mark)
-            return r, int(length[sl].sum())
+        self._run_batches(bounds, buf_len, workers, read, write, mark_buf)
 
-        self._run_batches(bounds, buf_len, workers, run_batch, mark_buf)
+    def _write_pieces(self, dst_storage, pos, dst, length, buf, local_mark, mark_at) -> list:
+        """Write ``length[i]`` bytes at ``buf[pos[i]:]`` to ``dst[i]``, in target order:
+        zero detection, gathered pwritev, in C with the GIL released."""
+        zero_chunk = self.sparse_size
+        write_zeroes = bool(zero_chunk) and not self.target_is_zero
+        order = np.argsort(dst, kind="stable")
+        fd = dst_storage.fileno()
+        if fd is not None:
+            return native.write_batch(pos, dst, length, order, fd, buf, zero_chunk,
+                                      write_zeroes, mark_at[0], mark_at[1], local_mark)
+        return native.write_batch_generic(_storage_writev(dst_storage), pos, dst, length, order,
+                                          buf, zero_chunk, write_zeroes, mark_at[0], mark_at[1],
+                                          local_mark)
 
-    def _run_batches(self, bounds: np.ndarray, buf_len: int, workers: int, run_batch,
+    def _run_batches(self, bounds: np.ndarray, buf_len: int, workers: int, read, write,
                      mark_buf) -> None:
-        """Run ``run_batch(a, b, buf, mark)`` over batches ``bounds[i]:bounds[i + 1]``.
+        """Run batches ``bounds[i]:bounds[i + 1]`` on ``workers`` threads.
 
-        On ``workers`` threads, each with its own buffer of ``buf_len`` bytes
-        and its own copy of the target's cluster marks (OR-ed into
-        ``mark_buf`` at the end); ``run_batch`` returns (stats, guest bytes):
-        stats as ``qp_copy_batch`` counts them.  Results are taken in batch
-        order, so progress and an interruption stop between batches.
+        ``read(a, b, buf)`` fills the thread's buffer (``buf_len`` bytes) and
+        returns what ``write(a, b, buf, mark, got)`` needs; ``write`` returns
+        ([bytes read, written, zero, read requests], guest bytes).  The reads take
+        turns in batch order, so the source sees one ascending stream of
+        requests, as a single reader would issue (on a disk two interleaved
+        streams cost a seek at each switch), while one batch's writing or
+        inflating overlaps the next one's reading.  Each thread has its own
+        copy of the target's cluster marks, OR-ed into ``mark_buf`` at the
+        end.  Results are taken in batch order, so progress and an
+        interruption stop between batches.
         """
         local = threading.local()
         marks: List[bytearray] = []
         marks_lock = threading.Lock()
+        turn = threading.Condition()
+        next_read = [0]
 
-        def run(ab):
+        def run(job):
+            i, (a, b) = job
             buf = getattr(local, "buf", None)
             if buf is None:
                 # np.empty: pages are committed only as data lands in them
@@ -472,10 +485,19 @@ class BlockCopy:
                 if local.mark is not None:
                     with marks_lock:
                         marks.append(local.mark)
-            return run_batch(ab[0], ab[1], buf, local.mark)
+            # batches start in order (FIFO queue), so batch i - 1 is running or done
+            with turn:
+                turn.wait_for(lambda: next_read[0] == i)
+            try:
+                got = read(a, b, buf)
+            finally:
+                with turn:
+                    next_read[0] += 1
+                    turn.notify_all()
+            return write(a, b, buf, local.mark, got)
 
         st = self.stats
-        batches = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        batches = list(enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
             results = pool.map(run, batches) if pool else map(run, batches)
@@ -564,9 +586,6 @@ class BlockCopy:
         src_key = comp.layer.astype(np.int64) * 2 + (is_comp | in_image[comp.layer])
         storages = {k: chain[k // 2].storage if k % 2 else self._layer_storage(k // 2)
                     for k in np.unique(src_key).tolist()}
-        dst_fd = dst_storage.fileno()
-        zero_chunk = self.sparse_size
-        write_zeroes = bool(zero_chunk) and not self.target_is_zero
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
         workers = self.workers
         cost = in_len + out_len
@@ -574,52 +593,60 @@ class BlockCopy:
         batch = (np.cumsum(cost) - 1) // half
         bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, len(comp)]
 
-        def run_batch(a, b, buf, local_mark):
+        def read(a, b, buf):
+            return _read_batch(storages, src_key[a:b], comp.host[a:b], in_len[a:b], buf)
+
+        def write(a, b, buf, local_mark, got):
+            pos, n_read, requests = got
             sl = slice(a, b)
-            key, host, ilen = src_key[sl], comp.host[sl], in_len[sl]
-            end = host + ilen
-            cont = np.zeros(b - a, dtype=bool)
-            cont[1:] = (key[1:] == key[:-1]) & (host[1:] >= host[:-1]) & (host[1:] <= end[:-1])
-            heads = np.flatnonzero(~cont)
-            run_host = host[heads]
-            run_len = np.maximum.reduceat(end, heads) - run_host
-            run_pos = np.r_[0, np.cumsum(run_len)[:-1]]
-            run_of = np.cumsum(~cont) - 1
-            pos = run_pos[run_of] + host - run_host[run_of]
-            mv = memoryview(buf)
-            run_key = key[heads]
-            segs = np.r_[0, np.flatnonzero(run_key[1:] != run_key[:-1]) + 1, heads.size]
-            for s0, s1 in zip(segs[:-1].tolist(), segs[1:].tolist()):
-                storages[int(run_key[s0])].read_runs(mv, run_pos[s0:s1], run_host[s0:s1],
-                                                     run_len[s0:s1])
-            n_read = int(run_len.sum())
             # inflate into the space after the streams, one cluster each
+            mv = memoryview(buf)
             piece = pos.copy()
             ci = np.flatnonzero(is_comp[sl])
             if ci.size:
                 layers = comp.layer[sl][ci]
-                olen = out_len[sl][ci]
-                out_pos = n_read + np.r_[0, np.cumsum(olen)[:-1]]
+                out_pos = n_read + np.r_[0, np.cumsum(out_len[sl][ci])[:-1]]
                 for li in np.unique(layers).tolist():
                     sel = layers == li
                     cs = chain[li].cluster_size
                     dsts = [mv[o:o + cs] for o in out_pos[sel].tolist()]
-                    decompress_into(chain[li].codec, mv, pos[ci[sel]], ilen[ci[sel]], dsts, cs)
+                    decompress_into(chain[li].codec, mv, pos[ci[sel]], in_len[sl][ci[sel]],
+                                    dsts, cs)
                 piece[ci] = out_pos + comp.guest[sl][ci] % cluster_size[layers]
             length = comp.length[sl]
-            order = np.argsort(dst_off[sl], kind="stable")
-            if dst_fd is not None:
-                r = native.write_batch(piece, dst_off[sl], length, order, dst_fd, buf,
-                                       zero_chunk, write_zeroes, mark_base, mark_shift,
-                                       local_mark)
-            else:
-                r = native.write_batch_generic(_storage_writev(dst_storage), piece, dst_off[sl],
-                                               length, order, buf, zero_chunk, write_zeroes,
-                                               mark_base, mark_shift, local_mark)
-            r[0], r[3] = n_read, heads.size
+            r = self._write_pieces(dst_storage, piece, dst_off[sl], length, buf, local_mark,
+                                   (mark_base, mark_shift))
+            r[0], r[3] = n_read, requests
             return r, int(length.sum())
 
-        self._run_batches(bounds, 2 * half, workers, run_batch, mark_buf)
+        self._run_batches(bounds, 2 * half, workers, read, write, mark_buf)
+
+
+def _read_batch(storages, key: np.ndarray, host: np.ndarray, length: np.ndarray, buf):
+    """Read entries (``storages[key[i]]``, ``host[i]``, ``length[i]``) into ``buf``.
+
+    One request per run of entries, in list order, that continue or overlap
+    each other in the same storage (compressed streams share sectors; shared
+    clusters repeat), each run after the previous one in the buffer.
+    Returns each entry's position in ``buf``, the bytes read and the number
+    of requests.
+    """
+    n = key.size
+    end = host + length
+    cont = np.zeros(n, dtype=bool)
+    cont[1:] = (key[1:] == key[:-1]) & (host[1:] >= host[:-1]) & (host[1:] <= end[:-1])
+    heads = np.flatnonzero(~cont)
+    run_host = host[heads]
+    run_len = np.maximum.reduceat(end, heads) - run_host
+    run_pos = np.r_[0, np.cumsum(run_len)[:-1]].astype(np.int64)
+    run_of = np.cumsum(~cont) - 1
+    pos = run_pos[run_of] + host - run_host[run_of]
+    mv = memoryview(buf)
+    run_key = key[heads]
+    segs = np.r_[0, np.flatnonzero(run_key[1:] != run_key[:-1]) + 1, heads.size]
+    for s0, s1 in zip(segs[:-1].tolist(), segs[1:].tolist()):
+        storages[int(run_key[s0])].read_runs(mv, run_pos[s0:s1], run_host[s0:s1], run_len[s0:s1])
+    return pos, int(run_len.sum()), int(heads.size)
 
 
 def _storage_writev(storage):
