@@ -221,6 +221,32 @@ def test_worker_threads_read_one_ascending_stream(tmp_path, monkeypatch, shape):
     assert qemu_img("compare", src, tmp_path / "t.qcow2", check=False).returncode == 0
 
 
+@pytest.mark.parametrize("shape,expect", [("fragmented", "host"), ("sequential", "guest"),
+                                          ("compressed-shuffled", "host"), ("zlib", "guest")])
+def test_auto_order(tmp_path, shape, expect):
+    """auto: host order when the stored clusters (plain or compressed) are out of guest order."""
+    if shape == "sequential":
+        src = tmp_path / "seq.qcow2"
+        create(src, "16M")
+        qemu_io(src, *[f"write -P {c + 1} {c * 65536} 64k" for c in range(0, 200, 3)])
+    elif shape == "compressed-shuffled":
+        src = tmp_path / "cs.qcow2"
+        create(src, "16M")
+        order = list(range(200))
+        random.Random(4).shuffle(order)
+        qemu_io(src, *[f"write -c -P {c % 200 + 1} {c * 65536} 64k" for c in order])
+    else:
+        src = build(shape, tmp_path)      # zlib: qemu-img convert -c, stored in guest order
+    with qcow2py.open(src) as img:
+        tgt = qcow2py.create(tmp_path / "t.qcow2", img.size)
+        try:
+            stats = BlockCopy(img, tgt, order="auto").run()
+        finally:
+            tgt.close()
+    assert stats.order == expect
+    assert qemu_img("compare", src, tmp_path / "t.qcow2", check=False).returncode == 0
+
+
 def test_guest_order_reads_follow_the_guest(tmp_path):
     src = build("fragmented", tmp_path)
     stats, reads = _traced_copy(src, tmp_path, "guest")

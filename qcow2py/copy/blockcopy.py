@@ -155,6 +155,8 @@ class BlockCopy:
         return Plan(g, n, plan.kind[i], plan.layer[i], host, plan.csize[i])
 
     def _choose_order(self, data: Plan) -> str:
+        """``order``, or for "auto" host order when more than ``auto_threshold`` of the
+        stored extents (guest order) start before the previous one in the same file."""
         if self.order != "auto":
             return self.order
         if len(data) < 2:
@@ -190,7 +192,9 @@ class BlockCopy:
         st.bytes_total = int(plan.length.sum())
         st.extents = len(plan)
         data = plan.select(plan.kind == P_DATA)
-        order = self._choose_order(data)
+        # compressed streams count too: an image of them written out of order is fragmented
+        order = self._choose_order(plan.select((plan.kind == P_DATA) |
+                                               (plan.kind == P_COMPRESSED)))
         st.order = order
         st.guest_order_backward_seeks = backward_seeks(data.layer, data.host, data.length)
         data = self._ordered(data, order)
