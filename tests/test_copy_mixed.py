@@ -60,3 +60,23 @@ def test_mixed_image_is_read_in_one_sweep(tmp_path, monkeypatch):
         self._copy_data(d, dd, s, mark=m), self._copy_compressed(c, dc, s, m)))
     stats, back = traced_copy(src, tmp_path / "two-pass.raw", "raw")
     assert back > 1 * MiB, back
+
+
+def test_guest_order_is_one_pass_over_a_mixed_image(tmp_path):
+    """Guest order reads plain and compressed clusters as the guest sees them, as QEMU
+    does (it read all the plain data first, then came back for the compressed)."""
+    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, plan_copy
+    src = mixed_image(tmp_path)
+    log = TraceLog()
+    with qcow2py.open(str(src), storage_wrapper=log.wrap, wrap_chain=True) as img:
+        plan = plan_copy(img.chain())
+        tgt = qcow2py.create(str(tmp_path / "g.raw"), img.size, format="raw")
+        stats = BlockCopy(img, tgt, order="guest").run()
+        tgt.close()
+    assert qemu_img("compare", src, tmp_path / "g.raw", check=False).returncode == 0
+    stored = (plan.kind == P_DATA) | (plan.kind == P_COMPRESSED)
+    guest_of = dict(zip(plan.host[stored].tolist(), plan.guest[stored].tolist()))
+    reads = log.reads()[-stats.read_requests:]
+    guests = [guest_of[off] for _, off, _ in reads]     # each read starts an extent
+    assert len(set(plan.kind[stored].tolist())) == 2 and len(guests) > 2
+    assert guests == sorted(guests)

@@ -419,15 +419,10 @@ class BlockCopy:
         buf_len = max(2 << 20, min(64 << 20, self.memory_limit // workers))
         half = buf_len // 2
         # split extents longer than half a buffer, then cut batches of <= one buffer
-        n_pieces = -(-data.length // half)
-        idx = np.repeat(np.arange(len(data)), n_pieces)
-        within = (np.arange(idx.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * half
-        length = np.minimum(data.length[idx] - within, half)
-        layer = data.layer[idx]
-        src = data.host[idx] + within
-        dst = dst_off[idx] + within
+        pieces, dst = _split_data(data, dst_off, half)
+        length, layer, src = pieces.length, pieces.layer, pieces.host
         batch = (np.cumsum(length) - 1) // half
-        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, idx.size]
+        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, len(pieces)]
         st.backward_seeks += backward_seeks(layer, src, length)
         key = layer.astype(np.int64)
         by_key = dict(enumerate(storages))
@@ -532,9 +527,16 @@ class BlockCopy:
         and the data extents between them are read together in host order (by
         the compressed path, which passes plain extents through).
         """
-        if self.stats.order != "host" or self._windowed or not len(data) or not len(comp):
+        if not len(data) or not len(comp):
             self._copy_data(data, dst_data, dst_storage, mark=mark)
             self._copy_compressed(comp, dst_comp, dst_storage, mark)
+            return
+        if self.stats.order != "host" or self._windowed:
+            # one pass in guest order, as QEMU reads (the compressed path takes plain extents)
+            both, dst = _split_data(Plan.concat([data, comp]),
+                                    np.concatenate([dst_data, dst_comp]), _MIXED_WINDOW)
+            by_guest = np.argsort(both.guest, kind="stable")
+            self._copy_compressed(both.select(by_guest), dst[by_guest], dst_storage, mark)
             return
         # (layer, window) keys: both lists are sorted by (layer, host) in host order
         kd = (data.layer.astype(np.int64) << 40) | (data.host // _MIXED_WINDOW)
@@ -592,6 +594,9 @@ class BlockCopy:
                     for k in np.unique(src_key).tolist()}
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
         workers = self.workers
+        # streams may share a sector with the one before: only a start before the
+        # previous start counts as a step back
+        self.stats.backward_seeks += backward_seeks(src_key, comp.host, np.ones_like(in_len))
         cost = in_len + out_len
         half = max(int(cost.max()), max(2 << 20, min(32 << 20, self.memory_limit // 2 // workers)))
         batch = (np.cumsum(cost) - 1) // half
@@ -651,6 +656,19 @@ def _read_batch(storages, key: np.ndarray, host: np.ndarray, length: np.ndarray,
     for s0, s1 in zip(segs[:-1].tolist(), segs[1:].tolist()):
         storages[int(run_key[s0])].read_runs(mv, run_pos[s0:s1], run_host[s0:s1], run_len[s0:s1])
     return pos, int(run_len.sum()), int(heads.size)
+
+
+def _split_data(p: Plan, dst: np.ndarray, limit: int):
+    """Data extents longer than ``limit`` cut into pieces of at most ``limit`` bytes
+    (other kinds are kept whole); returns the plan and the pieces' target offsets."""
+    n_pieces = np.where(p.kind == P_DATA, -(-p.length // limit), 1)
+    idx = np.repeat(np.arange(len(p)), n_pieces)
+    within = (np.arange(idx.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * limit
+    q = p.select(idx)
+    is_data = q.kind == P_DATA
+    length = np.where(is_data, np.minimum(q.length - within, limit), q.length)
+    host = np.where(is_data, q.host + within, q.host)
+    return Plan(q.guest + within, length, q.kind, q.layer, host, q.csize), dst[idx] + within
 
 
 def _storage_writev(storage):
