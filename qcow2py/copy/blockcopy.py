@@ -527,11 +527,12 @@ class BlockCopy:
         and the data extents between them are read together in host order (by
         the compressed path, which passes plain extents through).
         """
-        if not len(data) or not len(comp):
+        if not len(data) or not len(comp) or (self._windowed and self.stats.order == "host"):
+            # (a windowed plan is sorted window by window: two passes, each in order)
             self._copy_data(data, dst_data, dst_storage, mark=mark)
             self._copy_compressed(comp, dst_comp, dst_storage, mark)
             return
-        if self.stats.order != "host" or self._windowed:
+        if self.stats.order != "host":
             # one pass in guest order, as QEMU reads (the compressed path takes plain extents)
             both, dst = _split_data(Plan.concat([data, comp]),
                                     np.concatenate([dst_data, dst_comp]), _MIXED_WINDOW)
