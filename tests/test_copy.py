@@ -411,6 +411,37 @@ def test_cancelled_copy_leaves_a_consistent_target(tmp_path):
     assert len(calls) == 2
 
 
+def test_interrupt_with_workers_stops_promptly(tmp_path, monkeypatch):
+    """With worker threads, an interruption drops the batches not yet started."""
+    from qcow2py.storage import FileStorage
+    src_path = build("fragmented", tmp_path)
+    reads = []
+    real = FileStorage.read_runs
+
+    def read_runs(self, *args):
+        reads.append(1)
+        __import__("time").sleep(0.01)          # a slow disk: batches queue up
+        return real(self, *args)
+    monkeypatch.setattr(FileStorage, "read_runs", read_runs)
+    at_interrupt = []
+
+    def progress(done, total):
+        if reads and not at_interrupt:           # after the first batch
+            at_interrupt.append(len(reads))
+            raise KeyboardInterrupt
+
+    out = tmp_path / "stopped.qcow2"
+    with qcow2py.open(src_path) as src:
+        tgt = qcow2py.create(out, src.size)
+        with pytest.raises(KeyboardInterrupt):
+            BlockCopy(src, tgt, order="host", workers=2, memory_limit=1 * MiB,
+                      progress=progress).run()
+        tgt.close()
+    assert len(reads) <= at_interrupt[0] + 2 < 8       # of 12 batches
+    res = qemu_img("check", "--output=json", out, check=False)
+    assert res.returncode in (0, 3) and "corruptions" not in json.loads(res.stdout)
+
+
 def test_cli_interrupt_removes_new_target(tmp_path):
     src = build("fragmented", tmp_path)
     out = tmp_path / "gone.qcow2"

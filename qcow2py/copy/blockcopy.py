@@ -508,7 +508,8 @@ class BlockCopy:
                 self._advance(nbytes)
         finally:
             if pool is not None:
-                pool.shutdown(wait=True)
+                # an interruption: batches not started are dropped, running ones finish
+                pool.shutdown(wait=True, cancel_futures=True)
         if mark_buf is not None:
             acc = np.frombuffer(bytes(mark_buf), dtype=np.uint8).copy()
             for m in marks:
