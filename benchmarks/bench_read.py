@@ -40,9 +40,11 @@ import time
 from typing import Dict, List, Optional
 
 try:
+    from ._runner import add_common_args, load_average, report, rerun_isolated
     from .images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
 except ImportError:            # run as a plain file by pytest's rootdir-less import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._runner import add_common_args, load_average, report, rerun_isolated
     from benchmarks.images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
 
 CHUNK = 1 << 20
@@ -112,25 +114,6 @@ def _pure_child(path: str, check: bool) -> float:
     if p.returncode:
         raise RuntimeError(f"pure-mode child failed:\n{p.stderr}")
     return json.loads(p.stdout)["seconds"]
-
-
-def _raise_priority() -> None:
-    """In the new session's child: top priority for its autogroup and itself (needs root)."""
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write("-19")
-        os.nice(-19 - os.nice(0))
-    except OSError:
-        pass        # not root, or no autogroups: run as is (the header says so)
-
-
-def _priority() -> str:
-    try:
-        with open("/proc/self/autogroup") as f:
-            group = f.read().split()[-1]
-    except (OSError, IndexError):
-        group = "?"
-    return f"nice {os.nice(0)}, autogroup nice {group}"
 
 
 def _have_qemu() -> bool:
@@ -239,21 +222,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="comma-separated subset of " + ",".join(IMAGES))
     ap.add_argument("--pure", action="store_true",
                     help="also time the pure-Python mode (QCOW2PY_PURE=1, child process)")
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    ap.add_argument("--isolate", action="store_true",
-                    help="run in a new session (its own scheduler autogroup) at nice -19, so "
-                         "other load on a shared machine does not decide the result (root)")
+    add_common_args(ap)
     ap.add_argument("--child", metavar="IMG", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.isolate and not os.environ.get("QCOW2PY_BENCH_ISOLATED"):
-        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--isolate"]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        p = subprocess.run([sys.executable, "-m", "benchmarks.bench_read", *rest], cwd=root,
-                           env=dict(os.environ, QCOW2PY_BENCH_ISOLATED="1"),
-                           start_new_session=True, preexec_fn=_raise_priority)
-        return p.returncode
+    if args.isolate:
+        code = rerun_isolated("benchmarks.bench_read", argv)
+        if code is not None:
+            return code
 
     if args.child:
         if args.check:
@@ -268,18 +245,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(names) - set(IMAGES)
     if unknown:
         ap.error(f"unknown images: {', '.join(sorted(unknown))}")
-    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    load_before = load_average()
     rows = measure(names, args.rounds, args.pure,
                    log=lambda *a, **k: print(*a, **k))
     from qcow2py import native
-    print(f"qcow2py read vs qemu-img bench, median of {args.rounds} alternating rounds, "
-          f"{size_label(bench_size())} images, native module: "
-          f"{'yes' if native.HAVE_NATIVE else 'no (pure)'}, {os.cpu_count()} CPUs, "
-          f"load average before: {load_before}, {_priority()}")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(f"qcow2py read vs qemu-img bench, median of {args.rounds} alternating rounds, "
+           f"{size_label(bench_size())} images, native module: "
+           f"{'yes' if native.HAVE_NATIVE else 'no (pure)'}", load_before, format_table(rows),
+           rows, args.json)
     return 0
 
 

@@ -48,7 +48,6 @@ Two ways to run it (neither is collected by the normal test run):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -58,6 +57,12 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
+
+try:
+    from ._runner import add_common_args, load_average, report, rerun_isolated
+except ImportError:            # run as a plain file by pytest's rootdir-less import
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._runner import add_common_args, load_average, report, rerun_isolated
 
 KiB, MiB = 1 << 10, 1 << 20
 TARGET_RATIO = 2.0
@@ -268,27 +273,19 @@ def format_table(rows: List[dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .bench_read import _priority, _raise_priority
-
     names_all = list(workloads(64 * MiB))
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_write", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", default=",".join(names_all),
                     help="comma-separated subset of " + ",".join(names_all))
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    ap.add_argument("--isolate", action="store_true",
-                    help="run in a new session (its own scheduler autogroup) at nice -19, so "
-                         "other load on a shared machine does not decide the result (root)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
 
-    if args.isolate and not os.environ.get("QCOW2PY_BENCH_ISOLATED"):
-        rest = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--isolate"]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        p = subprocess.run([sys.executable, "-m", "benchmarks.bench_write", *rest], cwd=root,
-                           env=dict(os.environ, QCOW2PY_BENCH_ISOLATED="1"),
-                           start_new_session=True, preexec_fn=_raise_priority)
-        return p.returncode
+    if args.isolate:
+        code = rerun_isolated("benchmarks.bench_write", argv)
+        if code is not None:
+            return code
 
     if not _have_qemu():
         print("qemu-img not installed", file=sys.stderr)
@@ -297,17 +294,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(names) - set(names_all)
     if unknown:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    load_before = load_average()
     rows = measure(names, args.rounds, log=lambda *a, **k: print(*a, **k))
     size = bench_size()
-    print(f"qcow2py writes (+ flush) vs qemu-img bench -w, median of {args.rounds} "
-          f"alternating rounds, fresh {size // MiB} MiB qcow2 images (64 KiB clusters), "
-          f"qemu-img overhead subtracted {rows[0]['qemu_overhead']:.3f} s, "
-          f"{os.cpu_count()} CPUs, load average before: {load_before}, {_priority()}")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(f"qcow2py writes (+ flush) vs qemu-img bench -w, median of {args.rounds} "
+           f"alternating rounds, fresh {size // MiB} MiB qcow2 images (64 KiB clusters), "
+           f"qemu-img overhead subtracted {rows[0]['qemu_overhead']:.3f} s", load_before,
+           format_table(rows), rows, args.json)
     return 0
 
 
