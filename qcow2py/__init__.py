@@ -7,9 +7,11 @@
 
 from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
 from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
-                     ImageClosedError, Qcow2Error, UnsupportedFeatureError)
+                     ImageClosedError, Qcow2Error, SnapshotAccessError,
+                     UnsupportedFeatureError)
 from .create import CreateError, create
 from .image import Image, Run, open
+from .node import BlockKind, Extent, Node
 from .bitmaps import Bitmap
 from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
@@ -20,5 +22,6 @@ __all__ = [
     "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
     "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
-    "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "__version__",
+    "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
+    "Node", "Extent", "BlockKind", "__version__",
 ]

@@ -42,3 +42,9 @@ class BitmapError(Qcow2Error, ValueError):
     def __init__(self, message: str, hint=None):
         super().__init__(message)
         self.hint = hint
+
+
+class SnapshotAccessError(Qcow2Error, PermissionError):
+    """A point-in-time snapshot read touched bytes the snapshot no longer holds
+    (discarded after copy, outside its bitmap, or broken by a failed
+    copy-before-write).  NBD answers it with EINVAL, as QEMU does."""

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 from .backing import DEFAULT_POLICY, BackingPolicy
 from .errors import BackingChainError, FormatError, ImageClosedError
+from .node import BlockKind, Extent, Node, merge_extents
 from .storage import FileStorage, Storage
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -40,8 +41,9 @@ class Run:
         return self.data or self.zero
 
 
-class Image(ABC):
-    """Base class of every image format.  Subclasses set the attributes below."""
+class Image(Node):
+    """Base class of every image format (a :class:`~qcow2py.node.Node`).
+    Subclasses set the attributes below."""
 
     format: str = "?"
     filename: str = ""
@@ -74,6 +76,10 @@ class Image(ABC):
 
     def _close_layer(self) -> None:
         self.storage.close()
+
+    @property
+    def read_only(self) -> bool:
+        return not self.storage.writable
 
     @property
     def closed(self) -> bool:
@@ -148,6 +154,55 @@ class Image(ABC):
             out.append(img)
             img = img.backing
         return out
+
+    def block_status(self, offset: int, length: int) -> List[Extent]:
+        """The node protocol's map of ``[offset, offset+length)`` through the chain,
+        walked as QEMU's block-status walks it (see :mod:`qcow2py.node`)."""
+        self._check_open()
+        self._check_attached()
+        end = min(self.size, offset + length)
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        if offset >= end:
+            return []
+        return merge_extents(self._chain_status(offset, end - offset, 0))
+
+    def _host_file(self) -> str:
+        """The file this layer's data clusters live in."""
+        return self.filename
+
+    def _host_holes(self, host_offset: int, length: int):
+        """``(host_start, length, is_data)`` of a data run's host range, or None when
+        this layer's data runs need no look at the host file (see qcow2)."""
+        return None
+
+    def _chain_status(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        host_file = self._host_file()
+        for r in self.layer_runs(offset, length):
+            if r.data and r.offset is not None:
+                holes = self._host_holes(r.offset, r.length)
+                if holes is not None:
+                    # metadata-preallocated: QEMU asks the file, holes read as zeros
+                    for start, n, is_data in holes:
+                        yield Extent(r.start + (start - r.offset), n, BlockKind.DATA, depth,
+                                     start, host_file, known_zero=not is_data)
+                    continue
+            if r.allocated:
+                kind = (BlockKind.COMPRESSED if r.compressed else
+                        BlockKind.DATA if r.data else BlockKind.ZERO)
+                yield Extent(r.start, r.length, kind, depth, r.offset,
+                             host_file if r.offset is not None else None)
+                continue
+            b = self.backing
+            s, e = r.start, r.start + r.length
+            if b is not None and s < b.size:
+                yield from b._chain_status(s, min(e, b.size) - s, depth + 1)
+                s = min(e, b.size)
+            if s < e:
+                # unallocated at the bottom of the chain, or past a shorter backing
+                off = None if r.offset is None else r.offset + (s - r.start)
+                yield Extent(s, e - s, BlockKind.UNALLOCATED, depth, off,
+                             host_file if off is not None else None)
 
     def map(self, start: int = 0, length: Optional[int] = None) -> List[dict]:
         """The allocation map as ``qemu-img map --output=json`` reports it."""

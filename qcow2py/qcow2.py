@@ -478,6 +478,15 @@ class Qcow2Image(Image):
         from .check import check_image
         return check_image(self)
 
+    # ------------------------------------------------------------ block status
+    def _host_file(self) -> str:
+        return self.data_file_path or self.filename
+
+    def _host_holes(self, host_offset: int, length: int):
+        if not self.metadata_preallocated:
+            return None
+        return self.data_storage.allocation(host_offset, length)
+
     # ------------------------------------------------------------ facts
     @property
     def dirty(self) -> bool:

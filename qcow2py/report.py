@@ -12,6 +12,7 @@ import json
 from typing import Dict, List, Optional
 
 from .image import Image, backing_display_name
+from .node import Extent
 
 _BUCKETS = 512
 
@@ -131,64 +132,15 @@ def _qcow2_specific(img) -> dict:
 def image_map(img: Image, start: int = 0, length: Optional[int] = None) -> List[dict]:
     """``qemu-img map --output=json`` entries, merged as qemu-img merges them."""
     end = img.size if length is None else min(img.size, start + length)
-    out: List[dict] = []
-    for e in _chain_status(img, start, end - start, 0):
-        if out and _mergeable(out[-1], e):
-            out[-1]["length"] += e["length"]
-        else:
-            out.append(e)
+    return [_entry(e) for e in img.block_status(start, end - start)]
+
+
+def _entry(e: Extent) -> dict:
+    out = {"start": e.offset, "length": e.length, "depth": e.depth, "present": e.present,
+           "zero": e.zero, "data": e.data}
+    if e.host_offset is not None:
+        out["offset"] = e.host_offset
     return out
-
-
-def _entry(start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
-           offset: Optional[int]) -> dict:
-    e = {"start": start, "length": length, "depth": depth, "present": present,
-         "zero": zero, "data": data}
-    if offset is not None:
-        e["offset"] = offset
-    return e
-
-
-def _chain_status(img: Image, offset: int, length: int, depth: int):
-    """Block status over the chain, as QEMU's get_block_status walks it."""
-    for r in img.layer_runs(offset, length):
-        if r.data and r.offset is not None and getattr(img, "metadata_preallocated", False):
-            yield from _host_status(img, r, depth)
-            continue
-        if r.allocated:
-            yield _entry(r.start, r.length, depth, True, r.zero, r.data, r.offset)
-            continue
-        b = img.backing
-        if b is None:
-            # unallocated at the bottom: reads as zeros, not present
-            yield _entry(r.start, r.length, depth, False, True, False, r.offset)
-            continue
-        s, e = r.start, r.start + r.length
-        if s < b.size:
-            yield from _chain_status(b, s, min(e, b.size) - s, depth + 1)
-        if e > b.size:
-            s2 = max(s, b.size)
-            off = None if r.offset is None else r.offset + (s2 - s)
-            yield _entry(s2, e - s2, depth, False, True, False, off)
-
-
-def _host_status(img: Image, r, depth: int):
-    """A data run of a metadata-preallocated qcow2 layer, split where the host file
-    has holes (or ends): QEMU then asks the file, and reports holes as zeros."""
-    for start, n, is_data in img.data_storage.allocation(r.offset, r.length):
-        guest = r.start + (start - r.offset)
-        yield _entry(guest, n, depth, True, not is_data, True, start)
-
-
-def _mergeable(a: dict, b: dict) -> bool:
-    for k in ("depth", "present", "zero", "data"):
-        if a[k] != b[k]:
-            return False
-    if ("offset" in a) != ("offset" in b):
-        return False
-    if "offset" in a and a["offset"] + a["length"] != b["offset"]:
-        return False
-    return a["start"] + a["length"] == b["start"]
 
 
 def map_json(entries: List[dict]) -> str:
