@@ -8,7 +8,7 @@ an NVMe SSD):
 
 * **qcow2py guest** / **qcow2py host**: ``BlockCopy`` (order ``guest`` or
   ``host``) to a new qcow2 target, the source opened with a
-  :class:`qcow2py.storage.TraceLog` on every file of its chain (the traced
+  :class:`qcow2py.io.storage.TraceLog` on every file of its chain (the traced
   storages have no file descriptor, so the copy takes its Python I/O path, one
   batch at a time, and every request goes through the log);
 * **qcow2py-copy host, strace**: the real command (``qcow2py-copy --order
@@ -299,8 +299,8 @@ def chain_files(path: str) -> List[str]:
 def trace_qcow2py(src: str, order: str, tmp: str) -> Dict:
     """Copy with BlockCopy, every read of the source chain recorded; checks the copy."""
     import qcow2py
-    from qcow2py.copy.blockcopy import BlockCopy
-    from qcow2py.storage import TraceLog, UnsafeStorage
+    from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
+    from qcow2py.io.storage import TraceLog, UnsafeStorage
 
     dst = os.path.join(tmp, f"traced-{order}.qcow2")
     if os.path.exists(dst):
@@ -348,7 +348,7 @@ def sorted_extents(src: str) -> List[dm.IO]:
     """What a copy must read, each file front to back, touching ranges merged: the
     best single sweep the layout allows (no metadata reads)."""
     import qcow2py
-    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, plan_copy
+    from qcow2py.jobs.blockcopy.plan import P_COMPRESSED, P_DATA, plan_copy
 
     with qcow2py.open(src) as img:
         chain = img.chain()
@@ -380,7 +380,7 @@ def allocated_bytes(src: str):
     them included: what a head sweeping the data passes over).
     """
     import qcow2py
-    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, layer_arrays, plan_copy
+    from qcow2py.jobs.blockcopy.plan import P_COMPRESSED, P_DATA, layer_arrays, plan_copy
     from qcow2py.native import COMPRESSED, DATA
 
     def stored(kinds, lengths, hosts, csizes, i_comp):

@@ -7,7 +7,8 @@
 #include <stdint.h>
 
 /* Unit kinds produced by qp_decode_l2 (one unit = a cluster, or a subcluster
- * with extended L2).  Keep in sync with qcow2py/format/l2.py. */
+ * with extended L2): the values of ClusterKind in qcow2py/format/l2.py, which
+ * tests/test_format_l2.py checks against these #defines. */
 #define QP_UNALLOCATED        0  /* read from the backing file                   */
 #define QP_ZERO               1  /* reads as zeros, no host cluster              */
 #define QP_ZERO_ALLOC         2  /* reads as zeros, host cluster preallocated    */

@@ -9,14 +9,13 @@ from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
 from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
                      ImageClosedError, Qcow2Error, SnapshotAccessError,
                      UnsupportedFeatureError)
-from .create import CreateError, create
-from .image import Image, Run, open
+from .image import Image, Run
+from .io.locking import ImageLockedError
+from .jobs.blockcopy import BlockCopy, CopyStats
 from .node import BlockKind, Extent, Node
-from .bitmaps import Bitmap
-from .locking import ImageLockedError
-from .copy.blockcopy import BlockCopy, CopyStats
-
-__version__ = "0.1.0"
+from .opener import CreateError, create, open
+from .qcow2.bitmaps import Bitmap
+from .version import __version__
 
 __all__ = [
     "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",

@@ -1,4 +1,4 @@
-"""The Image protocol and :func:`open`.
+"""The Image base class: one layer of a chain, a :class:`~qcow2py.node.Node`.
 
 An :class:`Image` is one layer of a chain (qcow2 or raw) with its backing
 image, if any.  Reads go through the chain; ``layer_runs`` describes how one
@@ -11,15 +11,11 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional
 
-from .backing import DEFAULT_POLICY, BackingPolicy
-from .errors import BackingChainError, FormatError, ImageClosedError
+from .errors import BackingChainError, ImageClosedError
 from .node import BlockKind, Extent, Node, merge_extents
-from .storage import FileStorage, Storage
-
-QCOW2_MAGIC = b"QFI\xfb"
-
+from .io.storage import Storage
 
 @dataclass(frozen=True)
 class Run:
@@ -205,17 +201,30 @@ class Image(Node):
                              host_file if off is not None else None)
 
     def map(self, start: int = 0, length: Optional[int] = None) -> List[dict]:
-        """The allocation map as ``qemu-img map --output=json`` reports it."""
-        from .report import image_map
+        """The allocation map as ``qemu-img map --output=json`` reports it (entries
+        merged as qemu-img merges them)."""
         self._check_attached()
-        return image_map(self, start, length)
+        end = self.size if length is None else min(self.size, start + length)
+        return [_map_entry(e) for e in self.block_status(start, end - start)]
 
     def info(self, backing_chain: bool = False):
         """``qemu-img info --output=json`` of this image (a list with the chain)."""
-        from .report import image_info
         if backing_chain:
-            return [image_info(img) for img in self.chain()]
-        return image_info(self)
+            return [img.info() for img in self.chain()]
+        info: Dict[str, object] = {
+            "virtual-size": self.size,
+            "filename": self.filename,
+            "format": self.format,
+            # QEMU 7.2 counts the image's own file only: an external data file is left out
+            "actual-size": self.storage.allocated_size(),
+            "dirty-flag": bool(getattr(self, "dirty", False)),
+        }
+        info.update(self.format_info())
+        return info
+
+    def format_info(self) -> Dict[str, object]:
+        """The format's own fields of :meth:`info` (QEMU 7.2 ImageInfo); none for raw."""
+        return {}
 
     def actual_size(self) -> int:
         return self.storage.allocated_size()
@@ -224,99 +233,12 @@ class Image(Node):
         return f"<{type(self).__name__} {self.filename!r} size={self.size}>"
 
 
-def probe_format(storage: Storage) -> str:
-    """``"qcow2"`` if the storage starts with the qcow2 magic, else ``"raw"``."""
-    return "qcow2" if storage.pread(0, 4) == QCOW2_MAGIC else "raw"
-
-
-class _OpenContext:
-    """State shared while opening one chain: policy, depth and loop detection."""
-
-    def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
-                 writable: bool = False, lock: bool = True, storage_wrapper=None,
-                 repair: bool = False, wrap_chain: bool = False):
-        self.policy = policy
-        self.l2_cache_bytes = l2_cache_bytes
-        self.writable = writable          # applies to the top image only
-        self.lock = lock
-        self.storage_wrapper = storage_wrapper   # applies to the top image only...
-        self.wrap_chain = wrap_chain             # ...or, if set, to every file of the chain
-        self.repair = repair                     # opening for check -r: corrupt/dirty allowed
-        self.chain = True                        # open backing and data files
-        self.seen: Set[Tuple[int, int]] = set()
-        self.depth = 0
-
-
-def open(path: str, mode: str = "r", *, format: Optional[str] = None,
-         backing_policy: BackingPolicy = DEFAULT_POLICY,
-         l2_cache_bytes: Optional[int] = None, lock: bool = True,
-         storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False, chain: bool = True, wrap_chain: bool = False) -> Image:
-    """Open an image file; the format is probed unless given.
-
-    ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
-    takes QEMU's write locks unless ``lock`` is False).  Backing and data
-    files named inside the image are opened read-only through
-    ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
-    tables (per image).  ``storage_wrapper`` wraps the top image's
-    :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
-    crash tests, or feed a disk model); with ``wrap_chain=True`` it wraps every
-    file of the chain too (backing and external data files), e.g. with
-    :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
-    chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
-    image so that ``check(repair=...)`` can fix it.
-    ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
-    does: a backing or external data file it names is neither opened nor
-    needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
-    and ``map()`` raise :class:`BackingChainError`).
-    """
-    if mode not in ("r", "r+"):
-        raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
-    if not chain and mode != "r":
-        raise ValueError("chain=False opens images read-only (mode 'r')")
-    ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
-    ctx.chain = chain
-    return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
-
-
-def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
-                display_name: str) -> Image:
-    if ctx.depth > ctx.policy.max_depth:
-        raise BackingChainError(f"backing chain deeper than {ctx.policy.max_depth} images "
-                                f"at {display_name!r}")
-    writable = ctx.writable and ctx.depth == 0
-    try:
-        storage = FileStorage(path, writable=writable)
-    except FileNotFoundError as e:
-        if ctx.depth:
-            raise BackingChainError(f"backing file {display_name!r} not found") from e
-        raise
-    try:
-        st = os.fstat(storage.fileno())
-        key = (st.st_dev, st.st_ino)
-        if key in ctx.seen:
-            raise BackingChainError(f"backing chain loops back to {display_name!r}")
-        ctx.seen.add(key)
-        if ctx.storage_wrapper is not None and (ctx.depth == 0 or ctx.wrap_chain):
-            storage = ctx.storage_wrapper(storage)
-        if fmt is None:
-            fmt = probe_format(storage)
-        if fmt == "qcow2" and writable:
-            from .writer import WritableQcow2Image
-            img: Image = WritableQcow2Image(storage, display_name, ctx)
-        elif fmt == "qcow2":
-            from .qcow2 import Qcow2Image
-            img = Qcow2Image(storage, display_name, ctx)
-        elif fmt == "raw":
-            from .raw import RawImage
-            img = RawImage(storage, display_name)
-        else:
-            raise FormatError(f"unknown image format {fmt!r} (qcow2 or raw)")
-    except BaseException:
-        storage.close()
-        raise
-    return img
+def _map_entry(e: Extent) -> dict:
+    out = {"start": e.offset, "length": e.length, "depth": e.depth, "present": e.present,
+           "zero": e.zero, "data": e.data}
+    if e.host_offset is not None:
+        out["offset"] = e.host_offset
+    return out
 
 
 def backing_display_name(parent_name: str, name: str) -> str:
@@ -328,16 +250,3 @@ def backing_display_name(parent_name: str, name: str) -> str:
         return name
     cut = max(parent_name.rfind("/"), parent_name.find(":"))
     return parent_name[:cut + 1] + name
-
-
-def open_backing(parent: Image, name: str, fmt: Optional[str], ctx: _OpenContext) -> Image:
-    """Open the backing file ``name`` of ``parent`` through the context's policy."""
-    path = ctx.policy.resolve(name, parent.storage.name)
-    if fmt is not None and fmt not in ("qcow2", "raw"):
-        raise BackingChainError(f"backing file {name!r} has unsupported format {fmt!r}")
-    shown = path if name.startswith("file:") else backing_display_name(parent.filename, name)
-    ctx.depth += 1
-    try:
-        return _open_layer(path, fmt, ctx, display_name=shown)
-    finally:
-        ctx.depth -= 1

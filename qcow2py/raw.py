@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from .image import Image, Run
-from .storage import Storage
+from .io.storage import Storage
 
 
 class RawImage(Image):

@@ -9,10 +9,10 @@ identical text, not just equal JSON.
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from .image import Image, backing_display_name
-from .node import Extent
+from .errors import UnsupportedFeatureError
+from .image import Image
 
 _BUCKETS = 512
 
@@ -75,72 +75,15 @@ def _qemu_str(s: str) -> str:
     return "".join(out)
 
 
-# ------------------------------------------------------------------ info
+# ------------------------------------------------------------------ info, map
 def image_info(img: Image) -> dict:
     """The fields of ``qemu-img info --output=json`` (QEMU 7.2 ImageInfo)."""
-    info: Dict[str, object] = {
-        "virtual-size": img.size,
-        "filename": img.filename,
-        "format": img.format,
-        "actual-size": _actual_size(img),
-        "dirty-flag": bool(getattr(img, "dirty", False)),
-    }
-    if img.format == "qcow2":
-        from .qcow2 import Qcow2Image
-        assert isinstance(img, Qcow2Image)
-        h = img.header
-        info["cluster-size"] = img.cluster_size
-        if h.backing_file is not None:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = backing_display_name(img.filename, h.backing_file)
-            if h.backing_format is not None:
-                info["backing-filename-format"] = h.backing_format
-        if img.snapshots:
-            info["snapshots"] = [s.info() for s in img.snapshots]
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
-    return info
+    return img.info()
 
 
-def _actual_size(img: Image) -> int:
-    # QEMU 7.2 counts the image's own file only: an external data file is left out
-    return img.storage.allocated_size()
-
-
-def _qcow2_specific(img) -> dict:
-    h = img.header
-    if h.version == 2:
-        return {"compat": "0.10", "compression-type": h.compression_name,
-                "refcount-bits": h.refcount_bits}
-    d: Dict[str, object] = {
-        "compat": "1.1",
-        "compression-type": h.compression_name,
-        "lazy-refcounts": bool(h.compatible_features & 1),
-        "refcount-bits": h.refcount_bits,
-        "corrupt": bool(h.incompatible_features & 2),
-        "extended-l2": h.extended_l2,
-    }
-    if img.bitmaps:
-        d["bitmaps"] = [b.info() for b in img.bitmaps]
-    if h.has_data_file:
-        if h.data_file is not None:
-            d["data-file"] = h.data_file
-        d["data-file-raw"] = h.data_file_raw
-    return d
-
-
-# ------------------------------------------------------------------ map
 def image_map(img: Image, start: int = 0, length: Optional[int] = None) -> List[dict]:
     """``qemu-img map --output=json`` entries, merged as qemu-img merges them."""
-    end = img.size if length is None else min(img.size, start + length)
-    return [_entry(e) for e in img.block_status(start, end - start)]
-
-
-def _entry(e: Extent) -> dict:
-    out = {"start": e.offset, "length": e.length, "depth": e.depth, "present": e.present,
-           "zero": e.zero, "data": e.data}
-    if e.host_offset is not None:
-        out["offset"] = e.host_offset
-    return out
+    return img.map(start, length)
 
 
 def map_json(entries: List[dict]) -> str:
@@ -157,7 +100,6 @@ def map_json(entries: List[dict]) -> str:
 
 def map_human(img: Image, entries: List[dict]) -> str:
     """qemu-img's human ``map`` table (data ranges only)."""
-    from .errors import UnsupportedFeatureError
     chain = img.chain()
     rows = ["Offset          Length          Mapped to       File"]
     for e in entries:

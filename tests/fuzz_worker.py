@@ -119,7 +119,7 @@ def main() -> None:
     import qcow2py.report  # noqa: F401
     # start the decompression threads now, so their stacks count in the baseline
     try:
-        from qcow2py.decompress import pool as _pool
+        from qcow2py.qcow2.decompress import pool as _pool
     except ImportError:
         from qcow2py.qcow2 import _pool
     list(_pool().map(time.sleep, [0.01] * 2 * (os.cpu_count() or 2)))

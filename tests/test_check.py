@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import qcow2py
-from qcow2py.check import check_image
+from qcow2py.qcow2.check import check_image
 from qcow2py.format import refcount as rc
 from qcow2py.format.header import Header
 from qemu import create, qemu_img, qemu_io

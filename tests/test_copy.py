@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import qcow2py
-from qcow2py.copy.blockcopy import BlockCopy
-from qcow2py.storage import TracingStorage
+from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
+from qcow2py.io.storage import TracingStorage
 from qemu import create, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -192,7 +192,7 @@ def test_host_order_reads_are_ascending(tmp_path):
 def test_worker_threads_read_one_ascending_stream(tmp_path, monkeypatch, shape):
     """With several workers and many small batches the file still sees the reads of one
     sweep: batches take turns to read (random delays make untidy interleaving likely)."""
-    from qcow2py.storage import FileStorage
+    from qcow2py.io.storage import FileStorage
     src = build(shape, tmp_path)
     log, lock, rnd = [], __import__("threading").Lock(), random.Random(5)
     real = FileStorage.read_runs
@@ -374,7 +374,7 @@ def test_sparse_64g_copy_stays_small(tmp_path):
     qemu_io(src, "write -P 1 0 4M", "write -P 2 30G 4M", "write -P 3 63G 1M")
     # VmHWM, the peak of this process's own memory: ru_maxrss is not, a child that
     # exec()s keeps its parent's peak (a pytest worker past 150 MB failed the test)
-    code = ("import sys; from qcow2py.copy.cli import main; "
+    code = ("import sys; from qcow2py.cli.copy import main; "
             "rc = main(sys.argv[1:]); "
             "print([ln.split()[1] for ln in open('/proc/self/status') "
             "if ln.startswith('VmHWM:')][0]); sys.exit(rc)")
@@ -417,7 +417,7 @@ def _interrupted_copy(src_path, out, progress, **kw):
 
 def test_interrupt_with_workers_stops_promptly(tmp_path, monkeypatch):
     """With worker threads, an interruption drops the batches not yet started."""
-    from qcow2py.storage import FileStorage
+    from qcow2py.io.storage import FileStorage
     src_path = build("fragmented", tmp_path)
     reads = []
     real = FileStorage.read_runs
@@ -442,10 +442,10 @@ def test_interrupt_with_workers_stops_promptly(tmp_path, monkeypatch):
 def test_cli_interrupt_removes_new_target(tmp_path):
     src = build("fragmented", tmp_path)
     out = tmp_path / "gone.qcow2"
-    code = ("import sys, qcow2py.copy.blockcopy as b\n"
+    code = ("import sys, qcow2py.jobs.blockcopy.blockcopy as b\n"
             "def boom(self, n): raise KeyboardInterrupt\n"
             "b.BlockCopy._advance = boom\n"
-            "from qcow2py.copy.cli import main\n"
+            "from qcow2py.cli.copy import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     p = subprocess.run([sys.executable, "-c", code, "-O", "qcow2", str(src), str(out)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,8 +3,8 @@
 import os
 
 import qcow2py
-from qcow2py.copy.blockcopy import BlockCopy
-from qcow2py.storage import TraceLog
+from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
+from qcow2py.io.storage import TraceLog
 from qemu import create, qemu_img, qemu_io
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -65,7 +65,7 @@ def test_mixed_image_is_read_in_one_sweep(tmp_path, monkeypatch):
 def test_guest_order_is_one_pass_over_a_mixed_image(tmp_path):
     """Guest order reads plain and compressed clusters as the guest sees them, as QEMU
     does (it read all the plain data first, then came back for the compressed)."""
-    from qcow2py.copy.plan import P_COMPRESSED, P_DATA, plan_copy
+    from qcow2py.jobs.blockcopy.plan import P_COMPRESSED, P_DATA, plan_copy
     src = mixed_image(tmp_path)
     log = TraceLog()
     with qcow2py.open(str(src), storage_wrapper=log.wrap, wrap_chain=True) as img:

@@ -1,4 +1,4 @@
-"""Batch decompression into caller buffers (qcow2py.decompress) and its use by reads."""
+"""Batch decompression into caller buffers (qcow2py.qcow2.decompress) and its use by reads."""
 
 import hashlib
 import os
@@ -7,8 +7,9 @@ import zlib
 
 import pytest
 
-from qcow2py import CorruptImageError, decompress
-from qcow2py.codec import compress_cluster, decompress_cluster
+from qcow2py import CorruptImageError
+from qcow2py.qcow2 import decompress
+from qcow2py.format.codec import compress_cluster, decompress_cluster
 
 CS = 65536
 
@@ -96,7 +97,7 @@ def test_unknown_codec_raises():
 def test_sequential_small_reads_decompress_each_cluster_once(tmp_path):
     """4 KiB reads through compressed clusters fetch each stream from the file once."""
     import qcow2py
-    from qcow2py.storage import TracingStorage
+    from qcow2py.io.storage import TracingStorage
     from qemu import qemu_img
 
     data = b"".join(c for i, c in enumerate(_clusters(6, seed=3)) if i % 3)   # compressible

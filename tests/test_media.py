@@ -24,7 +24,7 @@ def bench_dir(tmp_path, monkeypatch):
 
 def test_compressed_shape_is_fragmented(bench_dir):
     import qcow2py
-    from qcow2py.copy.plan import layer_arrays
+    from qcow2py.jobs.blockcopy.plan import layer_arrays
     from qcow2py.native import COMPRESSED, DATA
 
     path = media.build_shape(SIZE, "compressed")

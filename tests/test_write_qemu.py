@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 
 import qcow2py
-from qcow2py.check import check_image
+from qcow2py.qcow2.check import check_image
 from qemu import create as qemu_create, need, qemu_img, run
 
 KiB = 1 << 10

@@ -1,1 +1,1 @@
-"""Block-copy: plan a copy from metadata, read in host order, write the target."""
+"""``python -m qcow2py.copy``: kept so that command keeps working (see qcow2py.cli.copy)."""

@@ -8,6 +8,12 @@ from typing import List
 
 from ..errors import FormatError
 
+#: bitmap table entries: host offset of a data cluster, reserved bits, and bit 0
+#: ("all ones") for a cluster that is not stored
+TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+TABLE_RESERVED_MASK = 0xFF000000000001FE
+TABLE_ALL_ONES = 1
+
 _ENTRY = struct.Struct(">QIIBBHI")        # 24 bytes
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1

@@ -15,6 +15,12 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import FormatError, UnsupportedFeatureError
 
 MAGIC = 0x514649FB
+MAGIC_BYTES = MAGIC.to_bytes(4, "big")
+
+
+def has_magic(buf: bytes) -> bool:
+    """Whether ``buf`` (the start of a file) begins with the qcow2 magic."""
+    return bytes(buf[:4]) == MAGIC_BYTES
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
 QEMU_HEADER_LENGTH = 112          # what QEMU 7.2 writes (compression_type + padding)

@@ -33,25 +33,20 @@ Lifecycle (QEMU's, so that both programs can share an image):
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from bitarray import bitarray
 
-from . import native
-from .errors import (BitmapError, CorruptImageError, FormatError, Qcow2Error,
+from .. import native
+from ..errors import (BitmapError, CorruptImageError, FormatError, Qcow2Error,
                      UnsupportedFeatureError)
-from .format.bitmap import (bitmap_info, FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,
+from ..format.bitmap import (bitmap_info, FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,
                             MAX_GRANULARITY_BITS, MAX_NAME, BitmapEntry, encode_bitmap_directory,
+                            TABLE_ALL_ONES, TABLE_OFFSET_MASK, TABLE_RESERVED_MASK,
                             entry_size, set_directory_flags)
-from .format.header import AUTOCLEAR_BITMAPS, BitmapsExtension
+from ..format.header import AUTOCLEAR_BITMAPS, BitmapsExtension
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .qcow2 import Qcow2Image
-
-TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-TABLE_RESERVED_MASK = 0xFF000000000001FE
-TABLE_ALL_ONES = 1
 MAX_TABLE_SIZE = 0x8000000            # entries (QEMU's BME_MAX_TABLE_SIZE)
 MAX_PHYS_SIZE = 0x20000000            # bytes of bitmap data (BME_MAX_PHYS_SIZE)
 TYPE_DIRTY_TRACKING = 1
@@ -266,7 +261,7 @@ class Bitmap:
         if self._bits is None:
             with self._load_lock:
                 if self._bits is None:
-                    self._bits = self._image._load_bitmap_bits(self)
+                    self._bits = self._image.load_bitmap_bits(self)
         return self._bits
 
     def _bit_range(self, start: int, length: Optional[int]) -> Tuple[int, int]:
@@ -330,31 +325,31 @@ class Bitmap:
         return None if i < 0 else max(offset, i * g)
 
     # ------------------------------------------------------------ changes (image opened "r+")
-    def _check_modifiable(self) -> None:
-        self._image._check_bitmap_writable(self)
+    def check_modifiable(self) -> None:
+        self._image.check_bitmap_writable(self)
         self._check_usable()
 
     def clear(self) -> None:
         """Clear every bit."""
-        self._check_modifiable()
+        self.check_modifiable()
         self.bits.setall(0)
 
     def enable(self) -> None:
         """Track writes from now on (stored as QEMU's "auto" flag)."""
-        self._check_modifiable()
+        self.check_modifiable()
         self._enabled = True
-        self._image._bitmaps_changed_state()
+        self._image.bitmaps_changed_state()
 
     def disable(self) -> None:
         """Stop tracking writes; the bits stay as they are."""
-        self._check_modifiable()
+        self.check_modifiable()
         self._enabled = False
-        self._image._bitmaps_changed_state()
+        self._image.bitmaps_changed_state()
 
     def merge_from(self, other: "Bitmap") -> None:
         """Set every bit that covers a byte dirty in ``other`` (a bitmap of this
         image or of another one of the same size, any granularity)."""
-        self._check_modifiable()
+        self.check_modifiable()
         other._check_usable()
         if other.size != self.size:
             raise BitmapError(f"Bitmaps are of different sizes (destination size is "
@@ -368,7 +363,7 @@ class Bitmap:
         for a, b in zip((lo // g).tolist(), (-(-(lo + n) // g)).tolist()):
             bits[a:b] = 1
 
-    def _mark(self, offset: int, length: int) -> None:
+    def mark(self, offset: int, length: int) -> None:
         """Mark guest bytes dirty (the writer calls this for every change)."""
         g = self.granularity
         self.bits[offset // g:-(-(offset + length) // g)] = 1
@@ -382,7 +377,7 @@ def attach(img) -> None:
         # a program without bitmap support wrote the image: the extension is stale,
         # and QEMU drops it (its clusters leak until check -r)
         h.bitmaps = None
-        img._write_header()
+        img.write_header()
     img._bitmaps_attached = True
     cs = img.cluster_size
     file_size = img.storage.size()
@@ -398,11 +393,11 @@ def attach(img) -> None:
     flags = [e.flags | FLAG_IN_USE for e in img.bitmap_directory]
     # the autoclear-bit protocol: a crash in the middle leaves a stale extension
     h.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    img._write_header()
+    img.write_header()
     img.storage.pwrite(set_directory_flags(raw, flags), ext.directory_offset)
     img.storage.fsync()
     h.autoclear_features |= AUTOCLEAR_BITMAPS
-    img._write_header()
+    img.write_header()
     for e, f in zip(img.bitmap_directory, flags):
         e.flags = f
     for b in consistent:
@@ -476,11 +471,11 @@ def store(img) -> None:
         used = np.flatnonzero(clusters.any(axis=1))
         table = np.zeros(tsize, dtype=np.uint64)
         if used.size:
-            host = img._allocate(int(used.size))
+            host = img.allocate(int(used.size))
             st.pwrite(clusters[used].tobytes(), host)
             table[used] = (host + np.arange(used.size, dtype=np.int64) * cs).astype(np.uint64)
         traw = table.astype(">u8").tobytes()
-        toff = img._allocate(-(-len(traw) // cs))
+        toff = img.allocate(-(-len(traw) // cs))
         st.pwrite(traw, toff)
         raw_name = b.entry.raw_name if b.entry is not None and b.entry.name == b.name else b""
         entries.append(BitmapEntry(toff, tsize, FLAG_AUTO if b.enabled else 0,
@@ -502,21 +497,21 @@ def store(img) -> None:
             t = read_table(st, e, cs, file_size) & np.uint64(TABLE_OFFSET_MASK)
             old.append((t[t != 0] // np.uint64(cs)).astype(np.int64))
     directory = encode_bitmap_directory(entries)
-    doff = img._allocate(-(-len(directory) // cs)) if entries else 0
+    doff = img.allocate(-(-len(directory) // cs)) if entries else 0
     if entries:
         st.pwrite(directory, doff)
-    img._flush_metadata()           # data, tables, directory and their refcounts: durable
+    img.flush_metadata()           # data, tables, directory and their refcounts: durable
     if entries:
         h.bitmaps = BitmapsExtension(len(entries), len(directory), doff)
         h.autoclear_features |= AUTOCLEAR_BITMAPS
     else:
         h.bitmaps = None
         h.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    img._write_header()             # the switch (synced)
+    img.write_header()             # the switch (synced)
     img._metadata_map = None
     if old:
         img.refcounts.free_later(np.concatenate(old))
-    img._flush_metadata()
+    img.flush_metadata()
     img.bitmap_directory = entries
     for b, e in zip(order, entries):
         b.entry = e

@@ -18,8 +18,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..image import Image
-from ..native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
+from ...image import Image
+from ...native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
+from ...qcow2.read import Qcow2Image
 
 # plan kinds
 P_DATA = 1          # copy bytes from (layer, host)
@@ -74,7 +75,6 @@ def layer_arrays(img: Image, start: int, end: int):
     if end <= start:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.uint8), z, z
-    from ..qcow2 import Qcow2Image
     if isinstance(img, Qcow2Image):
         s, n, k, h, c = img.run_arrays(start, end - start)
         return s, n, k, h, (c if c is not None else np.zeros(s.size, np.int64))

@@ -9,18 +9,18 @@ the normal allocator.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from . import locking
-from .errors import FormatError, Qcow2Error
-from .format import refcount as rc
-from .format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+from ..errors import FormatError, Qcow2Error
+from ..format import refcount as rc
+from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
                             INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
                             MAX_L1_BYTES, QEMU_FEATURE_TABLE, Header)
-from .image import Image, open as open_image, probe_format
-from .storage import FileStorage
+from ..io import locking
+from ..io.storage import FileStorage
+from .refcounts import RefcountManager
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 
@@ -35,91 +35,7 @@ def _cluster_bits(cluster_size: int) -> int:
     return cluster_size.bit_length() - 1
 
 
-def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
-           cluster_size: int = 65536, compat: str = "1.1", refcount_bits: int = 16,
-           extended_l2: bool = False, lazy_refcounts: bool = False,
-           compression_type: str = "zlib", backing_file: Optional[str] = None,
-           backing_format: Optional[str] = None, data_file: Optional[str] = None,
-           data_file_raw: bool = False, preallocation: str = "off",
-           lock: bool = True, storage_wrapper=None) -> Image:
-    """Create an image and return it opened "r+".
-
-    Options and their checks follow ``qemu-img create -f qcow2 -o ...``.
-    ``size`` may be omitted when a backing file gives it.  ``storage_wrapper``
-    is passed to :func:`qcow2py.open` (to trace or journal the new image).
-    """
-    return _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
-                   extended_l2, lazy_refcounts, compression_type, backing_file,
-                   backing_format, data_file, data_file_raw, preallocation, lock,
-                   storage_wrapper, keep_open=True)
-
-
-def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
-                cluster_size: int = 65536, compat: str = "1.1", refcount_bits: int = 16,
-                extended_l2: bool = False, lazy_refcounts: bool = False,
-                compression_type: str = "zlib", backing_file: Optional[str] = None,
-                backing_format: Optional[str] = None, data_file: Optional[str] = None,
-                data_file_raw: bool = False, preallocation: str = "off",
-                lock: bool = True) -> None:
-    """Create an image as :func:`create` does, but leave it closed (``qemu-img create``).
-
-    The backing file is opened only when it must give the size or its format
-    is to be probed, so with both given it need not exist yet
-    (``qemu-img create -u``).
-    """
-    _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
-            extended_l2, lazy_refcounts, compression_type, backing_file, backing_format,
-            data_file, data_file_raw, preallocation, lock, None, keep_open=False)
-
-
-def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
-            lazy_refcounts, compression_type, backing_file, backing_format, data_file,
-            data_file_raw, preallocation, lock, storage_wrapper, keep_open):
-    if preallocation not in PREALLOCATION_MODES:
-        raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
-    if format == "raw":
-        if lock:
-            _claim(path)
-        img = _create_raw(path, size, preallocation, storage_wrapper)
-        if not keep_open:
-            img.close()
-        return img
-    if format != "qcow2":
-        raise CreateError(f"Unknown format '{format}' (qcow2 or raw)")
-    header = _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
-                           lazy_refcounts, compression_type, backing_file, backing_format,
-                           data_file, data_file_raw, preallocation)
-    data_path = None
-    if data_file is not None:
-        data_path = data_file if os.path.isabs(data_file) else \
-            os.path.join(os.path.dirname(path), data_file)
-    if lock:
-        _claim(path)
-        if data_path is not None:
-            _claim(data_path)
-    _write_fresh_qcow2(path, header)
-    if data_path is not None:
-        with open(data_path, "wb") as f:          # qemu-img create overwrites it
-            f.truncate(header.size)               # as long as the guest disk, like QEMU's
-            if preallocation in ("falloc", "full"):
-                os.posix_fallocate(f.fileno(), 0, header.size)
-    if data_file_raw and preallocation == "off":
-        preallocation = "metadata"        # a raw data file must stay a valid raw image
-    if not keep_open and preallocation == "off":
-        return None
-    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
-    if preallocation != "off":
-        try:
-            _preallocate(img, preallocation)
-        except BaseException:
-            img.close()
-            raise
-    if not keep_open:
-        img.close()
-    return img
-
-
-def _claim(path: str) -> None:
+def claim(path: str) -> None:
     """Refuse to overwrite a file another process has open for writing, or does not
     let others write (a running VM, qemu-nbd, a qcow2py writer), as qemu-img create
     refuses: it would truncate the image under them."""
@@ -134,9 +50,13 @@ def _claim(path: str) -> None:
         os.close(fd)
 
 
-def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
-                  lazy_refcounts, compression_type, backing_file, backing_format,
-                  data_file, data_file_raw, preallocation) -> Header:
+def qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
+                 lazy_refcounts, compression_type, backing_file, backing_format,
+                 data_file, data_file_raw, preallocation,
+                 probe_backing: Callable[[str, Optional[str]], Tuple[str, int]]) -> Header:
+    """The header of a new image, with qemu-img create's checks in its order.
+    ``probe_backing(path, format)`` gives the backing file's (format, size) when
+    they are needed and not given (the opener's policy: the driver opens no file)."""
     bits = _cluster_bits(int(cluster_size))
     if compat in ("0.10", "v2"):
         version = 2
@@ -183,10 +103,10 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
         bpath = backing_file if os.path.isabs(backing_file) else \
             os.path.join(os.path.dirname(path), backing_file)
         if backing_format is None or size is None:
-            with open_image(bpath, format=backing_format) as b:
-                backing_format = backing_format or b.format
-                if size is None:
-                    size = b.size
+            probed_format, probed_size = probe_backing(bpath, backing_format)
+            backing_format = backing_format or probed_format
+            if size is None:
+                size = probed_size
         if backing_format not in ("qcow2", "raw"):
             raise CreateError(f"Unknown backing file format '{backing_format}'")
     if size is None:
@@ -229,7 +149,7 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
     return h
 
 
-def _write_fresh_qcow2(path: str, h: Header) -> None:
+def write_fresh_qcow2(path: str, h: Header) -> None:
     """Header, refcount table, one refcount block and the L1 table, as QEMU lays them out."""
     cs = h.cluster_size
     st = FileStorage(path, writable=True, create=True)
@@ -257,7 +177,6 @@ def _write_fresh_qcow2(path: str, h: Header) -> None:
 
 
 def _write_large_fresh(st: FileStorage, h: Header, l1_clusters: int) -> None:
-    from .refcounts import RefcountManager
     cs = h.cluster_size
     per_block = rc.entries_per_block(cs, h.refcount_order)
     counts = np.zeros(per_block, dtype=np.uint64)
@@ -281,65 +200,21 @@ def _write_large_fresh(st: FileStorage, h: Header, l1_clusters: int) -> None:
     st.fsync()
 
 
-def _preallocate(img, mode: str) -> None:
-    """Allocate every L2 table and data cluster, as QEMU's preallocation does.
-
-    "metadata" allocates each L2 table followed by its data clusters; "falloc"
-    and "full" allocate the L2 tables first and then one contiguous data area
-    (which they also reserve or zero-fill).  With a raw external data file the
-    guest offset *is* the host offset, and nothing is refcounted.
-    """
-    cs = img.cluster_size
-    size = img.size
-    # extended L2 entries are (entry, subcluster bitmap) pairs: preallocated clusters
-    # get bitmap 0, as QEMU leaves them
-    step = 2 if img.extended_l2 else 1
-    span = cs * (cs // (8 * step))
-    copied = np.uint64(1) << np.uint64(63)
-    raw_data = img.header.has_data_file
-    with img._lock:
-        tables = []
-        for l1i in range(img.header.l1_size):
-            start = l1i * span
-            n = -(-min(span, size - start) // cs)
-            l2 = img._writable_l2(l1i)
-            if raw_data:
-                hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                l2[:n * step:step] = hosts | copied
-                img._touch_l2(l1i)
-            elif mode == "metadata":
-                host = img._allocate(n)
-                l2[:n * step:step] = (np.uint64(host) + np.arange(n, dtype=np.uint64) *
-                                      np.uint64(cs)) | copied
-                img._touch_l2(l1i)
-            else:
-                tables.append((l1i, l2, n))
-        if tables:
-            total = sum(n for _, _, n in tables)
-            host = img._allocate(total)
-            end = host + total * cs
-            pos = host
-            for l1i, l2, n in tables:
-                l2[:n * step:step] = (np.uint64(pos) + np.arange(n, dtype=np.uint64) *
-                                      np.uint64(cs)) | copied
-                img._touch_l2(l1i)
-                pos += n * cs
-            if mode == "full":
-                zero = bytes(min(total * cs, 1 << 20))
-                for p in range(host, end, len(zero)):
-                    img.storage.pwrite(zero[:min(len(zero), end - p)], p)
-            else:
-                os.posix_fallocate(img.storage.fileno(), host, end - host)
-        elif not raw_data:
-            # metadata preallocation: the file covers the data area (sparse)
-            end = img._file_size
-            if img.storage.size() < end:
-                img.storage.truncate(end)
-        img._flush_metadata()
+def create_data_file(path: str, size: int, preallocation: str) -> None:
+    """The external data file of a new image: truncated to the guest size, like QEMU's
+    (qemu-img create overwrites it), reserved with falloc/full preallocation."""
+    st = FileStorage(path, writable=True, create=True)
+    try:
+        st.truncate(0)
+        st.truncate(size)
+        if preallocation in ("falloc", "full"):
+            st.fallocate(0, size)
+    finally:
+        st.close()
 
 
-def _create_raw(path: str, size: Optional[int], preallocation: str,
-                storage_wrapper=None) -> Image:
+def create_raw(path: str, size: Optional[int], preallocation: str) -> None:
+    """A raw image of ``size`` bytes (whole sectors), preallocated as asked."""
     if size is None:
         raise CreateError("Image creation needs a size parameter")
     size = -(-int(size) // 512) * 512            # whole sectors, as qemu-img rounds
@@ -355,4 +230,3 @@ def _create_raw(path: str, size: Optional[int], preallocation: str,
         st.fsync()
     finally:
         st.close()
-    return open_image(path, "r+", format="raw", storage_wrapper=storage_wrapper)

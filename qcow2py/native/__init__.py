@@ -14,20 +14,18 @@ from typing import Tuple
 
 import numpy as np
 
-from .errors import CorruptImageError
+from ..errors import CorruptImageError
+from ..format.l2 import (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+                         OFLAG_ZERO, ClusterKind, csize_shift)
 
-# Unit kinds (one unit = a guest cluster, or a subcluster with extended L2).
-UNALLOCATED = 0        # read through to the backing file
-ZERO = 1               # reads as zeros, no host cluster
-ZERO_ALLOC = 2         # reads as zeros, host cluster preallocated
-DATA = 3               # data at the host offset
-COMPRESSED = 4         # compressed cluster; host offset is a byte offset
-UNALLOCATED_ALLOC = 5  # extended L2: unallocated subcluster of an allocated cluster
-
-_L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-_COPIED = 1 << 63
-_COMPRESSED = 1 << 62
+# Unit kinds (one unit = a guest cluster, or a subcluster with extended L2), as plain
+# ints for numpy: the values of format.l2.ClusterKind
+UNALLOCATED = int(ClusterKind.UNALLOCATED)
+ZERO = int(ClusterKind.ZERO)
+ZERO_ALLOC = int(ClusterKind.ZERO_ALLOC)
+DATA = int(ClusterKind.DATA)
+COMPRESSED = int(ClusterKind.COMPRESSED)
+UNALLOCATED_ALLOC = int(ClusterKind.UNALLOCATED_ALLOC)
 
 _ERRORS = {
     -2: "reserved bits set",
@@ -38,7 +36,7 @@ _ERRORS = {
 _ffi = _lib = None
 if True:
     try:  # pragma: no cover - depends on the build
-        from ._native import ffi as _ffi, lib as _lib
+        from .._native import ffi as _ffi, lib as _lib
     except ImportError:
         _ffi = _lib = None
 
@@ -91,16 +89,16 @@ def decode_l2_pure(table, cluster_bits: int, extended: bool = False,
     else:
         entries, bitmaps = raw, None
     n = entries.size
-    compressed = (entries & np.uint64(_COMPRESSED)) != 0
-    copied = (entries & np.uint64(_COPIED)) != 0
-    off = entries & np.uint64(_L2E_OFFSET_MASK)
+    compressed = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+    copied = (entries & np.uint64(OFLAG_COPIED)) != 0
+    off = entries & np.uint64(L2E_OFFSET_MASK)
     allocated = (off != 0) | (copied & bool(external_data))
 
     bad = [(-2, compressed & copied)]
     if extended:
         bad.append((-4, compressed & (bitmaps != 0)))
     std = ~compressed
-    bad.append((-2, std & ((entries & np.uint64(_L2E_STD_RESERVED_MASK)) != 0)))
+    bad.append((-2, std & ((entries & np.uint64(L2E_STD_RESERVED_MASK)) != 0)))
     bad.append((-3, std & ((off & np.uint64((1 << cluster_bits) - 1)) != 0)))
     if extended:
         alloc = bitmaps & np.uint64(0xFFFFFFFF)
@@ -114,11 +112,10 @@ def decode_l2_pure(table, cluster_bits: int, extended: bool = False,
     if first is not None:
         raise _l2_error(first[0], first[1], bytes(memoryview(table).cast("B")), extended)
 
-    csize_shift = 62 - (cluster_bits - 8)
-    coff = (entries & np.uint64((1 << csize_shift) - 1)).astype(np.int64)
+    coff = (entries & np.uint64((1 << csize_shift(cluster_bits)) - 1)).astype(np.int64)
     off = off.astype(np.int64)
     if not extended:
-        zero_flag = (entries & np.uint64(1)) != 0
+        zero_flag = (entries & np.uint64(OFLAG_ZERO)) != 0
         kinds = np.full(n, UNALLOCATED, dtype=np.uint8)
         kinds[allocated] = DATA
         kinds[zero_flag & allocated] = ZERO_ALLOC

@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 
-from .errors import Qcow2Error
+from ..errors import Qcow2Error
 
 PERM_BASE, SHARED_BASE = 100, 200
 CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 0, 1, 2, 3

@@ -21,15 +21,18 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .format import refcount as rc
-from .errors import CorruptImageError
-from .format.header import Header
-from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
+from ..format import refcount as rc
+from ..errors import CorruptImageError
+from ..format.header import Header
+from ..format.l2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+                         OFLAG_COMPRESSED, OFLAG_COPIED)
+# issue #11 (check.py is being rewritten): ``Qcow2Image`` in the annotations is the
+# driver (qcow2/read.py) passed in, not imported, so that the reader can offer check()
 
-_L2E_OFFSET_MASK = np.uint64(0x00FFFFFFFFFFFE00)
-_L2E_STD_RESERVED = np.uint64(0x3F000000000001FE)
-_COPIED = np.uint64(1 << 63)
-_COMPRESSED = np.uint64(1 << 62)
+_L2E_OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
+_L2E_STD_RESERVED = np.uint64(L2E_STD_RESERVED_MASK)
+_COPIED = np.uint64(OFLAG_COPIED)
+_COMPRESSED = np.uint64(OFLAG_COMPRESSED)
 
 
 @dataclass

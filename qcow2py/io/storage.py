@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import native
+from .. import native
 
 __all__ = ["Storage", "FileStorage", "MemoryStorage", "TracingStorage", "TraceLog", "RecordingStorage",
            "Request"]
@@ -56,6 +56,12 @@ class Storage(ABC):
 
     def close(self) -> None:
         pass
+
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve host space for ``[offset, offset+length)``, extending the storage;
+        the default only extends it (reads of the new range give zeros)."""
+        if self.size() < offset + length:
+            self.truncate(offset + length)
 
     def fileno(self) -> Optional[int]:
         """A real OS descriptor when requests may bypass Python (native copy), else None."""
@@ -145,6 +151,9 @@ class FileStorage(Storage):
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self._check(), size)
+
+    def fallocate(self, offset: int, length: int) -> None:
+        os.posix_fallocate(self._check(), offset, length)
 
     def allocation(self, offset: int, length: int) -> List[Tuple[int, int, bool]]:
         fd = self._check()
@@ -351,6 +360,9 @@ class UnsafeStorage(Storage):
 
     def truncate(self, size: int) -> None:
         self.inner.truncate(size)
+
+    def fallocate(self, offset: int, length: int) -> None:
+        self.inner.fallocate(offset, length)
 
     def allocation(self, offset: int, length: int):
         return self.inner.allocation(offset, length)

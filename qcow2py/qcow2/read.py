@@ -18,20 +18,21 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from bitarray import frozenbitarray
 
-from . import native
-from .bitmaps import Bitmap, load_bits
-from .decompress import pool as decompress_pool, read_and_decompress
-from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
+from .. import native
+from ..errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
                      UnsupportedFeatureError)
-from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
-from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
-from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
-from .image import Image, Run, open_backing, probe_format
-from .native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
-from .storage import FileStorage, Storage
+from ..format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
+from ..format.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, Header,
+                             QEMU_HEADER_LENGTH, has_magic)
+from ..format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
+from ..format.l2 import L1E_OFFSET_MASK, L1E_RESERVED_MASK, compressed_fields
+from ..image import Image, Run, backing_display_name
+from ..io.storage import Storage
+from ..native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
+from .bitmaps import Bitmap, load_bits
+from .check import check_image
+from .decompress import pool as decompress_pool, read_and_decompress
 
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED_MASK = 0x7F000000000001FF
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 _MAX_HEADER_READ = 1 << 21
 
@@ -60,7 +61,7 @@ class Qcow2Image(Image):
         self._file_size = storage.size()
         # cluster 0 holds the header: read its first 4 KiB, then the rest if larger
         first = storage.pread(0, min(4096, max(self._file_size, 0)))
-        if len(first) < 72 or first[:4] != b"QFI\xfb":
+        if len(first) < 72 or not has_magic(first):
             Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
         bits = int.from_bytes(first[20:24], "big")
         cs = 1 << bits if 9 <= bits <= 21 else _MAX_HEADER_READ
@@ -91,12 +92,14 @@ class Qcow2Image(Image):
         self.data_storage: Storage = storage
         self.data_file_path: Optional[str] = None
         try:
-            if not getattr(ctx, "chain", True):
+            if not ctx.chain:
                 self.detached = h.has_data_file or h.backing_file is not None
             elif h.has_data_file:
-                self._open_data_file(ctx)
-            if h.backing_file is not None and getattr(ctx, "chain", True):
-                self.backing = open_backing(self, h.backing_file, h.backing_format, ctx)
+                if h.data_file is None:
+                    raise FormatError("image uses an external data file but does not name it")
+                self.data_storage, self.data_file_path = ctx.open_data_file(self, h.data_file)
+            if h.backing_file is not None and ctx.chain:
+                self.backing = ctx.open_backing(self, h.backing_file, h.backing_format)
         except BaseException:
             if self.data_storage is not storage:
                 self.data_storage.close()
@@ -172,29 +175,16 @@ class Qcow2Image(Image):
         """Remove a persistent bitmap (needs the image opened "r+")."""
         self._read_only()
 
-    def _load_bitmap_bits(self, bm: Bitmap):
+    def load_bitmap_bits(self, bm: Bitmap):
         self._check_open()
         return frozenbitarray(load_bits(self.storage, bm.entry, self.size, self.cluster_size,
                                         self.storage.size()))
 
-    def _check_bitmap_writable(self, bm: Bitmap) -> None:
+    def check_bitmap_writable(self, bm: Bitmap) -> None:
         self._read_only()
 
-    def _bitmaps_changed_state(self) -> None:
+    def bitmaps_changed_state(self) -> None:
         pass
-
-    def _open_data_file(self, ctx) -> None:
-        name = self.header.data_file
-        if name is None:
-            raise FormatError("image uses an external data file but does not name it")
-        path = ctx.policy.resolve(name, self.storage.name, what="data file")
-        try:
-            self.data_storage = FileStorage(path)
-        except FileNotFoundError:
-            raise BackingChainError(f"external data file {path!r} not found") from None
-        if getattr(ctx, "wrap_chain", False) and ctx.storage_wrapper is not None:
-            self.data_storage = ctx.storage_wrapper(self.data_storage)
-        self.data_file_path = path
 
     def _close_layer(self) -> None:
         if self.data_storage is not self.storage:
@@ -268,9 +258,7 @@ class Qcow2Image(Image):
         entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         if self.extended_l2:
             entries = np.repeat(entries[0::2], 32)
-        shift = 62 - (self.cluster_bits - 8)
-        mask = (1 << (self.cluster_bits - 8)) - 1
-        nsect = ((entries >> np.uint64(shift)) & np.uint64(mask)).astype(np.int64) + 1
+        nsect = compressed_fields(entries, self.cluster_bits)[1].astype(np.int64) + 1
         csizes = nsect * 512 - (hosts & 511)
         return np.where(kinds == COMPRESSED, csizes, 0)
 
@@ -475,8 +463,47 @@ class Qcow2Image(Image):
         """``qemu-img check`` of this image (repairs need the image opened "r+")."""
         if repair is not None:
             raise ValueError("repairing needs the image opened with mode 'r+'")
-        from .check import check_image
         return check_image(self)
+
+    def has_allocations(self) -> bool:
+        """Whether any L1 entry points at an L2 table (a fresh image has none)."""
+        return bool(np.count_nonzero(self._l1))
+
+    # ------------------------------------------------------------ info
+    def format_info(self) -> Dict[str, object]:
+        """qcow2's fields of ``qemu-img info --output=json`` (QEMU 7.2 ImageInfo)."""
+        h = self.header
+        info: Dict[str, object] = {"cluster-size": self.cluster_size}
+        if h.backing_file is not None:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = backing_display_name(self.filename, h.backing_file)
+            if h.backing_format is not None:
+                info["backing-filename-format"] = h.backing_format
+        if self.snapshots:
+            info["snapshots"] = [s.info() for s in self.snapshots]
+        info["format-specific"] = {"type": "qcow2", "data": self._format_specific()}
+        return info
+
+    def _format_specific(self) -> Dict[str, object]:
+        h = self.header
+        if h.version == 2:
+            return {"compat": "0.10", "compression-type": h.compression_name,
+                    "refcount-bits": h.refcount_bits}
+        d: Dict[str, object] = {
+            "compat": "1.1",
+            "compression-type": h.compression_name,
+            "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+            "refcount-bits": h.refcount_bits,
+            "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+            "extended-l2": h.extended_l2,
+        }
+        if self.bitmaps:
+            d["bitmaps"] = [b.info() for b in self.bitmaps]
+        if h.has_data_file:
+            if h.data_file is not None:
+                d["data-file"] = h.data_file
+            d["data-file-raw"] = h.data_file_raw
+        return d
 
     # ------------------------------------------------------------ block status
     def _host_file(self) -> str:

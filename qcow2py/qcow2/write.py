@@ -59,21 +59,27 @@ import numpy as np
 
 from bitarray import bitarray, frozenbitarray
 
-from . import bitmaps, locking, native
+from .. import native
+from ..io import locking
+from . import bitmaps
 from .bitmaps import Bitmap, load_bits
-from .errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
+from ..errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
                      UnsupportedFeatureError)
-from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+from ..format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                             INCOMPAT_DIRTY)
-from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
-from .rangelock import RangeLock
+from ..format.codec import compress_cluster
+from ..format.l2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+                         OFLAG_ZERO, compressed_entry, compressed_fields)
+from ..io.rangelock import RangeLock
+from ..io.storage import FileStorage, Storage
+from .check import check_image, repair_image
+from .read import Qcow2Image
 from .refcounts import RefcountManager
-from .storage import FileStorage, Storage
 
-_COPIED = np.uint64(1 << 63)
-_COMPRESSED = np.uint64(1 << 62)
-_ZERO = np.uint64(1)
-_OFFSET_MASK = np.uint64(0x00FFFFFFFFFFFE00)
+_COPIED = np.uint64(OFLAG_COPIED)
+_COMPRESSED = np.uint64(OFLAG_COMPRESSED)
+_ZERO = np.uint64(OFLAG_ZERO)
+_OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
 _INCOMPAT_FIELD = 72           # header offset of incompatible_features
 #: flush metadata by itself once this many L2 tables are dirty (bounds memory)
 MAX_DIRTY_L2 = 256
@@ -117,7 +123,7 @@ class WritableQcow2Image(Qcow2Image):
         if h.autoclear_features & ~AUTOCLEAR_KNOWN:
             # a program that does not know a feature must clear its autoclear bit (spec)
             h.autoclear_features &= AUTOCLEAR_KNOWN
-            self._write_header()
+            self.write_header()
         if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
             # refcounts may lag after a crash with lazy refcounts: rebuild them first
             result = self.check(repair="all")
@@ -135,7 +141,7 @@ class WritableQcow2Image(Qcow2Image):
                 self._bitmaps_attached = self._bitmaps_dirty = False
                 self.close()
                 raise
-            self._bitmaps_changed_state()
+            self.bitmaps_changed_state()
 
     def _refuse_unsupported(self, repair: bool) -> None:
         h = self.header
@@ -160,7 +166,7 @@ class WritableQcow2Image(Qcow2Image):
             bm._bits.setall(0)
             self.bitmaps.append(bm)
             self._bitmaps_dirty = True
-            self._bitmaps_changed_state()
+            self.bitmaps_changed_state()
         return bm
 
     def remove_bitmap(self, name: str) -> None:
@@ -172,7 +178,7 @@ class WritableQcow2Image(Qcow2Image):
             self.bitmaps.remove(bm)
             bm._removed = True
             self._bitmaps_dirty = True
-            self._bitmaps_changed_state()
+            self.bitmaps_changed_state()
 
     def _check_bitmaps_attached(self) -> None:
         if self._closed:
@@ -181,12 +187,12 @@ class WritableQcow2Image(Qcow2Image):
             raise ValueError(f"image {self.filename!r} was opened for repair: its bitmaps "
                              f"cannot be changed")
 
-    def _check_bitmap_writable(self, bm: Bitmap) -> None:
+    def check_bitmap_writable(self, bm: Bitmap) -> None:
         self._check_bitmaps_attached()
         if bm._removed or all(b is not bm for b in self.bitmaps):
             raise BitmapError(f"Dirty bitmap '{bm.name}' not found")
 
-    def _load_bitmap_bits(self, bm: Bitmap):
+    def load_bitmap_bits(self, bm: Bitmap):
         if self._closed:
             raise ImageClosedError(f"image {self.filename!r} is closed")
         if bm.entry is None:
@@ -198,17 +204,17 @@ class WritableQcow2Image(Qcow2Image):
                          self.storage.size())
         return bits if self._bitmaps_attached else frozenbitarray(bits)
 
-    def _bitmaps_changed_state(self) -> None:
+    def bitmaps_changed_state(self) -> None:
         self._tracking = [b for b in self.bitmaps if b.enabled and not b.inconsistent]
 
     def _mark_bitmaps(self, offset: int, length: int) -> None:
         """Mark a changed guest range in every enabled bitmap."""
         if length > 0:
             for b in self._tracking:
-                b._mark(offset, length)
+                b.mark(offset, length)
 
     # ------------------------------------------------------------ header
-    def _write_header(self) -> None:
+    def write_header(self) -> None:
         self.storage.pwrite(self.header.encode(), 0)
         self.storage.fsync()
 
@@ -227,10 +233,9 @@ class WritableQcow2Image(Qcow2Image):
 
     def check(self, repair: Optional[str] = None):
         """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all"."""
-        from .check import check_image, repair_image
         if repair is None:
             with self._lock:
-                self._flush_metadata()
+                self.flush_metadata()
                 return check_image(self)
         return repair_image(self, repair)
 
@@ -286,7 +291,7 @@ class WritableQcow2Image(Qcow2Image):
             ent = content[0::2] if self.extended_l2 else content     # a view
             ent[:] = np.where((ent & _COMPRESSED) != 0, ent & ~_COPIED,
                               self._with_copied_from_refcounts(ent))
-        new = self._allocate(1)
+        new = self.allocate(1)
         self._overlap_check(new, self.cluster_size)
         self._l2.pop(l1_index, None)
         self._l2[l1_index] = content
@@ -308,7 +313,7 @@ class WritableQcow2Image(Qcow2Image):
             out[live] = sub
         return out
 
-    def _allocate(self, n: int) -> int:
+    def allocate(self, n: int) -> int:
         """Allocate ``n`` contiguous host clusters; returns the offset of the first."""
         rc = self.refcounts
         version = rc.layout_version
@@ -469,8 +474,8 @@ class WritableQcow2Image(Qcow2Image):
             s0, s1 = a // sc, -(-b // sc)
             rng = ((1 << s1) - 1) ^ ((1 << s0) - 1)
             data = mv[g + a - start:g + b - start]
-            compressed = bool(e & (1 << 62))
-            copied = bool(e & (1 << 63))
+            compressed = bool(e & OFLAG_COMPRESSED)
+            copied = bool(e & OFLAG_COPIED)
             host = e & int(_OFFSET_MASK)
             owned = not compressed and copied and (host != 0 or self._external)
             alloc, zero = bm & 0xFFFFFFFF, bm >> 32
@@ -484,7 +489,7 @@ class WritableQcow2Image(Qcow2Image):
                     self._put(data, host + a)
                 new_host = host
             else:
-                new_host = g if self._external else self._allocate(1)
+                new_host = g if self._external else self.allocate(1)
                 if compressed or host:
                     # copy the whole cluster: its allocated subclusters move with it
                     buf = self._old_content(c)
@@ -497,7 +502,7 @@ class WritableQcow2Image(Qcow2Image):
                     buf = self._old_range(g + s0 * sc, (s1 - s0) * sc)
                     buf[a - s0 * sc:b - s0 * sc] = data
                     self._put(buf, new_host + s0 * sc)
-            l2[2 * i] = np.uint64(new_host | (1 << 63))
+            l2[2 * i] = np.uint64(new_host | OFLAG_COPIED)
             l2[2 * i + 1] = np.uint64(((zero & ~rng) << 32) | (alloc | rng))
         if released:
             self._release(np.array(released, dtype=np.uint64))
@@ -518,9 +523,9 @@ class WritableQcow2Image(Qcow2Image):
             g = c * cs
             s0, s1 = (max(start, g) - g) // sc, -(-(min(end, g + cs) - g) // sc)
             rng = ((1 << s1) - 1) ^ ((1 << s0) - 1)
-            compressed = bool(e & (1 << 62))
+            compressed = bool(e & OFLAG_COMPRESSED)
             host = e & int(_OFFSET_MASK)
-            owned = not compressed and bool(e & (1 << 63)) and (host != 0 or self._external)
+            owned = not compressed and bool(e & OFLAG_COPIED) and (host != 0 or self._external)
             if rng == 0xFFFFFFFF:
                 if owned and not unmap:
                     new_e = e
@@ -572,7 +577,7 @@ class WritableQcow2Image(Qcow2Image):
             if m and self._external:
                 targets[alloc] = np.arange(c0, c1, dtype=np.int64)[alloc] * cs
             elif m:
-                targets[alloc] = self._allocate(m) + np.arange(m, dtype=np.int64) * cs
+                targets[alloc] = self.allocate(m) + np.arange(m, dtype=np.int64) * cs
             writes = self._plan_writes(start, length, c0, targets, inplace,
                                        head_partial, tail_partial)
             cow = {}
@@ -615,15 +620,15 @@ class WritableQcow2Image(Qcow2Image):
         within = start - g
         with self._lock:                                    # 1. plan
             e = int(self._writable_l2(l1i)[i])
-            compressed = bool(e & (1 << 62))
+            compressed = bool(e & OFLAG_COMPRESSED)
             host = 0 if compressed else e & int(_OFFSET_MASK)
-            copied = bool(e & (1 << 63))
+            copied = bool(e & OFLAG_COPIED)
             has_host = host != 0 or (copied and self._external)
             owned = not compressed and has_host and copied
             inplace = owned and not e & 1
             alloc = not owned                       # else in place, or a preallocated zero
             if alloc:
-                target = g if self._external else self._allocate(1)
+                target = g if self._external else self.allocate(1)
             else:
                 target = host
             whole = within == 0 and length == cs
@@ -647,7 +652,7 @@ class WritableQcow2Image(Qcow2Image):
                 l2 = self._writable_l2(l1i)
                 if alloc and (compressed or (host and not self._external)):
                     self._release(np.array([e], dtype=np.uint64))
-                l2[i] = np.uint64(target | (1 << 63))
+                l2[i] = np.uint64(target | OFLAG_COPIED)
                 self._touch_l2(l1i)
 
     def _cow_source(self, entry: int, allocated: bool, guest: int, host: int):
@@ -659,11 +664,11 @@ class WritableQcow2Image(Qcow2Image):
         has never been written: it reads as zeros, so a zero copy-on-write
         need not write anything there.  Called with the metadata lock held.
         """
-        if entry & (1 << 62):                                   # compressed
+        if entry & OFLAG_COMPRESSED:                                   # compressed
             return False, False
         if entry & 1:                                           # zero flag
             zero_old = True
-        elif entry & int(_OFFSET_MASK) or (entry & (1 << 63) and self._external):
+        elif entry & int(_OFFSET_MASK) or (entry & OFLAG_COPIED and self._external):
             zero_old = False
         else:
             zero_old = self.backing is None or guest >= self.backing.size
@@ -718,9 +723,8 @@ class WritableQcow2Image(Qcow2Image):
         clusters = [hosts[hosts != 0] >> cb] if not self._external else []
         if comp.any():
             e = old_entries[comp]
-            shift = np.uint64(62 - (cb - 8))
-            coff = (e & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
-            nsect = ((e >> shift) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
+            coff, nsect = compressed_fields(e, cb)
+            coff, nsect = coff.astype(np.int64), nsect.astype(np.int64) + 1
             first = (coff & ~511) >> cb
             last = ((coff & ~511) + nsect * 512 - 1) >> cb
             for f, l in zip(first.tolist(), last.tolist()):
@@ -752,7 +756,6 @@ class WritableQcow2Image(Qcow2Image):
             raise UnsupportedFeatureError("compressed clusters cannot be used with an external "
                                           "data file")
         if compressed is None:
-            from .codec import compress_cluster
             compressed = compress_cluster(self.codec, data.ljust(cs, b"\0"))
         guest = cluster * cs
         self._check_range(guest, min(cs, self.size - guest))
@@ -764,8 +767,7 @@ class WritableQcow2Image(Qcow2Image):
             coff = self._alloc_bytes(len(compressed))
             self._put(compressed, coff)
             nsect = ((coff + len(compressed) - 1) >> 9) - (coff >> 9) + 1
-            shift = 62 - (cb - 8)
-            entry = np.uint64((1 << 62) | ((nsect - 1) << shift) | coff)
+            entry = np.uint64(compressed_entry(coff, nsect, cb))
             clusters = np.array([cluster], dtype=np.int64)
             old = self._entries_of(clusters)
             self._set_entries(clusters, np.array([entry], dtype=np.uint64), np.uint64(0))
@@ -788,7 +790,7 @@ class WritableQcow2Image(Qcow2Image):
         if shared and cs - off % cs >= size:
             rc.increment(np.array([off >> cb], dtype=np.int64))
         else:
-            new = self._allocate(1)
+            new = self.allocate(1)
             if shared and new == (off >> cb) + 1 << cb:
                 rc.increment(np.array([off >> cb], dtype=np.int64))
             else:
@@ -818,7 +820,7 @@ class WritableQcow2Image(Qcow2Image):
             if self._external:
                 hosts = clusters * cs
             else:
-                hosts = self._allocate(clusters.size) + np.arange(clusters.size, dtype=np.int64) * cs
+                hosts = self.allocate(clusters.size) + np.arange(clusters.size, dtype=np.int64) * cs
             self._set_entries(clusters, hosts.astype(np.uint64) | _COPIED,
                               np.uint64(0xFFFFFFFF))
             return hosts
@@ -1010,9 +1012,9 @@ class WritableQcow2Image(Qcow2Image):
     # ------------------------------------------------------------ flushing
     def _flush_if_full(self) -> None:
         if len(self._dirty_l2) >= MAX_DIRTY_L2:
-            self._flush_metadata()
+            self.flush_metadata()
 
-    def _flush_metadata(self) -> None:
+    def flush_metadata(self) -> None:
         st, rc = self.storage, self.refcounts
         if not (self._dirty_l2 or self._dirty_l1 or rc.dirty):
             st.fsync()
@@ -1051,12 +1053,71 @@ class WritableQcow2Image(Qcow2Image):
             st.fsync()
         self._metadata_map = None
 
+    # issue #11: check.py (being rewritten there) still calls the old name
+    _flush_metadata = flush_metadata
+
+    def preallocate(self, mode: str) -> None:
+        """Allocate every L2 table and data cluster, as QEMU's preallocation does.
+
+        "metadata" allocates each L2 table followed by its data clusters; "falloc"
+        and "full" allocate the L2 tables first and then one contiguous data area
+        (which they also reserve or zero-fill).  With a raw external data file the
+        guest offset *is* the host offset, and nothing is refcounted.
+        """
+        cs = self.cluster_size
+        size = self.size
+        # extended L2 entries are (entry, subcluster bitmap) pairs: preallocated clusters
+        # get bitmap 0, as QEMU leaves them
+        step = 2 if self.extended_l2 else 1
+        span = cs * (cs // (8 * step))
+        copied = _COPIED
+        raw_data = self.header.has_data_file
+        with self._lock:
+            tables = []
+            for l1i in range(self.header.l1_size):
+                start = l1i * span
+                n = -(-min(span, size - start) // cs)
+                l2 = self._writable_l2(l1i)
+                if raw_data:
+                    hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
+                    l2[:n * step:step] = hosts | copied
+                    self._touch_l2(l1i)
+                elif mode == "metadata":
+                    host = self.allocate(n)
+                    l2[:n * step:step] = (np.uint64(host) + np.arange(n, dtype=np.uint64) *
+                                          np.uint64(cs)) | copied
+                    self._touch_l2(l1i)
+                else:
+                    tables.append((l1i, l2, n))
+            if tables:
+                total = sum(n for _, _, n in tables)
+                host = self.allocate(total)
+                end = host + total * cs
+                pos = host
+                for l1i, l2, n in tables:
+                    l2[:n * step:step] = (np.uint64(pos) + np.arange(n, dtype=np.uint64) *
+                                          np.uint64(cs)) | copied
+                    self._touch_l2(l1i)
+                    pos += n * cs
+                if mode == "full":
+                    zero = bytes(min(total * cs, 1 << 20))
+                    for p in range(host, end, len(zero)):
+                        self.storage.pwrite(zero[:min(len(zero), end - p)], p)
+                else:
+                    self.storage.fallocate(host, end - host)
+            elif not raw_data:
+                # metadata preallocation: the file covers the data area (sparse)
+                end = self._file_size
+                if self.storage.size() < end:
+                    self.storage.truncate(end)
+            self.flush_metadata()
+
     def flush(self) -> None:
         """Make every write issued so far durable (fsync included)."""
         if self._closed:
             raise ImageClosedError(f"image {self.filename!r} is closed")
         with self._lock:
-            self._flush_metadata()
+            self.flush_metadata()
 
     def _close_layer(self) -> None:
         try:
@@ -1064,7 +1125,7 @@ class WritableQcow2Image(Qcow2Image):
                 with self._lock:
                     if self._bitmaps_dirty:
                         bitmaps.store(self)
-                    self._flush_metadata()
+                    self.flush_metadata()
                     if self._marked_dirty:
                         self._set_incompat(INCOMPAT_DIRTY, False)
                         self._marked_dirty = False

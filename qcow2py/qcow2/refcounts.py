@@ -23,10 +23,10 @@ from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 
-from .errors import CorruptImageError, FormatError
-from .format import refcount as rc
-from .format.header import MAX_REFTABLE_BYTES, Header
-from .storage import Storage
+from ..errors import CorruptImageError, FormatError
+from ..format import refcount as rc
+from ..format.header import MAX_REFTABLE_BYTES, Header
+from ..io.storage import Storage
 
 #: header offset of refcount_table_offset (u64) + refcount_table_clusters (u32)
 _REFTABLE_FIELDS = 48

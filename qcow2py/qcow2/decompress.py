@@ -22,8 +22,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
-from .codec import ZLIB_WBITS, decompress_cluster
-from .errors import CorruptImageError
+from ..format.codec import ZLIB_WBITS, decompress_cluster
+from ..errors import CorruptImageError
 
 try:
     import zstandard as _zstd

@@ -9,12 +9,11 @@ import re
 import sys
 from typing import List, Optional
 
-from .. import __version__
-from ..create import CreateError, create
 from ..errors import Qcow2Error
-from ..image import open as open_image
-from ..storage import UnsafeStorage
-from .blockcopy import BlockCopy, ORDERS
+from ..io.storage import UnsafeStorage
+from ..jobs.blockcopy import BlockCopy, ORDERS
+from ..opener import CreateError, create, open as open_image
+from ..version import __version__
 
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
            "p": 1 << 50, "e": 1 << 60}

@@ -32,12 +32,14 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from .. import native
-from ..decompress import decompress_into, read_and_decompress
-from ..errors import Qcow2Error
-from ..image import Image
-from ..qcow2 import Qcow2Image
-from ..raw import RawImage
+from ... import native
+from ...errors import Qcow2Error
+from ...format.codec import compress_cluster
+from ...image import Image
+from ...qcow2.bitmaps import little_endian_bits
+from ...qcow2.decompress import decompress_into, read_and_decompress
+from ...qcow2.read import Qcow2Image
+from ...raw import RawImage
 from .plan import (P_BACKING, P_COMPRESSED, P_DATA, P_ZERO, Plan, coalesce, empty_plan,
                    plan_window)
 
@@ -144,7 +146,6 @@ class BlockCopy:
 
     def _mask(self, plan: Plan) -> Plan:
         """Keep only the parts of the plan under dirty bits (in C: one pass over the bits)."""
-        from ..bitmaps import little_endian_bits
         bits = little_endian_bits(self.bitmap)
         g, n, i = native.bitmap_mask_extents(plan.guest, plan.length, bits,
                                              self.bitmap_granularity)
@@ -229,7 +230,6 @@ class BlockCopy:
         all-zero clusters are skipped, the rest are compressed in parallel and
         appended in guest order, so the target is laid out like the guest.
         """
-        from ..codec import compress_cluster
         tgt = self.target
         cs = tgt.cluster_size
         size = self.source.size
@@ -306,7 +306,7 @@ class BlockCopy:
         tgt = self.target
         cb = tgt.cluster_bits
         cs = 1 << cb
-        fresh = self.target_is_zero and not _has_allocations(tgt)
+        fresh = self.target_is_zero and not tgt.has_allocations()
         if not fresh or not hasattr(tgt, "map_new_clusters"):
             return self._run_generic(plan)
         copied = np.concatenate([data.guest, comp.guest])
@@ -703,5 +703,4 @@ def _clusters_of(guest: np.ndarray, length: np.ndarray, cb: int) -> np.ndarray:
     return np.unique(idx)
 
 
-def _has_allocations(img: Qcow2Image) -> bool:
-    return bool(np.count_nonzero(img._l1))
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 
-from .errors import CorruptImageError, UnsupportedFeatureError
+from ..errors import CorruptImageError, UnsupportedFeatureError
 
 try:
     import zstandard as _zstd

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from typing import List, Optional
 
-from . import __version__
-from .errors import Qcow2Error
-from .image import open as open_image
-from .report import map_human, map_json, qemu_json
+from ..errors import BitmapError, Qcow2Error
+from ..opener import create_file, open as open_image
+from ..qcow2.check import check_image
+from ..qcow2.read import Qcow2Image
+from ..report import map_human, map_json, qemu_json
+from ..version import __version__
+from .copy import parse_size
 
 
 def _human_size(n: int) -> str:
@@ -88,8 +93,6 @@ def _cmd_map(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .check import check_image
-    from .qcow2 import Qcow2Image
     mode = "r+" if args.repair else "r"
     with open_image(args.filename, mode, format=args.f, repair=bool(args.repair)) as img:
         if not isinstance(img, Qcow2Image):
@@ -164,9 +167,6 @@ class _OpenError(Exception):
 
 
 def _cmd_bitmap(args) -> int:
-    from .copy.cli import parse_size
-    from .errors import BitmapError
-    from .qcow2 import Qcow2Image
     actions = args.actions or []
     ops = [op for op, _ in actions]
     if not actions:
@@ -228,9 +228,8 @@ def _cmd_bitmap(args) -> int:
 
 def _merge(img, name: str, source: str, source_file: Optional[str],
            source_fmt: Optional[str]) -> None:
-    from .errors import BitmapError
     dest = img.find_bitmap(name)
-    dest._check_modifiable()            # QEMU checks the destination first
+    dest.check_modifiable()            # QEMU checks the destination first
     if source_file is None:
         dest.merge_from(img.find_bitmap(source))
         return
@@ -272,7 +271,6 @@ def parse_qemu_size(text: str) -> int:
     """A size as qemu-img reads one: decimal bytes (leading blanks allowed), or with a
     k/M/G/T/P/E suffix (powers of 1024, a fraction allowed: ``1.5G``), or 0x hex.
     Raises ValueError."""
-    import re
     m = re.fullmatch(r"\s*(?:0[xX]([0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)", text)
     if not m:
         raise ValueError(text)
@@ -376,9 +374,6 @@ def _cmd_create(args) -> int:
 
 
 def _create(args) -> int:
-    import os
-    from .create import create_file
-    from .image import open as open_any
     name, fmt = args.filename, args.f or "raw"
     if fmt not in _CREATE_OPTIONS:
         raise _CreateFailure(f"Unknown file format '{fmt}' (qcow2py creates qcow2 and raw)")
@@ -419,7 +414,7 @@ def _create(args) -> int:
             path = backing if os.path.isabs(backing) else \
                 os.path.join(os.path.dirname(name), backing)
             try:
-                with open_any(path, format=backing_fmt) as b:
+                with open_image(path, format=backing_fmt) as b:
                     if size is None:
                         size = b.size
             except FileNotFoundError:

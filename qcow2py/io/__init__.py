@@ -1,0 +1,1 @@
+"""Host files: storage (pread/pwrite/...), its wrappers, QEMU's locks."""
