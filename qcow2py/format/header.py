@@ -62,8 +62,49 @@ QEMU_FEATURE_TABLE = [
     (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data"),
 ]
 
-_FIXED = struct.Struct(">IIQIIQIIQQIIQ")      # bytes 0..71 (v2 and v3)
-_V3 = struct.Struct(">QQQII")                 # bytes 72..103
+#: The header's fields in file order: (name, struct code).  Offsets follow from
+#: the order; this table is the one place that knows where a field lives.
+FIELDS = (
+    ("magic", "I"), ("version", "I"), ("backing_file_offset", "Q"),
+    ("backing_file_size", "I"), ("cluster_bits", "I"), ("size", "Q"),
+    ("crypt_method", "I"), ("l1_size", "I"), ("l1_table_offset", "Q"),
+    ("refcount_table_offset", "Q"), ("refcount_table_clusters", "I"),
+    ("nb_snapshots", "I"), ("snapshots_offset", "Q"),                  # 0..71: v2 and v3
+    ("incompatible_features", "Q"), ("compatible_features", "Q"),
+    ("autoclear_features", "Q"), ("refcount_order", "I"), ("header_length", "I"),  # ..103
+)
+FIELD_OFFSETS = {}
+_pos = 0
+for _name, _code in FIELDS:
+    FIELD_OFFSETS[_name] = _pos
+    _pos += struct.calcsize(">" + _code)
+_FORMATS = dict(FIELDS)
+_FIXED = struct.Struct(">" + "".join(c for _, c in FIELDS[:13]))     # bytes 0..71
+_V3 = struct.Struct(">" + "".join(c for _, c in FIELDS[13:]))        # bytes 72..103
+assert _FIXED.size == V2_HEADER_LENGTH and _FIXED.size + _V3.size == V3_MIN_HEADER_LENGTH
+
+
+def field_offset(name: str) -> int:
+    """Byte offset of header field ``name`` in the file."""
+    return FIELD_OFFSETS[name]
+
+
+def encode_fields(*names_values) -> Tuple[int, bytes]:
+    """``(offset, bytes)`` that rewrite the adjacent header fields given as
+    ``(name, value)`` pairs, in file order (one pwrite updates them together)."""
+    first = names_values[0][0]
+    fmt = ">" + "".join(_FORMATS[n] for n, _ in names_values)
+    pos = FIELD_OFFSETS[first]
+    for n, _ in names_values:
+        assert FIELD_OFFSETS[n] == pos, f"header fields not adjacent at {n}"
+        pos += struct.calcsize(">" + _FORMATS[n])
+    return FIELD_OFFSETS[first], struct.pack(fmt, *(v for _, v in names_values))
+
+
+def peek_cluster_bits(buf: bytes) -> int:
+    """cluster_bits of a header's first bytes, unchecked (to size the read of cluster 0)."""
+    off = FIELD_OFFSETS["cluster_bits"]
+    return struct.unpack_from(">I", buf, off)[0]
 _EXT_HDR = struct.Struct(">II")
 _BITMAPS_EXT = struct.Struct(">IIQQ")
 _CRYPTO_EXT = struct.Struct(">QQ")
@@ -412,7 +453,9 @@ class Header:
             self.backing_file_offset, self.backing_file_size = 0, 0
         if len(out) > cs:
             raise FormatError("header, extensions and backing name do not fit in cluster 0")
-        struct.pack_into(">QI", out, 8, self.backing_file_offset, self.backing_file_size)
+        off, data = encode_fields(("backing_file_offset", self.backing_file_offset),
+                                  ("backing_file_size", self.backing_file_size))
+        out[off:off + len(data)] = data
         return bytes(out) + bytes(cs - len(out))
 
 

@@ -23,7 +23,7 @@ from ..errors import (BackingChainError, BitmapError, CorruptImageError, FormatE
                      UnsupportedFeatureError)
 from ..format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from ..format.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, Header,
-                             QEMU_HEADER_LENGTH, has_magic)
+                             QEMU_HEADER_LENGTH, has_magic, peek_cluster_bits)
 from ..format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
 from ..format.l2 import L1E_OFFSET_MASK, L1E_RESERVED_MASK, compressed_fields
 from ..image import Image, Run, backing_display_name
@@ -63,7 +63,7 @@ class Qcow2Image(Image):
         first = storage.pread(0, min(4096, max(self._file_size, 0)))
         if len(first) < 72 or not has_magic(first):
             Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
-        bits = int.from_bytes(first[20:24], "big")
+        bits = peek_cluster_bits(first)
         cs = 1 << bits if 9 <= bits <= 21 else _MAX_HEADER_READ
         want = min(cs, _MAX_HEADER_READ, max(self._file_size, 0))
         if want > len(first):

@@ -18,18 +18,16 @@ clusters and is switched with one synced 12-byte header write.
 
 from __future__ import annotations
 
-import struct
 from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 
 from ..errors import CorruptImageError, FormatError
 from ..format import refcount as rc
-from ..format.header import MAX_REFTABLE_BYTES, Header
+from ..format.header import MAX_REFTABLE_BYTES, Header, encode_fields
 from ..io.storage import Storage
 
 #: header offset of refcount_table_offset (u64) + refcount_table_clusters (u32)
-_REFTABLE_FIELDS = 48
 
 
 class RefcountManager:
@@ -328,7 +326,7 @@ class RefcountManager:
         old_clusters = self.header.refcount_table_clusters
         self.header.refcount_table_offset = tstart << cb
         self.header.refcount_table_clusters = tclusters
-        self.storage.pwrite(struct.pack(">QI", tstart << cb, tclusters), _REFTABLE_FIELDS)
+        self.storage.pwrite(*_reftable_fields(tstart << cb, tclusters))
         self.storage.fsync()
         self.dirty_reftable = False
         self.layout_version += 1
@@ -388,7 +386,7 @@ class RefcountManager:
         self.storage.fsync()
         self.header.refcount_table_offset = base * cs
         self.header.refcount_table_clusters = tclusters
-        self.storage.pwrite(struct.pack(">QI", base * cs, tclusters), _REFTABLE_FIELDS)
+        self.storage.pwrite(*_reftable_fields(base * cs, tclusters))
         self.storage.fsync()
         self.reftable = table
         self.dirty_blocks.clear()
@@ -415,3 +413,9 @@ class RefcountManager:
     @property
     def dirty(self) -> bool:
         return bool(self.dirty_blocks or self.dirty_reftable or self.pending)
+
+
+def _reftable_fields(offset: int, clusters: int):
+    """``(data, offset)`` for pwrite: the header's refcount-table location."""
+    at, data = encode_fields(("refcount_table_offset", offset), ("refcount_table_clusters", clusters))
+    return data, at

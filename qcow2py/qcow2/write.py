@@ -50,7 +50,6 @@ inconsistent for QEMU and for qcow2py, as they should be.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Set, Tuple
@@ -66,7 +65,7 @@ from .bitmaps import Bitmap, load_bits
 from ..errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
                      UnsupportedFeatureError)
 from ..format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
-                            INCOMPAT_DIRTY)
+                             INCOMPAT_DIRTY, encode_fields)
 from ..format.codec import compress_cluster
 from ..format.l2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
                          OFLAG_ZERO, compressed_entry, compressed_fields)
@@ -80,7 +79,6 @@ _COPIED = np.uint64(OFLAG_COPIED)
 _COMPRESSED = np.uint64(OFLAG_COMPRESSED)
 _ZERO = np.uint64(OFLAG_ZERO)
 _OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
-_INCOMPAT_FIELD = 72           # header offset of incompatible_features
 #: flush metadata by itself once this many L2 tables are dirty (bounds memory)
 MAX_DIRTY_L2 = 256
 
@@ -221,7 +219,8 @@ class WritableQcow2Image(Qcow2Image):
     def _set_incompat(self, bit: int, on: bool) -> None:
         h = self.header
         value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)
-        self.storage.pwrite(struct.pack(">Q", value), _INCOMPAT_FIELD)
+        at, data = encode_fields(("incompatible_features", value))
+        self.storage.pwrite(data, at)
         self.storage.fsync()
         h.incompatible_features = value
 
