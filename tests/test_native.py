@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qcow2py import CorruptImageError, native
+from qcow2py.native import backend_c, backend_pure
 
 
 
@@ -17,11 +18,11 @@ def test_native_module_is_built():
 
 @given(st.binary(max_size=300), st.integers(0, 299))
 def test_is_zero_twins(data, pos):
-    assert native.is_zero_native(data) == native.is_zero_pure(data) == (data.count(0) == len(data))
+    assert backend_c.is_zero(data) == backend_pure.is_zero(data) == (data.count(0) == len(data))
     z = bytearray(300)
-    assert native.is_zero_native(z) and native.is_zero_pure(z)
+    assert backend_c.is_zero(z) and backend_pure.is_zero(z)
     z[pos] = 1
-    assert not native.is_zero_native(z) and not native.is_zero_pure(z)
+    assert not backend_c.is_zero(z) and not backend_pure.is_zero(z)
 
 
 def _entry_strategy(cluster_bits):
@@ -49,7 +50,7 @@ def test_decode_l2_twins(data, cluster_bits, extended, external):
                                              st.integers(0, 0xFFFFFFFF))))
     table = b"".join(w.to_bytes(8, "big") for w in words)
     results = []
-    for fn in (native.decode_l2_native, native.decode_l2_pure):
+    for fn in (backend_c.decode_l2, backend_pure.decode_l2):
         try:
             k, h = fn(table, cluster_bits, extended, external)
             results.append(("ok", k.tolist(), h.tolist()))
@@ -62,7 +63,7 @@ def test_decode_l2_kinds():
     cs_bits = 16
     table = b"".join(v.to_bytes(8, "big") for v in [
         0, 1, (5 << 16) | 1, (7 << 16) | (1 << 63), (1 << 62) | 12345])
-    for fn in (native.decode_l2_native, native.decode_l2_pure):
+    for fn in (backend_c.decode_l2, backend_pure.decode_l2):
         k, h = fn(table, cs_bits)
         assert k.tolist() == [native.UNALLOCATED, native.ZERO, native.ZERO_ALLOC, native.DATA,
                               native.COMPRESSED]
@@ -72,7 +73,7 @@ def test_decode_l2_kinds():
 @pytest.mark.parametrize("bad", [(1 << 62) | (1 << 63), 1 << 5, (3 << 16) | 0x1000, 1 << 60])
 def test_decode_l2_rejects(bad):
     table = (0).to_bytes(8, "big") + bad.to_bytes(8, "big")
-    for fn in (native.decode_l2_native, native.decode_l2_pure):
+    for fn in (backend_c.decode_l2, backend_pure.decode_l2):
         with pytest.raises(CorruptImageError, match="L2 entry 1"):
             fn(table, 16)
 
@@ -92,7 +93,7 @@ def test_pread_runs_twins(tmp_path_factory, runs):
     fd = os.open(path, os.O_RDONLY)
     try:
         outs = []
-        for fn in (native.pread_runs_native, native.pread_runs_pure):
+        for fn in (backend_c.pread_runs, backend_pure.pread_runs):
             buf = bytearray(b"\xff" * pos)
             fn(fd, buf, np.array(buf_offs, np.int64), np.array(host_offs, np.int64),
                np.array(lens, np.int64))
@@ -100,7 +101,7 @@ def test_pread_runs_twins(tmp_path_factory, runs):
         expect = b"".join(content[h:h + n].ljust(n, b"\0") for h, n in runs)
         assert outs[0] == outs[1] == expect
         with pytest.raises(ValueError):
-            native.pread_runs_native(fd, bytearray(10), np.array([5], np.int64),
+            backend_c.pread_runs(fd, bytearray(10), np.array([5], np.int64),
                                      np.array([0], np.int64), np.array([6], np.int64))
     finally:
         os.close(fd)
@@ -127,8 +128,8 @@ def test_write_batch_twins(tmp_path_factory, data):
     zero_chunk = data.draw(st.sampled_from([0, 512, 1024]))
     write_zeroes = data.draw(st.booleans())
     results = []
-    for fn in (native.write_batch_native, native.write_batch_pure):
-        dst = d / f"dst-{fn.__name__}"
+    for fn in (backend_c.write_batch, backend_pure.write_batch):
+        dst = d / f"dst-{fn.__module__.rsplit('.', 1)[-1]}"
         dst.write_bytes(b"\xee" * (pos + 10))
         dfd = os.open(dst, os.O_RDWR)
         mark = bytearray(64)
@@ -146,7 +147,7 @@ def test_write_batch_twins(tmp_path_factory, data):
         if zero_chunk == 0 or write_zeroes:      # else a zero chunk keeps the old bytes
             assert got == want
     with pytest.raises(ValueError):
-        native.write_batch_native([len(buf)], [0], [1], [0], 1, buf)
+        backend_c.write_batch([len(buf)], [0], [1], [0], 1, buf)
 
 
 # ---------------------------------------------------------------- bitmaps
@@ -180,7 +181,7 @@ def test_bitmap_scan_twins(bools, start, end):
     n = len(bools)
     a, b = max(0, start), (n if end is None else min(end, n))
     want = [i for i in range(a, b) if bools[i]]
-    for count in (native.bitmap_count_native, native.bitmap_count_pure):
+    for count in (backend_c.bitmap_count, backend_pure.bitmap_count):
         assert count(bits, start, end) == len(want)
     runs = []
     for i in want:
@@ -188,22 +189,22 @@ def test_bitmap_scan_twins(bools, start, end):
             runs[-1][1] += 1
         else:
             runs.append([i, 1])
-    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+    for fn in (backend_c.bitmap_runs, backend_pure.bitmap_runs):
         s, ln = fn(bits, start, end)
         assert [list(x) for x in zip(s.tolist(), ln.tolist())] == runs
     for value in (True, False):
         hits = [i for i in range(a, b) if bools[i] == value]
         expect = hits[0] if hits else -1
-        assert native.bitmap_next_native(bits, start, value, end) == expect
-        assert native.bitmap_next_pure(bits, start, value, end) == expect
+        assert backend_c.bitmap_next(bits, start, value, end) == expect
+        assert backend_pure.bitmap_next(bits, start, value, end) == expect
     # a plain buffer with nbits: padding bits past nbits are ignored
     raw = bytearray(bits.tobytes())
     if raw and n % 8:
         raw[-1] |= 0xFF << (n % 8) & 0xFF
-    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+    for fn in (backend_c.bitmap_runs, backend_pure.bitmap_runs):
         s, ln = fn(raw, start, end, nbits=n)
         assert [list(x) for x in zip(s.tolist(), ln.tolist())] == runs
-    assert native.bitmap_count_native(raw, start, end, nbits=n) == len(want)
+    assert backend_c.bitmap_count(raw, start, end, nbits=n) == len(want)
 
 
 @settings(max_examples=200, deadline=None)
@@ -213,15 +214,15 @@ def test_bitmap_op_twins(a, data):
     for op, f in (("and", lambda x, y: x & y), ("or", lambda x, y: x | y),
                   ("andnot", lambda x, y: x & ~y & 0xFF)):
         want = bytes(f(x, y) for x, y in zip(a, b))
-        assert bytes(native.bitmap_op_native(a, b, op)) == want
-        assert bytes(native.bitmap_op_pure(a, b, op)) == want
+        assert bytes(backend_c.bitmap_op(a, b, op)) == want
+        assert bytes(backend_pure.bitmap_op(a, b, op)) == want
         inplace = bytearray(a)
-        native.bitmap_op_native(inplace, b, op, out=inplace)
+        backend_c.bitmap_op(inplace, b, op, out=inplace)
         assert bytes(inplace) == want
     with pytest.raises(ValueError):
-        native.bitmap_op_native(a, b, "xor")
+        backend_c.bitmap_op(a, b, "xor")
     with pytest.raises(ValueError):
-        native.bitmap_op_native(a + b"x", b, "or")
+        backend_c.bitmap_op(a + b"x", b, "or")
 
 
 @settings(max_examples=200, deadline=None)
@@ -237,7 +238,7 @@ def test_bitmap_mask_extents_twins(bools, gran, data):
         length.append(ln)
         pos += ln
     outs = [fn(guest, length, bits, gran) for fn in
-            (native.bitmap_mask_extents_native, native.bitmap_mask_extents_pure)]
+            (backend_c.bitmap_mask_extents, backend_pure.bitmap_mask_extents)]
     assert [o.tolist() for o in outs[0]] == [o.tolist() for o in outs[1]]
     # byte by byte: a byte is kept iff it lies in an extent and under a set bit
     keep = set()
@@ -251,12 +252,12 @@ def test_bitmap_mask_extents_twins(bools, gran, data):
         got.update(range(g, g + ln))
     assert got == keep
     with pytest.raises(ValueError):
-        native.bitmap_mask_extents_native([-1], [5], bits, gran)
+        backend_c.bitmap_mask_extents([-1], [5], bits, gran)
 
 
 def test_bitmap_rejects_big_endian_bitarrays():
     from bitarray import bitarray
-    for fn in (native.bitmap_runs_native, native.bitmap_runs_pure):
+    for fn in (backend_c.bitmap_runs, backend_pure.bitmap_runs):
         with pytest.raises(ValueError, match="little"):
             fn(bitarray(16, endian="big"))
 
@@ -271,15 +272,15 @@ def test_bitmap_scans_large_twins(density):
     bits.frombytes(np.packbits(bools, bitorder="little").tobytes())
     del bits[n:]
     for start, end in ((0, None), (63, 64 * 4000 + 1), (5, n - 3), (n - 70, n)):
-        a = [x.tolist() for x in native.bitmap_runs_native(bits, start, end)]
-        assert a == [x.tolist() for x in native.bitmap_runs_pure(bits, start, end)]
-        assert native.bitmap_count_native(bits, start, end) == \
-            native.bitmap_count_pure(bits, start, end)
+        a = [x.tolist() for x in backend_c.bitmap_runs(bits, start, end)]
+        assert a == [x.tolist() for x in backend_pure.bitmap_runs(bits, start, end)]
+        assert backend_c.bitmap_count(bits, start, end) == \
+            backend_pure.bitmap_count(bits, start, end)
         for v in (True, False):
-            assert native.bitmap_next_native(bits, start, v, end) == \
-                native.bitmap_next_pure(bits, start, v, end)
+            assert backend_c.bitmap_next(bits, start, v, end) == \
+                backend_pure.bitmap_next(bits, start, v, end)
     g = np.arange(0, n * 512, 3 << 20, dtype=np.int64)
     ln = np.full(g.size, 1 << 20, dtype=np.int64)
-    x = native.bitmap_mask_extents_native(g, ln, bits, 512)
-    y = native.bitmap_mask_extents_pure(g, ln, bits, 512)
+    x = backend_c.bitmap_mask_extents(g, ln, bits, 512)
+    y = backend_pure.bitmap_mask_extents(g, ln, bits, 512)
     assert [v.tolist() for v in x] == [v.tolist() for v in y]

@@ -1025,8 +1025,9 @@ PURE_CASES = ["v3-default", "extl2-64k", "compressed-zlib", "zero-over-backing",
 def test_pure_python_twins_agree_with_qemu(name, tmp_path, monkeypatch):
     """The same reads and maps with the C hot path replaced by its numpy twins."""
     from qcow2py import native
-    monkeypatch.setattr(native, "decode_l2", native.decode_l2_pure)
-    monkeypatch.setattr(native, "pread_runs", native.pread_runs_pure)
+    from qcow2py.native import backend_pure
+    monkeypatch.setattr(native, "decode_l2", backend_pure.decode_l2)
+    monkeypatch.setattr(native, "pread_runs", backend_pure.pread_runs)
     path = CASES[name](tmp_path)
     settle(tmp_path)
     qmap = map_json(path.name, cwd=path.parent)

@@ -67,6 +67,26 @@ class Storage(ABC):
         """A real OS descriptor when requests may bypass Python (native copy), else None."""
         return None
 
+    @property
+    def native_io(self) -> bool:
+        """Whether bulk requests (read_runs, write_batch) run in C with the GIL released,
+        so that several threads may issue them at once."""
+        return self.fileno() is not None
+
+    def write_batch(self, buf, buf_off, dst_off, lengths, write_order, zero_chunk: int = 0,
+                    write_zeroes: bool = False, mark_base: int = 0, mark_shift: int = 0,
+                    mark=None) -> list:
+        """Gather-write pieces ``buf[buf_off[i]:+lengths[i]]`` to ``dst_off[i]`` in
+        ``write_order`` (pieces that continue each other in one request), skipping
+        all-zero chunks of ``zero_chunk`` bytes (or writing them as zeros with
+        ``write_zeroes``) and setting bit ``(dst - mark_base) >> mark_shift`` of
+        ``mark`` for data written.  Returns ``[0, written, zero, 0]``.  The default
+        writes through :meth:`pwrite`; files do it in C."""
+        def writev(views, off):
+            self.pwrite(b"".join(bytes(v) for v in views), off)
+        return native.write_batch_writev(writev, buf_off, dst_off, lengths, write_order, buf,
+                                         zero_chunk, write_zeroes, mark_base, mark_shift, mark)
+
     # --- conveniences built on the primitives ------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes; the part past EOF reads as zeros."""
@@ -154,6 +174,12 @@ class FileStorage(Storage):
 
     def fallocate(self, offset: int, length: int) -> None:
         os.posix_fallocate(self._check(), offset, length)
+
+    def write_batch(self, buf, buf_off, dst_off, lengths, write_order, zero_chunk: int = 0,
+                    write_zeroes: bool = False, mark_base: int = 0, mark_shift: int = 0,
+                    mark=None) -> list:
+        return native.write_batch(buf_off, dst_off, lengths, write_order, self._check(), buf,
+                                  zero_chunk, write_zeroes, mark_base, mark_shift, mark)
 
     def allocation(self, offset: int, length: int) -> List[Tuple[int, int, bool]]:
         fd = self._check()
@@ -363,6 +389,9 @@ class UnsafeStorage(Storage):
 
     def fallocate(self, offset: int, length: int) -> None:
         self.inner.fallocate(offset, length)
+
+    def write_batch(self, *args, **kwargs) -> list:
+        return self.inner.write_batch(*args, **kwargs)
 
     def allocation(self, offset: int, length: int):
         return self.inner.allocation(offset, length)

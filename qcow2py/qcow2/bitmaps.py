@@ -46,6 +46,8 @@ from ..format.bitmap import (bitmap_info, FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, M
                             TABLE_ALL_ONES, TABLE_OFFSET_MASK, TABLE_RESERVED_MASK,
                             entry_size, set_directory_flags)
 from ..format.header import AUTOCLEAR_BITMAPS, BitmapsExtension
+# the qcow2 driver (read.py, which imports this module) is typed by its base class
+from ..image import Image as Qcow2Image
 
 MAX_TABLE_SIZE = 0x8000000            # entries (QEMU's BME_MAX_TABLE_SIZE)
 MAX_PHYS_SIZE = 0x20000000            # bytes of bitmap data (BME_MAX_PHYS_SIZE)
@@ -171,7 +173,7 @@ class Bitmap:
     added since the image was opened).
     """
 
-    def __init__(self, image: "Qcow2Image", name: str, granularity_bits: int, enabled: bool,
+    def __init__(self, image: Qcow2Image, name: str, granularity_bits: int, enabled: bool,
                  entry: Optional[BitmapEntry] = None, inconsistent: bool = False,
                  bits: Optional[bitarray] = None) -> None:
         self._image = image
@@ -186,7 +188,7 @@ class Bitmap:
         self._removed = False
 
     @classmethod
-    def from_entry(cls, image: "Qcow2Image", entry: BitmapEntry) -> "Bitmap":
+    def from_entry(cls, image: Qcow2Image, entry: BitmapEntry) -> "Bitmap":
         return cls(image, entry.name, entry.granularity_bits, entry.auto, entry,
                    inconsistent=entry.in_use)
 

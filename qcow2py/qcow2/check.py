@@ -24,10 +24,11 @@ import numpy as np
 from ..format import refcount as rc
 from ..errors import CorruptImageError
 from ..format.header import Header
+# issue #11 (check.py is being rewritten): the qcow2 driver (qcow2/read.py) is passed
+# in and typed by its base class, so that the reader can import check without a cycle
+from ..image import Image as Qcow2Image
 from ..format.l2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
                          OFLAG_COMPRESSED, OFLAG_COPIED)
-# issue #11 (check.py is being rewritten): ``Qcow2Image`` in the annotations is the
-# driver (qcow2/read.py) passed in, not imported, so that the reader can offer check()
 
 _L2E_OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
 _L2E_STD_RESERVED = np.uint64(L2E_STD_RESERVED_MASK)

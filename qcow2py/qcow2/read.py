@@ -10,7 +10,6 @@ releases the GIL; compressed clusters are decompressed on a thread pool.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -19,7 +18,7 @@ import numpy as np
 from bitarray import frozenbitarray
 
 from .. import native
-from ..errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
+from ..errors import (BitmapError, CorruptImageError, FormatError,
                      UnsupportedFeatureError)
 from ..format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from ..format.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, Header,

@@ -39,7 +39,6 @@ from ...image import Image
 from ...qcow2.bitmaps import little_endian_bits
 from ...qcow2.decompress import decompress_into, read_and_decompress
 from ...qcow2.read import Qcow2Image
-from ...raw import RawImage
 from .plan import (P_BACKING, P_COMPRESSED, P_DATA, P_ZERO, Plan, coalesce, empty_plan,
                    plan_window)
 
@@ -410,11 +409,9 @@ class BlockCopy:
         if not len(data):
             return
         storages = [self._layer_storage(i) for i in range(len(self.source.chain()))]
-        src_fds = [s.fileno() for s in storages]
-        dst_fd = dst_storage.fileno()
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
         st = self.stats
-        native_ok = dst_fd is not None and all(fd is not None for fd in src_fds)
+        native_ok = dst_storage.native_io and all(s.native_io for s in storages)
         workers = self.workers if native_ok else 1
         buf_len = max(2 << 20, min(64 << 20, self.memory_limit // workers))
         half = buf_len // 2
@@ -445,13 +442,8 @@ class BlockCopy:
         zero_chunk = self.sparse_size
         write_zeroes = bool(zero_chunk) and not self.target_is_zero
         order = np.argsort(dst, kind="stable")
-        fd = dst_storage.fileno()
-        if fd is not None:
-            return native.write_batch(pos, dst, length, order, fd, buf, zero_chunk,
-                                      write_zeroes, mark_at[0], mark_at[1], local_mark)
-        return native.write_batch_generic(_storage_writev(dst_storage), pos, dst, length, order,
-                                          buf, zero_chunk, write_zeroes, mark_at[0], mark_at[1],
-                                          local_mark)
+        return dst_storage.write_batch(buf, pos, dst, length, order, zero_chunk, write_zeroes,
+                                       mark_at[0], mark_at[1], local_mark)
 
     def _run_batches(self, bounds: np.ndarray, buf_len: int, workers: int, read, write,
                      mark_buf) -> None:
@@ -671,13 +663,6 @@ def _split_data(p: Plan, dst: np.ndarray, limit: int):
     length = np.where(is_data, np.minimum(q.length - within, limit), q.length)
     host = np.where(is_data, q.host + within, q.host)
     return Plan(q.guest + within, length, q.kind, q.layer, host, q.csize), dst[idx] + within
-
-
-def _storage_writev(storage):
-    """A ``writev(views, offset)`` over a storage's pwrite (storages without a file descriptor)."""
-    def writev(views, off):
-        storage.pwrite(b"".join(bytes(v) for v in views), off)
-    return writev
 
 
 def _clip(p: Plan, start: int, end: int) -> Plan:
