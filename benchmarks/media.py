@@ -300,7 +300,7 @@ def trace_qcow2py(src: str, order: str, tmp: str) -> Dict:
     """Copy with BlockCopy, every read of the source chain recorded; checks the copy."""
     import qcow2py
     from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
-    from qcow2py.io.storage import TraceLog, UnsafeStorage
+    from qcow2py.io.wrappers import TraceLog, UnsafeStorage
 
     dst = os.path.join(tmp, f"traced-{order}.qcow2")
     if os.path.exists(dst):

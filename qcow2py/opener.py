@@ -76,10 +76,10 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     files named inside the image are opened read-only through
     ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
-    :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
+    :class:`~qcow2py.io.storage.Storage` (to trace requests, journal writes for
     crash tests, or feed a disk model); with ``wrap_chain=True`` it wraps every
     file of the chain too (backing and external data files), e.g. with
-    :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
+    :meth:`TraceLog.wrap <qcow2py.io.wrappers.TraceLog.wrap>` to trace a whole
     chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
     image so that ``check(repair=...)`` can fix it.
     ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``

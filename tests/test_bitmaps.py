@@ -23,7 +23,7 @@ import pytest
 
 import qcow2py
 from qcow2py.errors import BitmapError
-from qcow2py.io.storage import RecordingStorage
+from qcow2py.io.wrappers import RecordingStorage
 from qemu import create, info_json, need, qemu_img, qemu_io, run
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -11,7 +11,7 @@ import pytest
 
 import qcow2py
 from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
-from qcow2py.io.storage import TracingStorage
+from qcow2py.io.wrappers import TracingStorage
 from qemu import create, qemu_img, qemu_io
 
 MiB = 1 << 20

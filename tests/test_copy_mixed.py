@@ -4,7 +4,7 @@ import os
 
 import qcow2py
 from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
-from qcow2py.io.storage import TraceLog
+from qcow2py.io.wrappers import TraceLog
 from qemu import create, qemu_img, qemu_io
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import qcow2py
-from qcow2py.io.storage import RecordingStorage
+from qcow2py.io.wrappers import RecordingStorage
 from qemu import create, qemu_img
 
 

@@ -97,7 +97,7 @@ def test_unknown_codec_raises():
 def test_sequential_small_reads_decompress_each_cluster_once(tmp_path):
     """4 KiB reads through compressed clusters fetch each stream from the file once."""
     import qcow2py
-    from qcow2py.io.storage import TracingStorage
+    from qcow2py.io.wrappers import TracingStorage
     from qemu import qemu_img
 
     data = b"".join(c for i, c in enumerate(_clusters(6, seed=3)) if i % 3)   # compressible

@@ -185,7 +185,7 @@ def test_strace_parser_keeps_issue_order():
 
 def test_tracelog_records_every_layer_in_order(tmp_path):
     import qcow2py
-    from qcow2py.io.storage import TraceLog
+    from qcow2py.io.wrappers import TraceLog
 
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     with qcow2py.create(str(base), 4 * MiB) as img:

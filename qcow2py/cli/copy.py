@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import Qcow2Error
-from ..io.storage import UnsafeStorage
+from ..io.wrappers import UnsafeStorage
 from ..jobs.blockcopy import BlockCopy, ORDERS
 from ..opener import CreateError, create, open as open_image
 from ..version import __version__
