@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import List, Optional
 
@@ -14,42 +13,21 @@ from ..io.wrappers import UnsafeStorage
 from ..jobs.blockcopy import BlockCopy, ORDERS
 from ..opener import CreateError, create, open as open_image
 from ..version import __version__
+from .options import CREATE_OPTIONS, OptionError, parse_options, parse_size
 
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-           "p": 1 << 50, "e": 1 << 60}
-
-
-def parse_size(text: str) -> int:
-    """qemu-img sizes: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)\s*", text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}")
-    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
-
-
-_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
-_CREATE_KEYS = {"cluster_size": parse_size, "compat": str, "refcount_bits": int,
-                "extended_l2": lambda v: _BOOL[v], "lazy_refcounts": lambda v: _BOOL[v],
-                "compression_type": str, "preallocation": str, "data_file": str,
-                "data_file_raw": lambda v: _BOOL[v], "backing_file": str, "backing_fmt": str}
+#: the -o keys qcow2py-copy takes (the target's size is the source's)
+_CREATE_KINDS = {k: v for k, v in CREATE_OPTIONS["qcow2"].items() if k != "size"}
 
 
 def parse_create_options(text: Optional[str]) -> dict:
     """``-o key=value,key=value`` into create() keyword arguments."""
-    out: dict = {}
     if not text:
-        return out
-    for item in text.split(","):
-        if not item:
-            continue
-        key, _, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in _CREATE_KEYS:
-            raise CreateError(f"Invalid parameter '{key}'")
-        try:
-            out[key] = _CREATE_KEYS[key](value)
-        except (KeyError, ValueError):
-            raise CreateError(f"Parameter '{key}' does not accept value '{value}'") from None
+        return {}
+    try:
+        parsed = parse_options([text], _CREATE_KINDS)
+    except OptionError as e:
+        raise CreateError(str(e)) from None
+    out = {key: value for key, (value, _text) in parsed.items()}
     if "backing_fmt" in out:
         out["backing_format"] = out.pop("backing_fmt")
     return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import List, Optional
 
@@ -14,7 +13,7 @@ from ..qcow2.check import check_image
 from ..qcow2.read import Qcow2Image
 from ..report import map_human, map_json, qemu_json
 from ..version import __version__
-from .copy import parse_size
+from .options import CREATE_OPTIONS, OptionError, parse_options, parse_qemu_size, parse_size
 
 
 def _human_size(n: int) -> str:
@@ -244,21 +243,9 @@ class _CreateFailure(Exception):
     """A create error: one line on stderr."""
 
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-             "p": 1 << 50, "e": 1 << 60}
-_BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
-               "off": False, "no": False, "false": False, "n": False}
 _SIZE_HELP = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
               "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 _INT64_MAX = (1 << 63) - 1
-#: -o options per format and how to read them (as QEMU 7.2's create options)
-_CREATE_OPTIONS = {
-    "qcow2": {"size": "size", "compat": "str", "backing_file": "str", "backing_fmt": "str",
-              "data_file": "str", "data_file_raw": "bool", "cluster_size": "size",
-              "extended_l2": "bool", "preallocation": "str", "lazy_refcounts": "bool",
-              "refcount_bits": "number", "compression_type": "str"},
-    "raw": {"size": "size", "preallocation": "str"},
-}
 #: the order in which qemu-img prints the options it formats with
 _QCOW2_LINE = ("cluster_size", "extended_l2", "preallocation", "compression_type", "size",
                "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
@@ -267,102 +254,12 @@ _QCOW2_DEFAULTS = {"cluster_size": 65536, "extended_l2": "off", "compression_typ
                    "lazy_refcounts": "off", "refcount_bits": 16}
 
 
-def parse_qemu_size(text: str) -> int:
-    """A size as qemu-img reads one: decimal bytes (leading blanks allowed), or with a
-    k/M/G/T/P/E suffix (powers of 1024, a fraction allowed: ``1.5G``), or 0x hex.
-    Raises ValueError."""
-    m = re.fullmatch(r"\s*(?:0[xX]([0-9a-fA-F]+)|(\d+)(?:\.(\d*))?)([bBkKmMgGtTpPeE]?)", text)
-    if not m:
-        raise ValueError(text)
-    hexa, whole, frac, suffix = m.groups()
-    mul = _SUFFIXES[suffix.lower()]
-    if hexa is not None:
-        return int(hexa, 16) * mul
-    value = int(whole) * mul
-    if frac and int(frac):
-        if mul == 1:
-            raise ValueError(text)              # no fractional bytes
-        value += int(frac) * mul // 10 ** len(frac)
-    return value
-
-
-def _parse_number(text: str) -> int:
-    """An unsigned 64-bit number as QEMU's option parser reads it (0x hex, 0 octal)."""
-    t = text.lstrip()
-    neg = t.startswith("-")
-    if neg or t.startswith("+"):
-        t = t[1:]
-    if len(t) > 2 and t[:2].lower() == "0x":
-        value = int(t[2:], 16)
-    elif len(t) > 1 and t[0] == "0":
-        value = int(t[1:], 8)
-    else:
-        if not t.isdigit():
-            raise ValueError(text)
-        value = int(t)
-    if value >= 1 << 64:
-        raise ValueError(text)
-    return -value if neg else value
-
-
-def _split_options(text: str) -> List[str]:
-    """``key=value,key=value`` with ",," standing for a comma inside a value."""
-    items, cur, i = [], "", 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            items.append(cur)
-            cur = ""
-        else:
-            cur += text[i]
-        i += 1
-    items.append(cur)
-    if any(not item for item in items):
-        raise _CreateFailure(f"Invalid option list: {text}")
-    return items
-
-
 def _create_options(fmt: str, texts: List[str], name: str) -> dict:
     """-o lists into {option: (parsed value, text to print)}, later ones winning."""
-    kinds = _CREATE_OPTIONS[fmt]
-    out: dict = {}
-    for text in texts:
-        for item in _split_options(text):
-            key, eq, value = item.partition("=")
-            if key.startswith("encrypt"):
-                raise _CreateFailure(f"{name}: qcow2py does not create encrypted images")
-            kind = kinds.get(key)
-            if kind is None:
-                raise _CreateFailure(f"{name}: Invalid parameter '{key}'")
-            if kind == "bool":
-                if not eq:
-                    value = "on"
-                if value not in _BOOL_WORDS:
-                    raise _CreateFailure(f"{name}: Parameter '{key}' expects 'on' or 'off'")
-                out[key] = (_BOOL_WORDS[value], value)
-            elif kind == "size":
-                try:
-                    n = parse_qemu_size(value)
-                    if n >= 1 << 64:
-                        raise ValueError(value)
-                except ValueError:
-                    raise _CreateFailure(f"{name}: Parameter '{key}' expects a non-negative "
-                                         f"number below 2^64") from None
-                out[key] = (n, str(n))
-            elif kind == "number":
-                try:
-                    n = _parse_number(value)
-                except ValueError:
-                    raise _CreateFailure(f"{name}: Parameter '{key}' expects a "
-                                         f"number") from None
-                signed = n - (1 << 64) if n >= 1 << 63 else n
-                out[key] = (n, str(signed))
-            else:
-                out[key] = (value, value)
-    return out
+    try:
+        return parse_options(texts, CREATE_OPTIONS[fmt], name)
+    except OptionError as e:
+        raise _CreateFailure(str(e)) from None
 
 
 def _cmd_create(args) -> int:
@@ -375,12 +272,12 @@ def _cmd_create(args) -> int:
 
 def _create(args) -> int:
     name, fmt = args.filename, args.f or "raw"
-    if fmt not in _CREATE_OPTIONS:
+    if fmt not in CREATE_OPTIONS:
         raise _CreateFailure(f"Unknown file format '{fmt}' (qcow2py creates qcow2 and raw)")
     if any(t.strip() in ("help", "?") for t in args.o or []):
         print(f"Supported {fmt} options:")
-        for key in sorted(_CREATE_OPTIONS[fmt]):
-            print(f"  {key}=<{_CREATE_OPTIONS[fmt][key]}>")
+        for key in sorted(CREATE_OPTIONS[fmt]):
+            print(f"  {key}=<{CREATE_OPTIONS[fmt][key]}>")
         return 0
     if name is None:
         raise _CreateFailure("Expecting image file name")
