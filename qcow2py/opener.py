@@ -20,7 +20,7 @@ from .image import Image, backing_display_name
 from .io.storage import FileStorage, Storage
 from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
                            create_raw, qcow2_header, write_fresh_qcow2)
-from .qcow2.write import WritableQcow2Image
+from .qcow2.image import WritableQcow2Image
 from .qcow2.read import Qcow2Image
 from .raw import RawImage
 

@@ -118,10 +118,7 @@ def main() -> None:
     import qcow2py  # noqa: F401 - import everything before measuring
     import qcow2py.report  # noqa: F401
     # start the decompression threads now, so their stacks count in the baseline
-    try:
-        from qcow2py.qcow2.decompress import pool as _pool
-    except ImportError:
-        from qcow2py.qcow2 import _pool
+    from qcow2py.qcow2.decompress import pool as _pool
     list(_pool().map(time.sleep, [0.01] * 2 * (os.cpu_count() or 2)))
     base_as = _status_kib("VmSize") * 1024
     resource.setrlimit(resource.RLIMIT_AS, (base_as + headroom, resource.RLIM_INFINITY))

@@ -50,6 +50,8 @@ ALLOWED_PRIVATE: Dict[str, Set[str]] = {
         "_l1_raw",              # the raw L1 table (repair fixes COPIED flags in it)
         "_load_l2",             # raw L2 table load
         "_touch_l2",            # marks an L2 table dirty
+        "_dirty_l1",            # marks the L1 table dirty after fixing COPIED flags
+        "_metadata_map",        # drops the overlap map (WriterState.metadata_moved does it)
     },
 }
 
@@ -216,7 +218,7 @@ def test_no_import_cycles():
 
 def _defined_private(tree: ast.Module) -> Set[str]:
     """Underscore names a module defines: functions, classes, assignments,
-    attributes it sets (``x._a = ...``), ``__slots__`` entries."""
+    attributes it sets on its own objects (``self._a = ...``), ``__slots__`` entries."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -226,8 +228,9 @@ def _defined_private(tree: ast.Module) -> Set[str]:
                 names.add(a.arg)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
-        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            names.add(node.attr)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del))
+              and _own_object(node.value)):
+            names.add(node.attr)        # set on another object, a name is not this module's
         elif isinstance(node, ast.alias):
             names.add(node.asname or node.name.split(".")[0])
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):

@@ -22,6 +22,11 @@ OFLAG_ZERO = 1 << 0
 OFLAG_COPIED = 1 << 63
 #: L2 entry: the cluster is compressed (the rest is a compressed descriptor)
 OFLAG_COMPRESSED = 1 << 62
+#: the same bits as numpy scalars, for masks over arrays of entries
+U64_OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
+U64_COPIED = np.uint64(OFLAG_COPIED)
+U64_COMPRESSED = np.uint64(OFLAG_COMPRESSED)
+U64_ZERO = np.uint64(OFLAG_ZERO)
 #: extended L2: the subcluster bitmap (second 64-bit word), allocated bits low, zero bits high
 SUBCLUSTERS = 32
 

@@ -168,7 +168,7 @@ class Bitmap:
     ``name``, ``granularity`` (bytes a bit covers), ``enabled`` (tracks
     writes: QEMU's "auto" flag), ``in_use`` (the flag in the image now),
     ``inconsistent`` (in use when the image was opened: its bits cannot be
-    trusted, and only :meth:`~qcow2py.writer.WritableQcow2Image.remove_bitmap`
+    trusted, and only :meth:`~qcow2py.qcow2.image.WritableQcow2Image.remove_bitmap`
     works on it).  ``entry`` is the directory entry on disk (None for a bitmap
     added since the image was opened).
     """
@@ -191,6 +191,24 @@ class Bitmap:
     def from_entry(cls, image: Qcow2Image, entry: BitmapEntry) -> "Bitmap":
         return cls(image, entry.name, entry.granularity_bits, entry.auto, entry,
                    inconsistent=entry.in_use)
+
+    @classmethod
+    def empty(cls, image: Qcow2Image, name: str, granularity_bits: int,
+              enabled: bool) -> "Bitmap":
+        """A new bitmap with every bit clear (not stored yet)."""
+        b = cls(image, name, granularity_bits, enabled)
+        bits = bitarray(b.nbits, endian="little")
+        bits.setall(0)
+        b._bits = bits
+        return b
+
+    def mark_removed(self) -> None:
+        """The image dropped this bitmap: every later use raises BitmapError."""
+        self._removed = True
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
 
     # ------------------------------------------------------------ facts
     @property
@@ -379,8 +397,8 @@ def attach(img) -> None:
         # a program without bitmap support wrote the image: the extension is stale,
         # and QEMU drops it (its clusters leak until check -r)
         h.bitmaps = None
-        img.write_header()
-    img._bitmaps_attached = True
+        img.journal.write_header()
+    img.bitmaps_attached = True
     cs = img.cluster_size
     file_size = img.storage.size()
     for e in img.bitmap_directory:
@@ -394,17 +412,13 @@ def attach(img) -> None:
     raw = img.storage.pread(ext.directory_offset, ext.directory_size)
     flags = [e.flags | FLAG_IN_USE for e in img.bitmap_directory]
     # the autoclear-bit protocol: a crash in the middle leaves a stale extension
-    h.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    img.write_header()
-    img.storage.pwrite(set_directory_flags(raw, flags), ext.directory_offset)
-    img.storage.fsync()
-    h.autoclear_features |= AUTOCLEAR_BITMAPS
-    img.write_header()
+    img.journal.bitmaps_in_use(
+        lambda: img.storage.pwrite(set_directory_flags(raw, flags), ext.directory_offset))
     for e, f in zip(img.bitmap_directory, flags):
         e.flags = f
     for b in consistent:
         b._in_use = True
-    img._bitmaps_dirty = True
+    img.bitmaps_dirty = True
 
 
 def check_new(img, name: str, granularity: Optional[int]) -> int:
@@ -509,8 +523,8 @@ def store(img) -> None:
     else:
         h.bitmaps = None
         h.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    img.write_header()             # the switch (synced)
-    img._metadata_map = None
+    img.journal.write_header()             # the switch (synced)
+    img.metadata_moved()
     if old:
         img.refcounts.free_later(np.concatenate(old))
     img.flush_metadata()
@@ -519,4 +533,4 @@ def store(img) -> None:
         b.entry = e
         b._in_use = e.in_use
     img.bitmaps[:] = order
-    img._bitmaps_dirty = False
+    img.bitmaps_dirty = False

@@ -13,13 +13,14 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ..errors import FormatError, Qcow2Error
+from ..errors import Qcow2Error
 from ..format import refcount as rc
 from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
                             INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
                             MAX_L1_BYTES, QEMU_FEATURE_TABLE, Header)
 from ..io import locking
 from ..io.storage import FileStorage
+from .journal import Journal
 from .refcounts import RefcountManager
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -158,46 +159,46 @@ def write_fresh_qcow2(path: str, h: Header) -> None:
         l1_clusters = -(-l1_bytes // cs)
         per_block = rc.entries_per_block(cs, h.refcount_order)
         used = 3 + l1_clusters
+        journal = Journal(st, h)
         if used > per_block:
             # more than one refcount block: let the allocator lay out the rest
-            return _write_large_fresh(st, h, l1_clusters)
+            return _write_large_fresh(journal, l1_clusters)
         h.l1_table_offset = 3 * cs if h.l1_size else 0
-        counts = np.zeros(per_block, dtype=np.uint64)
-        counts[:used] = 1
-        st.pwrite(h.encode(), 0)
-        table = np.zeros(cs // 8, dtype=">u8")
-        table[0] = 2 * cs
-        st.pwrite(table.tobytes(), cs)
-        st.pwrite(rc.encode_block(counts, h.refcount_order), 2 * cs)
+        _write_first_clusters(st, h, used)
         if l1_bytes:
             st.pwrite(bytes(l1_bytes), 3 * cs)
-        st.fsync()
+        journal.barrier()
     finally:
         st.close()
 
 
-def _write_large_fresh(st: FileStorage, h: Header, l1_clusters: int) -> None:
+def _write_first_clusters(st: FileStorage, h: Header, used: int) -> None:
+    """Header (cluster 0), refcount table (1) and its first block (2) counting
+    the first ``used`` clusters."""
     cs = h.cluster_size
-    per_block = rc.entries_per_block(cs, h.refcount_order)
-    counts = np.zeros(per_block, dtype=np.uint64)
-    counts[:3] = 1
-    h.l1_table_offset, l1_size = 0, h.l1_size
-    h.l1_size = 0
+    counts = np.zeros(rc.entries_per_block(cs, h.refcount_order), dtype=np.uint64)
+    counts[:used] = 1
     st.pwrite(h.encode(), 0)
     table = np.zeros(cs // 8, dtype=">u8")
     table[0] = 2 * cs
     st.pwrite(table.tobytes(), cs)
     st.pwrite(rc.encode_block(counts, h.refcount_order), 2 * cs)
-    mgr = RefcountManager(st, h)
+
+
+def _write_large_fresh(journal: Journal, l1_clusters: int) -> None:
+    st, h = journal.storage, journal.header
+    h.l1_table_offset, l1_size = 0, h.l1_size
+    h.l1_size = 0
+    _write_first_clusters(st, h, 3)
+    mgr = RefcountManager(journal)
     l1_off = mgr.allocate(l1_clusters)
     st.pwrite(bytes(l1_size * 8), l1_off)
     mgr.write_dirty_blocks()
-    st.fsync()
+    journal.barrier()
     mgr.write_reftable()
-    st.fsync()
+    journal.barrier()
     h.l1_size, h.l1_table_offset = l1_size, l1_off
-    st.pwrite(h.encode(), 0)
-    st.fsync()
+    journal.write_header()
 
 
 def create_data_file(path: str, size: int, preallocation: str) -> None:
@@ -222,7 +223,7 @@ def create_raw(path: str, size: Optional[int], preallocation: str) -> None:
     try:
         st.truncate(int(size))
         if preallocation == "falloc":
-            os.posix_fallocate(st.fileno(), 0, int(size))
+            st.fallocate(0, int(size))
         elif preallocation == "full":
             zero = bytes(1 << 20)
             for pos in range(0, int(size), len(zero)):

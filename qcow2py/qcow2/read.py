@@ -18,8 +18,7 @@ import numpy as np
 from bitarray import frozenbitarray
 
 from .. import native
-from ..errors import (BitmapError, CorruptImageError, FormatError,
-                     UnsupportedFeatureError)
+from ..errors import BitmapError, CorruptImageError, FormatError
 from ..format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from ..format.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, Header,
                              QEMU_HEADER_LENGTH, has_magic, peek_cluster_bits)

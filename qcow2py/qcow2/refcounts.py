@@ -18,14 +18,15 @@ clusters and is switched with one synced 12-byte header write.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 
 from ..errors import CorruptImageError, FormatError
 from ..format import refcount as rc
-from ..format.header import MAX_REFTABLE_BYTES, Header, encode_fields
+from ..format.header import MAX_REFTABLE_BYTES, Header
 from ..io.storage import Storage
+from .journal import Journal
 
 #: header offset of refcount_table_offset (u64) + refcount_table_clusters (u32)
 
@@ -33,9 +34,11 @@ from ..io.storage import Storage
 class RefcountManager:
     """Reads, allocates and frees host clusters of one qcow2 file."""
 
-    def __init__(self, storage: Storage, header: Header):
-        self.storage = storage
-        self.header = header
+    def __init__(self, journal: Journal):
+        self.journal = journal
+        self.storage: Storage = journal.storage
+        self.header: Header = journal.header
+        storage, header = self.storage, self.header
         self.cluster_bits = header.cluster_bits
         self.cs = header.cluster_size
         self.order = header.refcount_order
@@ -293,7 +296,7 @@ class RefcountManager:
             # the old table gets the blocks hooked up so far, as QEMU writes each
             # hook-up at once (its clusters may be reused with that content)
             self.write_dirty_blocks()
-            self.storage.fsync()
+            self.journal.barrier()
             self.write_reftable()
         table = np.zeros(entries, dtype=np.int64)
         keep = min(entries, self.reftable.size)
@@ -319,15 +322,11 @@ class RefcountManager:
                 self.dirty_blocks.add(i)
         # blocks first, then the table, then the header switch
         self.write_dirty_blocks()
-        self.storage.fsync()
+        self.journal.barrier()
         self.storage.pwrite(self._table_bytes(), tstart << cb)
-        self.storage.fsync()
         old_offset = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
-        self.header.refcount_table_offset = tstart << cb
-        self.header.refcount_table_clusters = tclusters
-        self.storage.pwrite(*_reftable_fields(tstart << cb, tclusters))
-        self.storage.fsync()
+        self.journal.switch_reftable(tstart << cb, tclusters)
         self.dirty_reftable = False
         self.layout_version += 1
         old = (old_offset >> cb) + np.arange(old_clusters, dtype=np.int64)
@@ -383,11 +382,7 @@ class RefcountManager:
             self.blocks[j] = blk
             self.storage.pwrite(rc.encode_block(blk, self.order), off)
         self.storage.pwrite(table.astype(">u8").tobytes(), base * cs)
-        self.storage.fsync()
-        self.header.refcount_table_offset = base * cs
-        self.header.refcount_table_clusters = tclusters
-        self.storage.pwrite(*_reftable_fields(base * cs, tclusters))
-        self.storage.fsync()
+        self.journal.switch_reftable(base * cs, tclusters)
         self.reftable = table
         self.dirty_blocks.clear()
         self.dirty_reftable = False
@@ -413,9 +408,3 @@ class RefcountManager:
     @property
     def dirty(self) -> bool:
         return bool(self.dirty_blocks or self.dirty_reftable or self.pending)
-
-
-def _reftable_fields(offset: int, clusters: int):
-    """``(data, offset)`` for pwrite: the header's refcount-table location."""
-    at, data = encode_fields(("refcount_table_offset", offset), ("refcount_table_clusters", clusters))
-    return data, at

@@ -1,0 +1,206 @@
+"""The writable qcow2 driver's façade: :class:`WritableQcow2Image` (opening "r+":
+locks, the journal, repair of a dirty image, bitmaps; flush and close).
+
+Locks (always taken in this order)
+----------------------------------
+1. ``_ranges``: a shared/exclusive lock on guest cluster ranges.  A write
+   holds its clusters exclusively from planning to commit, so two writes to
+   one cluster never interleave into a torn allocation; a read holds its
+   clusters shared, so they cannot be freed and reused under it.
+2. ``_lock``: one re-entrant lock serialising every metadata change (L1/L2,
+   refcounts, flush).  A plain write takes it twice, briefly: to plan
+   (classify clusters, allocate) and to commit its L2 entries; the data moves
+   in between without it, so writes to different clusters run in parallel
+   (the GIL is released in the system calls).  write_zeroes, discard and
+   writes to extended-L2 images hold it throughout.
+3. the reader's L2 cache lock (``_cache_lock``), innermost.
+
+Persistent dirty bitmaps
+------------------------
+Opening "r+" marks every consistent bitmap *in_use* in the image (the
+directory rewritten in place between a clear and a set of autoclear bit 0,
+each synced); every write, write_zeroes and discard then marks the enabled
+bitmaps in memory.  ``close`` stores them (see :mod:`qcow2py.bitmaps`): data,
+tables and a new directory to new clusters, the metadata flush above, one
+synced header switch, then the old clusters are freed like any other
+decrement (step 5).  A crash before the switch leaves the bitmaps in_use:
+inconsistent for QEMU and for qcow2py, as they should be.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import List, Optional, Set
+
+import numpy as np
+from bitarray import bitarray, frozenbitarray
+
+from ..errors import BitmapError, CorruptImageError, ImageClosedError
+from ..format.header import AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from ..io import locking
+from ..io.rangelock import RangeLock
+from ..io.storage import FileStorage, Storage
+from . import bitmaps
+from .bitmaps import Bitmap, load_bits
+from .check import check_image, repair_image
+from .journal import Journal
+from .refcounts import RefcountManager
+from .bulk import BulkMapping
+
+
+class WritableQcow2Image(BulkMapping):
+    """A qcow2 image opened "r+"."""
+
+    def __init__(self, storage: Storage, filename: str, ctx) -> None:
+        super().__init__(storage, filename, ctx)
+        h = self.header
+        try:
+            self._refuse_unsupported(ctx.repair)
+            fd = storage.fileno()
+            self._locked_fd: Optional[int] = None
+            if fd is not None and ctx.lock:
+                locking.lock_for_write(fd, filename)
+                self._locked_fd = fd
+        except BaseException:
+            self.close()
+            raise
+        #: every durable ordering of this file (flush steps, header, feature bits)
+        self.journal = Journal(storage, h, lazy=bool(h.compatible_features &
+                                                     COMPAT_LAZY_REFCOUNTS))
+        self._lock = threading.RLock()
+        self._ranges = RangeLock()
+        if h.has_data_file and self.data_file_path is not None:
+            # guest data lives in the external file, at host offset == guest offset
+            ro = self.data_storage
+            self.data_storage = FileStorage(self.data_file_path, writable=True)
+            ro.close()
+        self.journal.data_storage = self.data_storage
+        self._external = h.has_data_file
+        self.refcounts = RefcountManager(self.journal)
+        raw = storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        self._l1_raw = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l2: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._dirty_l2: Set[int] = set()
+        self._dirty_l1 = False
+        self._metadata_map: Optional[np.ndarray] = None
+        self._metadata_extra: List[int] = []
+        if h.autoclear_features & ~AUTOCLEAR_KNOWN:
+            # a program that does not know a feature must clear its autoclear bit (spec)
+            h.autoclear_features &= AUTOCLEAR_KNOWN
+            self.journal.write_header()
+        if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
+            # refcounts may lag after a crash with lazy refcounts: rebuild them first
+            result = self.check(repair="all")
+            if result.corruptions or result.check_errors:
+                self.close()
+                raise CorruptImageError(f"{self.filename}: could not repair dirty image "
+                                        f"({result.corruptions} corruptions left)")
+        self.bitmaps_attached = False       # this writer keeps the bitmaps up to date
+        self.bitmaps_dirty = False          # they must be stored on close
+        self._tracking: List[Bitmap] = []   # the enabled, consistent ones
+        if not ctx.repair:                  # check -r leaves bitmaps as they are
+            try:
+                bitmaps.attach(self)
+            except BaseException:
+                self.bitmaps_attached = self.bitmaps_dirty = False
+                self.close()
+                raise
+            self.bitmaps_changed_state()
+
+    def _refuse_unsupported(self, repair: bool) -> None:
+        h = self.header
+        if h.incompatible_features & INCOMPAT_CORRUPT and not repair:
+            raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
+                                    f"opened read-only (or repaired with check -r all)")
+
+    # ------------------------------------------------------------ bitmaps
+    def add_bitmap(self, name: str, granularity: Optional[int] = None,
+                   enabled: bool = True) -> Bitmap:
+        """Add an empty persistent bitmap (stored when the image is closed).
+
+        ``granularity``: bytes per bit, a power of two from 512 to 2 GiB
+        (default: the cluster size clamped to [4 KiB, 64 KiB], as QEMU).
+        Refusals raise :class:`~qcow2py.errors.BitmapError` with QEMU's message.
+        """
+        self._check_bitmaps_attached()
+        with self._lock:
+            gbits = bitmaps.check_new(self, name, granularity)
+            bm = Bitmap.empty(self, name, gbits, enabled)
+            self.bitmaps.append(bm)
+            self.bitmaps_dirty = True
+            self.bitmaps_changed_state()
+        return bm
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove a persistent bitmap (an inconsistent one too); its clusters are
+        freed when the image is closed."""
+        self._check_bitmaps_attached()
+        with self._lock:
+            bm = self.find_bitmap(name)
+            self.bitmaps.remove(bm)
+            bm.mark_removed()
+            self.bitmaps_dirty = True
+            self.bitmaps_changed_state()
+
+    def _check_bitmaps_attached(self) -> None:
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        if not self.bitmaps_attached:
+            raise ValueError(f"image {self.filename!r} was opened for repair: its bitmaps "
+                             f"cannot be changed")
+
+    def check_bitmap_writable(self, bm: Bitmap) -> None:
+        self._check_bitmaps_attached()
+        if bm.removed or all(b is not bm for b in self.bitmaps):
+            raise BitmapError(f"Dirty bitmap '{bm.name}' not found")
+
+    def load_bitmap_bits(self, bm: Bitmap):
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        if bm.entry is None:
+            bits = bitarray(bm.nbits, endian="little")
+            bits.setall(0)
+            return bits
+        # the clusters read here stay allocated until close has stored the bitmap anew
+        bits = load_bits(self.storage, bm.entry, self.size, self.cluster_size,
+                         self.storage.size())
+        return bits if self.bitmaps_attached else frozenbitarray(bits)
+
+    def bitmaps_changed_state(self) -> None:
+        self._tracking = [b for b in self.bitmaps if b.enabled and not b.inconsistent]
+
+    # ------------------------------------------------------------ header
+    def _clear_problem_bits(self) -> None:
+        """After a successful full repair (issue #11's check.py calls it)."""
+        self.journal.clear_problem_bits()
+
+    def check(self, repair: Optional[str] = None):
+        """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all"."""
+        if repair is None:
+            with self._lock:
+                self.flush_metadata()
+                return check_image(self)
+        return repair_image(self, repair)
+
+
+    def flush(self) -> None:
+        """Make every write issued so far durable (fsync included)."""
+        if self._closed:
+            raise ImageClosedError(f"image {self.filename!r} is closed")
+        with self._lock:
+            self.flush_metadata()
+
+    def _close_layer(self) -> None:
+        try:
+            if hasattr(self, "_lock") and not self.journal.corrupt_reason:
+                with self._lock:
+                    if self.bitmaps_dirty:
+                        bitmaps.store(self)
+                    self.flush_metadata()
+                    self.journal.clear_dirty()
+        finally:
+            if getattr(self, "_locked_fd", None) is not None:
+                locking.unlock(self._locked_fd)
+                self._locked_fd = None
+            super()._close_layer()

@@ -1,0 +1,154 @@
+"""Every durable ordering of a qcow2 file, in one place (and the only fsync of it).
+
+Crash safety
+------------
+Guest data goes straight to the file; metadata (L2 tables, the L1 table,
+refcount blocks, the refcount table) is kept in memory and written back by
+:meth:`Journal.commit` in this order, each step made durable (:meth:`barrier`)
+before the next one starts:
+
+1. refcount blocks (increments only) — together with all data written so far
+   (and the file extended over new clusters past its old end: a partial write
+   into such a cluster writes only its own bytes, the rest reads as zeros);
+2. the refcount table (entries for new refcount blocks);
+3. L2 tables (they may now point at the new data and the new clusters are
+   already counted);
+4. L1 entries (pointing at new L2 tables, which are on disk by now);
+5. refcount *decrements* for references the steps above removed (deferred
+   frees); only now do freed clusters become reusable.
+
+A crash at any instant therefore leaves references that are all counted:
+it may leak clusters, never corrupt.  With lazy refcounts the dirty bit is
+made durable before the first L2 write.
+
+The other orderings live here too: the header switch (whole header, synced),
+the dirty and corrupt bits, the refcount-table move (blocks, table, then the
+header fields), and the bitmaps' in-use protocol (autoclear bit cleared,
+directory rewritten, bit set again, each synced).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..errors import CorruptImageError
+from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, Header, \
+    encode_fields
+from ..io.storage import Storage
+
+
+class Journal:
+    """The durable side of one open qcow2 file: header writes, feature bits,
+    write barriers and the metadata commit order."""
+
+    def __init__(self, storage: Storage, header: Header, lazy: bool = False) -> None:
+        self.storage = storage
+        self.header = header
+        #: the external data file when there is one (synced before metadata)
+        self.data_storage: Storage = storage
+        self.lazy = lazy                  # lazy refcounts: dirty bit instead of ordering
+        self.marked_dirty = False         # this writer set the dirty bit
+        self.corrupt_reason: Optional[str] = None
+
+    # ------------------------------------------------------------ barriers
+    def barrier(self) -> None:
+        """Everything written to the image file so far is durable before anything after."""
+        self.storage.fsync()
+
+    def sync_data(self) -> None:
+        """Make the external data file durable (before metadata that points into it)."""
+        if self.data_storage is not self.storage:
+            self.data_storage.fsync()
+
+    # ------------------------------------------------------------ header
+    def write_header(self) -> None:
+        """The header switch: the whole of cluster 0's header, synced."""
+        self.storage.pwrite(self.header.encode(), 0)
+        self.barrier()
+
+    def set_fields(self, *names_values) -> None:
+        """Rewrite adjacent header fields in one write, synced, then update the header."""
+        at, data = encode_fields(*names_values)
+        self.storage.pwrite(data, at)
+        self.barrier()
+        for name, value in names_values:
+            setattr(self.header, name, value)
+
+    def set_incompat(self, bit: int, on: bool) -> None:
+        h = self.header
+        value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)
+        self.set_fields(("incompatible_features", value))
+
+    def clear_dirty(self) -> None:
+        """On a clean close: the dirty bit this writer set goes."""
+        if self.marked_dirty:
+            self.set_incompat(INCOMPAT_DIRTY, False)
+            self.marked_dirty = False
+
+    def clear_problem_bits(self) -> None:
+        """After a successful full repair: clear the corrupt and dirty bits."""
+        if self.header.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY):
+            self.set_incompat(INCOMPAT_CORRUPT | INCOMPAT_DIRTY, False)
+        self.marked_dirty = False
+
+    def mark_corrupt(self, filename: str, why: str) -> None:
+        """Set the corrupt bit (synced), remember why, and raise."""
+        try:
+            self.set_incompat(INCOMPAT_CORRUPT, True)
+        finally:
+            self.corrupt_reason = why
+        raise CorruptImageError(f"{filename}: marking image as corrupt: {why}")
+
+    def switch_reftable(self, offset: int, clusters: int) -> None:
+        """Point the header at a new refcount table (its blocks and table durable first)."""
+        self.barrier()
+        self.set_fields(("refcount_table_offset", offset), ("refcount_table_clusters", clusters))
+
+    def bitmaps_in_use(self, write_directory: Callable[[], None]) -> None:
+        """Rewrite the bitmap directory in place under the autoclear protocol: a crash
+        in the middle leaves the extension stale (dropped by QEMU), never half-written."""
+        h = self.header
+        h.autoclear_features &= ~AUTOCLEAR_BITMAPS
+        self.write_header()
+        write_directory()
+        self.barrier()
+        h.autoclear_features |= AUTOCLEAR_BITMAPS
+        self.write_header()
+
+    # ------------------------------------------------------------ metadata commit
+    def commit(self, refcounts, write_l2: Optional[Callable[[], None]],
+               write_l1: Optional[Callable[[], None]], file_size: Optional[int]) -> None:
+        """Steps 1-5 of the module docstring.  ``write_l2`` / ``write_l1`` write the
+        dirty tables (None: nothing dirty); ``file_size`` is where the file must reach
+        before step 1 (None with an external data file)."""
+        st, rc = self.storage, refcounts
+        if write_l2 is None and write_l1 is None and not rc.dirty:
+            self.barrier()
+            return
+        if self.lazy and not self.marked_dirty and (write_l2 or write_l1):
+            self.set_incompat(INCOMPAT_DIRTY, True)
+            self.marked_dirty = True
+        self.sync_data()
+        # 1: refcount increments, together with every data write so far
+        if file_size is not None and st.size() < file_size:
+            st.truncate(file_size)
+        if rc.dirty_blocks:
+            rc.write_dirty_blocks()
+        self.barrier()
+        # 2: refcount table entries for new refcount blocks
+        if rc.dirty_reftable:
+            rc.write_reftable()
+            self.barrier()
+        # 3: L2 tables
+        if write_l2 is not None:
+            write_l2()
+            self.barrier()
+        # 4: L1 table
+        if write_l1 is not None:
+            write_l1()
+            self.barrier()
+        # 5: decrements, now that no durable metadata refers to the freed clusters
+        if rc.pending:
+            rc.apply_frees()
+            rc.write_dirty_blocks()
+            self.barrier()
