@@ -120,7 +120,7 @@ class Fleecing:
 def fleece(disk: Image, temp: str, *, bitmap: Optional[str] = None, ram_cache: int = 0,
            cluster_size: int = 65536, on_cbw_error: str = "break-guest-write",
            cbw_timeout: Optional[float] = None, keep_temp: bool = False,
-           overwrite_temp: bool = False) -> Fleecing:
+           overwrite_temp: bool = False, temp_storage_wrapper=None) -> Fleecing:
     """Start fleecing ``disk`` (an Image opened "r+") into the temp qcow2 ``temp``.
 
     The point in time is when this returns.  ``bitmap`` limits the snapshot
@@ -130,6 +130,8 @@ def fleece(disk: Image, temp: str, *, bitmap: Optional[str] = None, ram_cache: i
     size and the copy granularity.  ``on_cbw_error`` ("break-guest-write" or
     "break-snapshot") and ``cbw_timeout`` (seconds) decide what a failed or
     slow copy does.  The temp is removed at the end unless ``keep_temp``.
+    ``temp_storage_wrapper`` wraps the temp's storage (tracing, fault
+    injection), as ``storage_wrapper`` of :func:`qcow2py.create` does.
     """
     if not isinstance(disk, Image):
         raise TypeError("fleece() needs an open Image (qcow2py.open(path, 'r+'))")
@@ -155,7 +157,8 @@ def fleece(disk: Image, temp: str, *, bitmap: Optional[str] = None, ram_cache: i
         access = np.ones(nclusters, dtype=bool)
     disk.flush()            # the temp's backing must show the point in time on disk
     tmp = create(temp, disk.size, cluster_size=cluster_size,
-                 backing_file=os.path.abspath(disk.filename), backing_format=disk.format)
+                 backing_file=os.path.abspath(disk.filename), backing_format=disk.format,
+                 storage_wrapper=temp_storage_wrapper)
     try:
         state = CopyState(disk.size, cluster_size, access)
         store = CopyStore(state, tmp, ram_cache)
