@@ -105,6 +105,10 @@ class Fleecing:
         self._store.clear()
         try:
             self._temp.close()
+        except Exception:
+            if self.keep_temp:
+                raise
+            # a failing temp is disposable: it is removed below anyway
         finally:
             if not self.keep_temp:
                 try:

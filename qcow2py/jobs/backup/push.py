@@ -106,9 +106,6 @@ class _Planner:
                 left = np.flatnonzero(self.pending)
                 if left.size == 0:
                     return None
-                if self.order == "guest":
-                    self.queue = ("guest", left, np.zeros(left.size, dtype=bool))
-                    continue
                 loc = st.loc[left]
                 if self.order == "priority":
                     where = DISK if (loc == DISK).any() else TEMP if (loc == TEMP).any() else RAM
@@ -120,7 +117,8 @@ class _Planner:
         return self.next_batch()
 
     def _host_order(self, idx: np.ndarray, loc: np.ndarray):
-        """Sort clusters by (file, host offset) of their first byte; known zeros first."""
+        """Sort clusters by (file, host offset) of their first byte, known zeros first
+        (guest order: keep the order, only find the known zeros)."""
         st, cs = self.st, self.st.cluster_size
         files: Dict[str, int] = {}
         fkey = np.zeros(idx.size, dtype=np.int64)
@@ -151,6 +149,8 @@ class _Planner:
             c_end = np.minimum(starts + cs, st.size)
             zero[sel] = np.array(zeros, dtype=bool)[k] & (ends_a[k] >= c_end)
             fkey[sel[zero[sel]]] = 0                 # zeros need no read: hand them out first
+        if self.order == "guest":
+            return "guest", idx, zero
         order = np.lexsort((hkey, fkey))
         phase = "host" if self.order == "host" else LOC_NAMES[int(loc[0])]
         return phase, idx[order], zero[order]
