@@ -238,7 +238,16 @@ def run_order(order: str, folder: str, size: int, base: str, args) -> dict:
     ssd = diskmodel.SSD(diskmodel.SATA_SSD).simulate(ios)
     return {"order": order, "hdd_s": round(hdd, 2), "ssd_s": round(ssd, 3),
             "requests": len(ios), "cbw_during_push_MiB": round(cbw_during / MiB, 1),
-            "phases": " ".join(f"{p}:{n / MiB:.1f}M" for p, n in res.phases)}
+            "phases": phase_summary(res.phases)}
+
+
+def phase_summary(phases) -> str:
+    """``ram 8.0M, disk 60.0M, temp 60.0M (21 phases)``: totals in order of first run."""
+    totals: Dict[str, int] = {}
+    for p, n in phases:
+        totals[p] = totals.get(p, 0) + n
+    s = ", ".join(f"{p} {n / MiB:.1f}M" for p, n in totals.items())
+    return s + (f" ({len(phases)} phases)" if len(phases) > len(totals) else "")
 
 
 def table(rows: List[dict], keys: List[str]) -> str:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
 import qcow2py
 from qcow2py import backup
+from qcow2py.storage import Storage
 from qemu import map_json, need, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -194,3 +197,68 @@ def test_exception_in_body_cleans_up(tmp_path):
         assert fl.stats.bytes_in_ram == K64 or fl.closed
         fl.disk.write(K64, b"r" * 10)            # passes straight through
     qemu_img("check", path)
+
+
+class _SlowStorage(Storage):
+    """Every write waits a little: a push through it takes a while."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.writable = inner, inner.name, inner.writable
+
+    def size(self):
+        return self.inner.size()
+
+    def pread_into(self, buf, offset):
+        return self.inner.pread_into(buf, offset)
+
+    def pwrite(self, data, offset):
+        time.sleep(0.01)
+        self.inner.pwrite(data, offset)
+
+    def fsync(self):
+        self.inner.fsync()
+
+    def truncate(self, size):
+        self.inner.truncate(size)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_exit_cancels_a_running_push(tmp_path):
+    path = _disk(tmp_path)
+    errors = []
+    with qcow2py.open(path, "r+") as disk:
+        tgt = qcow2py.create(str(tmp_path / "t.qcow2"), SIZE, storage_wrapper=_SlowStorage)
+        with backup.fleece(disk, str(tmp_path / "temp.qcow2")) as fl:
+            started = threading.Event()
+
+            def run():
+                try:
+                    backup.push(fl.snapshot, tgt, progress=lambda d, t: started.set(),
+                                batch_bytes=K64)
+                except BaseException as e:      # noqa: BLE001
+                    errors.append(e)
+            th = threading.Thread(target=run)
+            th.start()
+            assert started.wait(10)
+        assert not th.is_alive()                   # exit waited for the push
+        th.join()
+        tgt.close()
+    assert len(errors) == 1 and isinstance(errors[0], backup.BackupCancelled)
+    assert isinstance(errors[0], qcow2py.Qcow2Error)
+    qemu_img("check", str(tmp_path / "t.qcow2"))
+    qemu_img("check", path)
+
+
+def test_raw_disk(tmp_path):
+    need("qemu-img")
+    path = str(tmp_path / "disk.raw")
+    qemu_img("create", "-f", "raw", path, "4M")
+    qemu_io(path, "write -P 0x5d 0 1M", fmt="raw")
+    with qcow2py.open(path, "r+") as disk:
+        with backup.fleece(disk, str(tmp_path / "temp.qcow2"), cluster_size=K64 * 2) as fl:
+            fl.disk.write(1000, b"\x01" * 300000)
+            backup.push(fl.snapshot, str(tmp_path / "t.raw"), target_format="raw")
+            assert fl.snapshot.read(0, 4 << 20) == b"\x5d" * MiB + bytes(3 * MiB)
+    qemu_io(str(tmp_path / "t.raw"), "read -P 0x5d 0 1M", "read -P 0 1M 3M", fmt="raw")

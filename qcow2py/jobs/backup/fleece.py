@@ -24,6 +24,7 @@ import numpy as np
 
 from ...create import create
 from ...image import Image
+from ...storage import UnsafeStorage
 from .cache import CopyStore
 from .cbw import CopyBeforeWrite
 from .snapshot import SnapshotView
@@ -160,9 +161,14 @@ def fleece(disk: Image, temp: str, *, bitmap: Optional[str] = None, ram_cache: i
     else:
         access = np.ones(nclusters, dtype=bool)
     disk.flush()            # the temp's backing must show the point in time on disk
+
+    def wrap(storage):
+        # the temp is disposable (a crash throws it away): it never waits for fsync
+        storage = UnsafeStorage(storage)
+        return storage if temp_storage_wrapper is None else temp_storage_wrapper(storage)
     tmp = create(temp, disk.size, cluster_size=cluster_size,
                  backing_file=os.path.abspath(disk.filename), backing_format=disk.format,
-                 storage_wrapper=temp_storage_wrapper)
+                 storage_wrapper=wrap)
     try:
         state = CopyState(disk.size, cluster_size, access)
         store = CopyStore(state, tmp, ram_cache)

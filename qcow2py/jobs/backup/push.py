@@ -188,6 +188,8 @@ def push(snapshot: SnapshotView, target: Union[str, os.PathLike, Image], *,
     st = snapshot.state
     with st.cond:
         snapshot._check_open()
+        if st.cancel.is_set():
+            raise ValueError("the snapshot is closed (its fleecing is ending)")
         st.pushes += 1
     t0 = time.monotonic()
     tgt, fresh = None, False
