@@ -1,9 +1,12 @@
 """Seeded concurrency: 4 guest writers, a random-order snapshot reader and a push
 all at once.  Snapshot and target must equal the point in time, the disk the
-model of all writes; qemu-img judges the images."""
+model of all writes; qemu-img judges the images.  Each seed picks the disk's
+and the copy's cluster sizes, the RAM cache, the push order and whether the
+push discards its source."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -114,7 +117,11 @@ def run_seed(seed: int, tmp_path) -> None:
     qemu_img("check", target)
 
 
-@pytest.mark.parametrize("seed", range(12))
+#: more seeds: QCOW2PY_BACKUP_SEEDS=500 python -m pytest tests/test_backup_concurrency.py
+SEEDS = int(os.environ.get("QCOW2PY_BACKUP_SEEDS", "30"))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
 def test_concurrent_writers_reader_push(seed, tmp_path):
     need("qemu-img")
     try:

@@ -262,3 +262,24 @@ def test_raw_disk(tmp_path):
             backup.push(fl.snapshot, str(tmp_path / "t.raw"), target_format="raw")
             assert fl.snapshot.read(0, 4 << 20) == b"\x5d" * MiB + bytes(3 * MiB)
     qemu_io(str(tmp_path / "t.raw"), "read -P 0x5d 0 1M", "read -P 0 1M 3M", fmt="raw")
+
+
+@pytest.mark.parametrize("granularity", [4096, MiB])
+def test_bitmap_granularity_other_than_the_cluster(tmp_path, granularity):
+    """A copy cluster is needed when any bit covering it is dirty."""
+    need("qemu-img")
+    path = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-f", "qcow2", path, "4M")
+    qemu_img("bitmap", "--add", "-g", str(granularity), path, "b0")
+    qemu_io(path, "write -P 0x11 100k 4k")
+    with qcow2py.open(path, "r+") as disk, \
+            backup.fleece(disk, str(tmp_path / "temp.qcow2"), bitmap="b0") as fl:
+        want = [(K64, K64)] if granularity == 4096 else [(0, MiB)]
+        assert fl.snapshot.accessible_extents() == want
+        assert fl.bitmap.granularity == granularity
+        res = backup.push(fl.snapshot, str(tmp_path / "t.qcow2"))
+        assert res.bytes_total == want[0][1]
+        with pytest.raises(qcow2py.SnapshotAccessError):
+            fl.snapshot.read(MiB, 1)
+    with qcow2py.open(str(tmp_path / "t.qcow2")) as t:
+        assert t.read(100 * 1024, 4096) == b"\x11" * 4096

@@ -71,7 +71,9 @@ class SnapshotView(Node):
 
     # ------------------------------------------------------------ reading
     def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length if length > 0 else 0)
+        if length < 0:
+            raise ValueError("offset and length must be non-negative")
+        buf = bytearray(length)
         self.read_accounted_into(buf, offset)
         return bytes(buf)
 
