@@ -101,7 +101,8 @@ def run_seed(seed: int, tmp_path) -> None:
             for th in threads:
                 th.start()
             res = backup.push(fl.snapshot, target, order=order, workers=2,
-                              discard_source=discard_source, batch_bytes=256 * 1024)
+                              discard_source=discard_source, batch_bytes=256 * 1024,
+                              window_bytes=rng.choice([1 << 20, 1 << 30]))
             for th in threads[:WRITERS]:
                 th.join()
             stop.set()

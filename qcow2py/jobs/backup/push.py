@@ -22,6 +22,7 @@ are in flight, so memory is bounded by ``workers * batch_bytes``.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from .state import DISK, LOC_NAMES, RAM, TEMP, index_runs
 
 ORDERS = ("priority", "host", "guest")
 _BATCH_BYTES = 4 << 20
+_WINDOW_BYTES = 4 << 30
 
 
 class BackupCancelled(Qcow2Error):
@@ -68,53 +70,97 @@ class PushResult:
 
 
 class _Planner:
-    """Hands out batches of clusters in the chosen order (see the module doc)."""
+    """Hands out batches of clusters in the chosen order (see the module doc).
 
-    def __init__(self, snap: SnapshotView, order: str, batch_bytes: int) -> None:
+    The order is planned one window of guest space at a time (``window``
+    clusters), so the plan's memory stays bounded on any disk; a priority
+    push makes one pass over the windows for the clusters on the disk, one
+    for those in the temp, and a last one for anything that moved meanwhile.
+    """
+
+    def __init__(self, snap: SnapshotView, order: str, batch_bytes: int,
+                 window_bytes: int) -> None:
         self.snap = snap
         self.st = snap.state
         self.order = order
-        self.batch = max(1, batch_bytes // self.st.cluster_size)
+        cs = self.st.cluster_size
+        self.batch = max(1, batch_bytes // cs)
+        self.window = max(self.batch, window_bytes // cs)
         with self.st.cond:
             self.pending = self.st.access.copy()
         self.queue: Optional[Tuple[str, np.ndarray, np.ndarray]] = None   # phase, order, zero
+        self.qpos = 0
+        self.passes: List[Optional[int]] = [DISK, TEMP, None] if order == "priority" else [None]
+        self.scan = 0
 
     def total_bytes(self) -> int:
         return int(np.count_nonzero(self.pending)) * self.st.cluster_size
 
     def next_batch(self) -> Optional[Tuple[str, np.ndarray, np.ndarray]]:
         """``(phase, clusters in read order, known-zero mask)`` or None when done."""
-        st = self.st
-        with st.cond:
-            if self.order == "priority":
-                ram = np.flatnonzero(self.pending & (st.loc == RAM))
-                if ram.size:
-                    take = ram[:self.batch]
-                    self.pending[take] = False
-                    return "ram", take, np.zeros(take.size, dtype=bool)
-            while True:
-                if self.queue is not None:
-                    phase, cl, zero = self.queue
-                    keep = self.pending[cl]
-                    cl, zero = cl[keep], zero[keep]
-                    if cl.size:
-                        take, ztake = cl[:self.batch], zero[:self.batch]
-                        self.queue = (phase, cl[self.batch:], zero[self.batch:])
-                        self.pending[take] = False
-                        return phase, take, ztake
-                    self.queue = None
-                left = np.flatnonzero(self.pending)
-                if left.size == 0:
+        while True:
+            with self.st.cond:
+                got = self._ram_batch() if self.order == "priority" else None
+                if got is None:
+                    got = self._from_queue()
+                if got is not None:
+                    return got
+                window = self._next_window()
+                if window is None:
                     return None
-                loc = st.loc[left]
-                if self.order == "priority":
-                    where = DISK if (loc == DISK).any() else TEMP if (loc == TEMP).any() else RAM
-                    left = left[loc == where]
-                    loc = loc[loc == where]
-                break
-        # plan outside the lock: block_status may read metadata
-        self.queue = self._host_order(left, loc)
-        return self.next_batch()
+            # plan outside the lock: block_status may read metadata
+            self.queue, self.qpos = self._host_order(*window), 0
+
+    def _ram_batch(self):
+        """Pending clusters held in RAM, lowest first (``cond`` held)."""
+        store = self.snap.store
+        if not (store.ram or store.spilling):
+            return None
+        keys = np.fromiter(itertools.chain(store.ram.keys(), store.spilling.keys()),
+                           dtype=np.int64)
+        keys = np.sort(keys[self.pending[keys]])[:self.batch]
+        if keys.size == 0:
+            return None
+        self.pending[keys] = False
+        return "ram", keys, np.zeros(keys.size, dtype=bool)
+
+    def _from_queue(self):
+        """The next batch of the planned window still pending (``cond`` held)."""
+        if self.queue is None:
+            return None
+        phase, cl, zero = self.queue
+        takes, ztakes, need = [], [], self.batch
+        while need and self.qpos < cl.size:
+            seg, zseg = cl[self.qpos:self.qpos + need], zero[self.qpos:self.qpos + need]
+            self.qpos += seg.size
+            keep = self.pending[seg]
+            takes.append(seg[keep])
+            ztakes.append(zseg[keep])
+            need -= int(np.count_nonzero(keep))
+        take = np.concatenate(takes) if takes else np.zeros(0, dtype=np.int64)
+        if take.size == 0:
+            self.queue = None
+            return None
+        self.pending[take] = False
+        return phase, take, np.concatenate(ztakes)
+
+    def _next_window(self):
+        """``(clusters, their loc)`` of the next window with work, or None (``cond`` held)."""
+        st, n = self.st, self.st.nclusters
+        while self.passes:
+            where = self.passes[0]
+            while self.scan < n:
+                s, e = self.scan, min(n, self.scan + self.window)
+                self.scan = e
+                idx = s + np.flatnonzero(self.pending[s:e])
+                loc = st.loc[idx]
+                if where is not None:
+                    idx, loc = idx[loc == where], loc[loc == where]
+                if idx.size:
+                    return idx, loc
+            self.passes.pop(0)
+            self.scan = 0
+        return None
 
     def _host_order(self, idx: np.ndarray, loc: np.ndarray):
         """Sort clusters by (file, host offset) of their first byte, known zeros first
@@ -176,11 +222,15 @@ def push(snapshot: SnapshotView, target: Union[str, os.PathLike, Image], *,
          target_format: str = "qcow2", discard_source: bool = False,
          order: str = "priority", workers: int = 2,
          progress: Optional[Callable[[int, int], None]] = None,
-         overwrite: bool = False, batch_bytes: int = _BATCH_BYTES) -> PushResult:
+         overwrite: bool = False, batch_bytes: int = _BATCH_BYTES,
+         window_bytes: int = _WINDOW_BYTES) -> PushResult:
     """Copy the point-in-time content of ``snapshot`` to ``target`` (see the
     module doc).  A path is created (``FileExistsError`` unless ``overwrite``);
     an open writable Image is written in place (zeros written as zeros).
-    Raises :class:`BackupCancelled` if the fleecing ends meanwhile."""
+    Raises :class:`BackupCancelled` if the fleecing ends meanwhile.
+    ``batch_bytes`` is the unit read and written at once (``workers`` of them in
+    flight); ``window_bytes`` the guest span planned at once (host order holds
+    within a window)."""
     if not isinstance(snapshot, SnapshotView):
         raise TypeError("push() reads a fleecing's snapshot (Fleecing.snapshot)")
     if order not in ORDERS:
@@ -195,7 +245,8 @@ def push(snapshot: SnapshotView, target: Union[str, os.PathLike, Image], *,
     tgt, fresh = None, False
     try:
         tgt, fresh = _open_target(snapshot, target, target_format, overwrite)
-        res = _Push(snapshot, tgt, fresh, order, discard_source, batch_bytes).run(
+        res = _Push(snapshot, tgt, fresh, order, discard_source, batch_bytes,
+                    window_bytes).run(
             max(1, workers), progress)
         tgt.flush()
         res.seconds = time.monotonic() - t0
@@ -210,10 +261,10 @@ def push(snapshot: SnapshotView, target: Union[str, os.PathLike, Image], *,
 
 class _Push:
     def __init__(self, snap: SnapshotView, target: Image, fresh: bool, order: str,
-                 discard_source: bool, batch_bytes: int) -> None:
+                 discard_source: bool, batch_bytes: int, window_bytes: int) -> None:
         self.snap, self.target, self.fresh = snap, target, fresh
         self.discard_source = discard_source
-        self.planner = _Planner(snap, order, batch_bytes)
+        self.planner = _Planner(snap, order, batch_bytes, window_bytes)
         self.res = PushResult(order=order)
         self.lock = threading.Lock()
 

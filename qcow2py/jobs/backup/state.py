@@ -120,8 +120,8 @@ class CopyState:
         self.access = access.astype(bool, copy=True)
         self.loc = np.zeros(self.nclusters, dtype=np.int8)
         self.claimed = np.zeros(self.nclusters, dtype=bool)
-        self.disk_readers = np.zeros(self.nclusters, dtype=np.int32)
-        self.store_readers = np.zeros(self.nclusters, dtype=np.int32)
+        self.disk_readers = np.zeros(self.nclusters, dtype=np.int16)
+        self.store_readers = np.zeros(self.nclusters, dtype=np.int16)
         self.cond = threading.Condition()
         self.broken: Optional[BaseException] = None   # break-snapshot: why the snapshot died
         self.active = True          # False once the fleecing ended: no more copies
