@@ -36,9 +36,8 @@ import numpy as np
 from ...create import create
 from ...errors import Qcow2Error, SnapshotAccessError
 from ...image import Image
-from ...node import BlockKind
 from .snapshot import SnapshotView
-from .state import DISK, LOC_NAMES, RAM, TEMP, index_runs
+from .state import DISK, LOC_NAMES, TEMP, index_runs
 
 ORDERS = ("priority", "host", "guest")
 _BATCH_BYTES = 4 << 20
@@ -170,7 +169,7 @@ class _Planner:
         fkey = np.zeros(idx.size, dtype=np.int64)
         hkey = idx * cs
         zero = np.zeros(idx.size, dtype=bool)
-        for where, node, depth in ((DISK, self.snap.disk, 0), (TEMP, self.snap.store.temp, 0)):
+        for where, node in ((DISK, self.snap.disk), (TEMP, self.snap.store.temp)):
             sel = np.flatnonzero(loc == where)
             if sel.size == 0:
                 continue
@@ -237,7 +236,7 @@ def push(snapshot: SnapshotView, target: Union[str, os.PathLike, Image], *,
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     st = snapshot.state
     with st.cond:
-        snapshot._check_open()
+        snapshot.check_open()
         if st.cancel.is_set():
             raise ValueError("the snapshot is closed (its fleecing is ending)")
         st.pushes += 1

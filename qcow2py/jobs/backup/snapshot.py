@@ -53,7 +53,8 @@ class SnapshotView(Node):
     def closed(self) -> bool:
         return self._ended
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise ValueError once the fleecing has ended."""
         if self._ended:
             raise ValueError("the snapshot is closed (its fleecing has ended)")
 
@@ -61,7 +62,7 @@ class SnapshotView(Node):
         """Guest ranges ``[(offset, length)]`` the snapshot can still read."""
         st = self.state
         with st.cond:
-            self._check_open()
+            self.check_open()
             idx = np.flatnonzero(st.access)
         out = []
         for a, b in index_runs(idx):
@@ -93,11 +94,11 @@ class SnapshotView(Node):
             raise ValueError(f"read of {n} bytes at {offset} goes past the end of the "
                              f"snapshot ({st.size} bytes)")
         if n == 0:
-            self._check_open()
+            self.check_open()
             return counts
         a, b = st.span(offset, n)
         with st.cond:
-            self._check_open()
+            self.check_open()
             st.check_readable(a, b)
             loc = st.loc[a:b].copy()
             rng = np.arange(a, b)
@@ -134,11 +135,11 @@ class SnapshotView(Node):
             raise ValueError("offset and length must be non-negative")
         end = min(st.size, offset + length)
         if offset >= end:
-            self._check_open()
+            self.check_open()
             return []
         a, b = st.span(offset, end - offset)
         with st.cond:
-            self._check_open()
+            self.check_open()
             cls = np.where(st.access[a:b], st.loc[a:b], _NO_ACCESS)
         out: List[Extent] = []
         cs = st.cluster_size
@@ -177,7 +178,7 @@ class SnapshotView(Node):
             raise ValueError("offset and length must be non-negative")
         a, b = st.inner(offset, min(length, max(0, st.size - offset)))
         with st.cond:
-            self._check_open()
+            self.check_open()
             if a >= b:
                 return
             self.bytes_discarded += int(np.count_nonzero(st.access[a:b])) * st.cluster_size
@@ -210,7 +211,7 @@ class SnapshotView(Node):
         raise PermissionError("the snapshot is read-only")
 
     def flush(self) -> None:
-        self._check_open()
+        self.check_open()
 
     def close(self) -> None:
         """The fleecing owns the snapshot: closing a user's handle changes nothing."""
