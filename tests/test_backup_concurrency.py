@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -151,4 +152,51 @@ def test_temp_stays_clean_under_concurrency(tmp_path):
             assert not errors
             assert fl.stats.temp_bytes_written > 0
     qemu_img("check", temp)
+    qemu_img("check", path)
+
+
+def test_close_while_many_threads_read_and_write(tmp_path):
+    """As an NBD server uses it: readers and writers in many threads when the
+    fleecing ends.  Readers see the point in time until they get ValueError;
+    writers never fail; nothing else is raised."""
+    need("qemu-img")
+    path = str(tmp_path / "d.qcow2")
+    model = np.zeros(SIZE, dtype=np.uint8)
+    with qcow2py.create(path, SIZE) as img:
+        _initial(random.Random(5), img, model)
+    pit = model.copy()
+    outcomes: list = []
+
+    def reader(seed, snap):
+        rng = random.Random(seed)
+        while True:
+            off = rng.randrange(0, SIZE - 70000)
+            try:
+                got = snap.read(off, 70000)
+            except ValueError:
+                outcomes.append("closed")
+                return
+            except BaseException as e:      # noqa: BLE001
+                outcomes.append(e)
+                return
+            if got != pit[off:off + 70000].tobytes():
+                outcomes.append(AssertionError(f"torn read at {off}"))
+                return
+            time.sleep(0.001)
+
+    with qcow2py.open(path, "r+") as disk:
+        fl = backup.fleece(disk, str(tmp_path / "temp.qcow2"), ram_cache=1 << 20)
+        errors: list = []
+        ths = [threading.Thread(target=reader, args=(t, fl.snapshot)) for t in range(4)]
+        ths += [threading.Thread(target=_writer, args=(t, 5, fl.disk, model, errors))
+                for t in range(WRITERS)]
+        for th in ths:
+            th.start()
+        for th in ths[4:]:
+            th.join()
+        fl.close()
+        for th in ths[:4]:
+            th.join()
+        assert not errors and outcomes == ["closed"] * 4
+        assert disk.read(0, SIZE) == model.tobytes()
     qemu_img("check", path)

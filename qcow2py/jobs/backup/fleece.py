@@ -98,11 +98,11 @@ class Fleecing:
         st.cancel.set()
         with st.cond:
             st.cond.wait_for(lambda: st.pushes == 0)
-            st.active = False               # new guest writes pass straight through
+            st.active = False               # new guest writes pass straight through...
+            self.snapshot.end()             # ...and new snapshot reads raise ValueError
             st.cond.notify_all()
             st.cond.wait_for(lambda: st.busy == 0)
         self.disk.shutdown()                # copies left running by cbw_timeout
-        self.snapshot.end()
         self._store.clear()
         try:
             self._temp.close()
