@@ -15,6 +15,8 @@ from .node import BlockKind, Extent, Node
 from .bitmaps import Bitmap
 from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
+from . import backup
+from .backup import BackupCancelled, Fleecing, FleecingStats, PushResult, fleece, push
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,5 @@ __all__ = [
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",
+    "backup", "fleece", "push", "Fleecing", "FleecingStats", "PushResult", "BackupCancelled",
 ]
