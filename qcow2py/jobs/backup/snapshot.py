@@ -128,8 +128,14 @@ class SnapshotView(Node):
     def block_status(self, offset: int, length: int) -> List[Extent]:
         """The point-in-time map: copies in RAM are DATA without a host range,
         copies in the temp are DATA at their temp host offset (depth 0), clusters
-        still on the disk report the disk's extents one level deeper, and ranges
-        the snapshot no longer holds are UNALLOCATED."""
+        still on the disk report the disk's extents one level deeper.
+
+        Ranges the snapshot no longer holds (outside its bitmap, discarded after
+        copy) are DATA without a host range: a client that copies what the map
+        calls data reads them and gets the error, where a hole or zero would
+        let it write zeros for bytes it never had -- a silent wrong backup.
+        (QEMU fails the whole block-status request there; we keep the map
+        usable and let the read fail.)"""
         st = self.state
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be non-negative")
@@ -155,7 +161,7 @@ class SnapshotView(Node):
             elif where == RAM:
                 out.append(Extent(lo, hi - lo, BlockKind.DATA))
             else:
-                out.append(Extent(lo, hi - lo, BlockKind.UNALLOCATED))
+                out.append(Extent(lo, hi - lo, BlockKind.DATA))
         return merge_extents(out)
 
     def map(self, start: int = 0, length: Optional[int] = None) -> List[dict]:
