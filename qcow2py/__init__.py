@@ -14,6 +14,8 @@ from .io.locking import ImageLockedError
 from .jobs.blockcopy import BlockCopy, CopyStats
 from .node import BlockKind, Extent, Node
 from .opener import CreateError, create, open
+from . import backup
+from .backup import BackupCancelled, Fleecing, FleecingStats, PushResult, fleece, push
 from .qcow2.bitmaps import Bitmap
 from .version import __version__
 
@@ -23,4 +25,5 @@ __all__ = [
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",
+    "backup", "fleece", "push", "Fleecing", "FleecingStats", "PushResult", "BackupCancelled",
 ]

@@ -30,7 +30,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("qcow2py.raw", "qcow2py.qcow2"),
     ("qcow2py.backing", "qcow2py.opener"),
     ("qcow2py.report",),
-    ("qcow2py.jobs",),
+    ("qcow2py.jobs", "qcow2py.backup"),
     ("qcow2py.cli",),
 ]
 #: the package and its ``python -m`` entry points

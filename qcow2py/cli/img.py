@@ -13,6 +13,7 @@ from ..qcow2.check import check_image
 from ..qcow2.read import Qcow2Image
 from ..report import map_human, map_json, qemu_json
 from ..version import __version__
+from .backup import add_parser as add_backup_parser
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_qemu_size, parse_size
 
 
@@ -427,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     b.add_argument("names", nargs="*", metavar="FILENAME BITMAP")
     b.set_defaults(func=_cmd_bitmap, actions=None)
+    add_backup_parser(sub)
     return p
 
 

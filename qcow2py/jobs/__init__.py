@@ -1,1 +1,1 @@
-"""Jobs that move guest data between nodes: block-copy (later backup, commit)."""
+"""Jobs that move guest data between nodes: block-copy, backup (fleecing, push)."""
