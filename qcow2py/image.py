@@ -9,7 +9,7 @@ planner build on.
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 

@@ -23,11 +23,10 @@ window, with one jump back per window.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -36,15 +35,15 @@ from ... import native
 from ...errors import Qcow2Error
 from ...format.codec import compress_cluster
 from ...image import Image
-from ...qcow2.bitmaps import little_endian_bits
-from ...qcow2.decompress import decompress_into, read_and_decompress
+from ...qcow2.decompress import read_and_decompress
 from ...qcow2.read import Qcow2Image
-from .plan import (P_BACKING, P_COMPRESSED, P_DATA, P_ZERO, Plan, coalesce, empty_plan,
-                   plan_window)
+from .batch import CompressedBatches, DataBatches, run_batches
+from .order import ORDERS, backward_seeks, choose_order, order_extents
+from .plan import (P_BACKING, P_COMPRESSED, P_DATA, P_ZERO, Plan, clip_plan, clusters_of, coalesce,
+                   empty_plan, mask_plan, plan_window, split_extents)
 
 _EXTENT_BYTES = 48          # plan memory per extent (six int64-ish arrays)
 _MIXED_WINDOW = 8 << 20     # host span read per step when data and compressed clusters mix
-ORDERS = ("host", "guest", "auto")
 
 
 @dataclass
@@ -70,17 +69,6 @@ class CopyStats:
         d = asdict(self)
         d["seeks_avoided"] = self.seeks_avoided
         return d
-
-
-def backward_seeks(files: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> int:
-    """Reads, in the given order, that start before the previous read of the same file ended."""
-    count = 0
-    for f in np.unique(files).tolist():
-        sel = files == f
-        o, n = offsets[sel], lengths[sel]
-        if o.size > 1:
-            count += int(np.count_nonzero(o[1:] < o[:-1] + n[:-1]))
-    return count
 
 
 class BlockCopy:
@@ -138,45 +126,10 @@ class BlockCopy:
             parts.append(plan_window(chain, a, min(size, a + window), self.base_depth))
         plan = coalesce(Plan.concat(parts)) if parts else empty_plan()
         if self.bitmap is not None:
-            plan = self._mask(plan)
+            plan = mask_plan(plan, self.bitmap, self.bitmap_granularity)
         self._windowed = len(plan) > max_extents
         self._window_extents = max_extents
         return plan
-
-    def _mask(self, plan: Plan) -> Plan:
-        """Keep only the parts of the plan under dirty bits (in C: one pass over the bits)."""
-        bits = little_endian_bits(self.bitmap)
-        g, n, i = native.bitmap_mask_extents(plan.guest, plan.length, bits,
-                                             self.bitmap_granularity)
-        if not g.size:
-            return empty_plan()
-        delta = g - plan.guest[i]
-        host = np.where(plan.kind[i] == P_DATA, plan.host[i] + delta, plan.host[i])
-        return Plan(g, n, plan.kind[i], plan.layer[i], host, plan.csize[i])
-
-    def _choose_order(self, data: Plan) -> str:
-        """``order``, or for "auto" host order when more than ``auto_threshold`` of the
-        stored extents (guest order) start before the previous one in the same file."""
-        if self.order != "auto":
-            return self.order
-        if len(data) < 2:
-            return "guest"
-        same = data.layer[1:] == data.layer[:-1]
-        out_of_order = same & (data.host[1:] < data.host[:-1])
-        return "host" if out_of_order.mean() > self.auto_threshold else "guest"
-
-    def _ordered(self, data: Plan, order: str) -> Plan:
-        if order == "guest":
-            return data
-        if self._windowed:
-            # sort inside windows of guest space, to bound the sort's memory
-            w = self._window_extents
-            idx = np.concatenate([
-                a + np.lexsort((data.host[a:a + w], data.layer[a:a + w]))
-                for a in range(0, len(data), w)])
-        else:
-            idx = np.lexsort((data.host, data.layer))
-        return data.select(idx)
 
     # ------------------------------------------------------------ running
     def run(self) -> CopyStats:
@@ -193,11 +146,11 @@ class BlockCopy:
         st.extents = len(plan)
         data = plan.select(plan.kind == P_DATA)
         # compressed streams count too: an image of them written out of order is fragmented
-        order = self._choose_order(plan.select((plan.kind == P_DATA) |
-                                               (plan.kind == P_COMPRESSED)))
+        order = choose_order(plan.select((plan.kind == P_DATA) | (plan.kind == P_COMPRESSED)),
+                             self.order, self.auto_threshold)
         st.order = order
         st.guest_order_backward_seeks = backward_seeks(data.layer, data.host, data.length)
-        data = self._ordered(data, order)
+        data = order_extents(data, order, self._window_extents if self._windowed else 0)
         comp = plan.select(plan.kind == P_COMPRESSED)
         if order == "host" and len(comp):
             comp = comp.select(np.lexsort((comp.host, comp.layer)))
@@ -241,7 +194,7 @@ class BlockCopy:
                 w1 = min(size, w0 + window)
                 a = int(np.searchsorted(ends, w0, side="right"))
                 b = int(np.searchsorted(plan.guest, w1, side="left"))
-                sub = _clip(plan.select(np.arange(a, b)), w0, w1)
+                sub = clip_plan(plan.select(np.arange(a, b)), w0, w1)
                 nbytes = -(-(w1 - w0) // cs) * cs
                 buf = bytearray(nbytes)
                 mv = memoryview(buf)
@@ -310,10 +263,10 @@ class BlockCopy:
             return self._run_generic(plan)
         copied = np.concatenate([data.guest, comp.guest])
         copied_len = np.concatenate([data.length, comp.length])
-        clusters = _clusters_of(copied, copied_len, cb)
+        clusters = clusters_of(copied, copied_len, cb)
         # clusters shared with ranges left to the backing file are written the slow way
         backing = plan.select(plan.kind == P_BACKING)
-        partial = np.intersect1d(clusters, _clusters_of(backing.guest, backing.length, cb))
+        partial = np.intersect1d(clusters, clusters_of(backing.guest, backing.length, cb))
         if partial.size:
             clusters = np.setdiff1d(clusters, partial)
         hosts = tgt.map_new_clusters(clusters)
@@ -404,109 +357,27 @@ class BlockCopy:
         each other in their file — in host order, one big sequential read —
         then written in target order, pieces that continue each other in the
         target gathered into one pwritev.  Batches run on ``workers`` threads,
-        each with its own buffer, reading in turn (:meth:`_run_batches`).
+        each with its own buffer, reading in turn (:func:`.batch.run_batches`).
         """
         if not len(data):
             return
         storages = [self._layer_storage(i) for i in range(len(self.source.chain()))]
         mark_buf, mark_base, mark_shift = mark if mark else (None, 0, 0)
-        st = self.stats
         native_ok = dst_storage.native_io and all(s.native_io for s in storages)
         workers = self.workers if native_ok else 1
         buf_len = max(2 << 20, min(64 << 20, self.memory_limit // workers))
         half = buf_len // 2
         # split extents longer than half a buffer, then cut batches of <= one buffer
-        pieces, dst = _split_data(data, dst_off, half)
-        length, layer, src = pieces.length, pieces.layer, pieces.host
-        batch = (np.cumsum(length) - 1) // half
-        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, len(pieces)]
-        st.backward_seeks += backward_seeks(layer, src, length)
-        key = layer.astype(np.int64)
-        by_key = dict(enumerate(storages))
+        pieces, dst = split_extents(data, dst_off, half)
+        self.stats.backward_seeks += backward_seeks(pieces.layer, pieces.host, pieces.length)
+        batches = DataBatches(dict(enumerate(storages)), pieces, dst, dst_storage,
+                              (mark_base, mark_shift), self.sparse_size,
+                              self._write_zeroes(), half)
+        run_batches(batches, buf_len, workers, mark_buf, self.stats, self._advance)
 
-        def read(a, b, buf):
-            return _read_batch(by_key, key[a:b], src[a:b], length[a:b], buf)
-
-        def write(a, b, buf, local_mark, got):
-            pos, n_read, requests = got
-            r = self._write_pieces(dst_storage, pos, dst[a:b], length[a:b], buf, local_mark,
-                                   (mark_base, mark_shift))
-            r[0], r[3] = n_read, requests
-            return r, int(length[a:b].sum())
-
-        self._run_batches(bounds, buf_len, workers, read, write, mark_buf)
-
-    def _write_pieces(self, dst_storage, pos, dst, length, buf, local_mark, mark_at) -> list:
-        """Write ``length[i]`` bytes at ``buf[pos[i]:]`` to ``dst[i]``, in target order:
-        zero detection, gathered pwritev, in C with the GIL released."""
-        zero_chunk = self.sparse_size
-        write_zeroes = bool(zero_chunk) and not self.target_is_zero
-        order = np.argsort(dst, kind="stable")
-        return dst_storage.write_batch(buf, pos, dst, length, order, zero_chunk, write_zeroes,
-                                       mark_at[0], mark_at[1], local_mark)
-
-    def _run_batches(self, bounds: np.ndarray, buf_len: int, workers: int, read, write,
-                     mark_buf) -> None:
-        """Run batches ``bounds[i]:bounds[i + 1]`` on ``workers`` threads.
-
-        ``read(a, b, buf)`` fills the thread's buffer (``buf_len`` bytes) and
-        returns what ``write(a, b, buf, mark, got)`` needs; ``write`` returns
-        ([bytes read, written, zero, read requests], guest bytes).  The reads take
-        turns in batch order, so the source sees one ascending stream of
-        requests, as a single reader would issue (on a disk two interleaved
-        streams cost a seek at each switch), while one batch's writing or
-        inflating overlaps the next one's reading.  Each thread has its own
-        copy of the target's cluster marks, OR-ed into ``mark_buf`` at the
-        end.  Results are taken in batch order, so progress and an
-        interruption stop between batches.
-        """
-        local = threading.local()
-        marks: List[bytearray] = []
-        marks_lock = threading.Lock()
-        turn = threading.Condition()
-        next_read = [0]
-
-        def run(job):
-            i, (a, b) = job
-            buf = getattr(local, "buf", None)
-            if buf is None:
-                # np.empty: pages are committed only as data lands in them
-                buf = local.buf = np.empty(buf_len, dtype=np.uint8)
-                local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
-                if local.mark is not None:
-                    with marks_lock:
-                        marks.append(local.mark)
-            # batches start in order (FIFO queue), so batch i - 1 is running or done
-            with turn:
-                turn.wait_for(lambda: next_read[0] == i)
-            try:
-                got = read(a, b, buf)
-            finally:
-                with turn:
-                    next_read[0] += 1
-                    turn.notify_all()
-            return write(a, b, buf, local.mark, got)
-
-        st = self.stats
-        batches = list(enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
-        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        try:
-            results = pool.map(run, batches) if pool else map(run, batches)
-            for r, nbytes in results:
-                st.bytes_read += int(r[0])
-                st.bytes_written += int(r[1])
-                st.bytes_zero += int(r[2])
-                st.read_requests += int(r[3])
-                self._advance(nbytes)
-        finally:
-            if pool is not None:
-                # an interruption: batches not started are dropped, running ones finish
-                pool.shutdown(wait=True, cancel_futures=True)
-        if mark_buf is not None:
-            acc = np.frombuffer(bytes(mark_buf), dtype=np.uint8).copy()
-            for m in marks:
-                acc |= np.frombuffer(bytes(m), dtype=np.uint8)
-            mark_buf[:] = acc.tobytes()
+    def _write_zeroes(self) -> bool:
+        """Whether zero chunks must be written (the target does not read as zeros)."""
+        return bool(self.sparse_size) and not self.target_is_zero
 
     def _copy_mixed(self, data: Plan, dst_data: np.ndarray, comp: Plan, dst_comp: np.ndarray,
                     dst_storage, mark) -> None:
@@ -527,7 +398,7 @@ class BlockCopy:
             return
         if self.stats.order != "host":
             # one pass in guest order, as QEMU reads (the compressed path takes plain extents)
-            both, dst = _split_data(Plan.concat([data, comp]),
+            both, dst = split_extents(Plan.concat([data, comp]),
                                     np.concatenate([dst_data, dst_comp]), _MIXED_WINDOW)
             by_guest = np.argsort(both.guest, kind="stable")
             self._copy_compressed(both.select(by_guest), dst[by_guest], dst_storage, mark)
@@ -593,99 +464,8 @@ class BlockCopy:
         self.stats.backward_seeks += backward_seeks(src_key, comp.host, np.ones_like(in_len))
         cost = in_len + out_len
         half = max(int(cost.max()), max(2 << 20, min(32 << 20, self.memory_limit // 2 // workers)))
-        batch = (np.cumsum(cost) - 1) // half
-        bounds = np.r_[0, np.flatnonzero(np.diff(batch)) + 1, len(comp)]
-
-        def read(a, b, buf):
-            return _read_batch(storages, src_key[a:b], comp.host[a:b], in_len[a:b], buf)
-
-        def write(a, b, buf, local_mark, got):
-            pos, n_read, requests = got
-            sl = slice(a, b)
-            # inflate into the space after the streams, one cluster each
-            mv = memoryview(buf)
-            piece = pos.copy()
-            ci = np.flatnonzero(is_comp[sl])
-            if ci.size:
-                layers = comp.layer[sl][ci]
-                out_pos = n_read + np.r_[0, np.cumsum(out_len[sl][ci])[:-1]]
-                for li in np.unique(layers).tolist():
-                    sel = layers == li
-                    cs = chain[li].cluster_size
-                    dsts = [mv[o:o + cs] for o in out_pos[sel].tolist()]
-                    decompress_into(chain[li].codec, mv, pos[ci[sel]], in_len[sl][ci[sel]],
-                                    dsts, cs)
-                piece[ci] = out_pos + comp.guest[sl][ci] % cluster_size[layers]
-            length = comp.length[sl]
-            r = self._write_pieces(dst_storage, piece, dst_off[sl], length, buf, local_mark,
-                                   (mark_base, mark_shift))
-            r[0], r[3] = n_read, requests
-            return r, int(length.sum())
-
-        self._run_batches(bounds, 2 * half, workers, read, write, mark_buf)
-
-
-def _read_batch(storages, key: np.ndarray, host: np.ndarray, length: np.ndarray, buf):
-    """Read entries (``storages[key[i]]``, ``host[i]``, ``length[i]``) into ``buf``.
-
-    One request per run of entries, in list order, that continue or overlap
-    each other in the same storage (compressed streams share sectors; shared
-    clusters repeat), each run after the previous one in the buffer.
-    Returns each entry's position in ``buf``, the bytes read and the number
-    of requests.
-    """
-    n = key.size
-    end = host + length
-    cont = np.zeros(n, dtype=bool)
-    cont[1:] = (key[1:] == key[:-1]) & (host[1:] >= host[:-1]) & (host[1:] <= end[:-1])
-    heads = np.flatnonzero(~cont)
-    run_host = host[heads]
-    run_len = np.maximum.reduceat(end, heads) - run_host
-    run_pos = np.r_[0, np.cumsum(run_len)[:-1]].astype(np.int64)
-    run_of = np.cumsum(~cont) - 1
-    pos = run_pos[run_of] + host - run_host[run_of]
-    mv = memoryview(buf)
-    run_key = key[heads]
-    segs = np.r_[0, np.flatnonzero(run_key[1:] != run_key[:-1]) + 1, heads.size]
-    for s0, s1 in zip(segs[:-1].tolist(), segs[1:].tolist()):
-        storages[int(run_key[s0])].read_runs(mv, run_pos[s0:s1], run_host[s0:s1], run_len[s0:s1])
-    return pos, int(run_len.sum()), int(heads.size)
-
-
-def _split_data(p: Plan, dst: np.ndarray, limit: int):
-    """Data extents longer than ``limit`` cut into pieces of at most ``limit`` bytes
-    (other kinds are kept whole); returns the plan and the pieces' target offsets."""
-    n_pieces = np.where(p.kind == P_DATA, -(-p.length // limit), 1)
-    idx = np.repeat(np.arange(len(p)), n_pieces)
-    within = (np.arange(idx.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * limit
-    q = p.select(idx)
-    is_data = q.kind == P_DATA
-    length = np.where(is_data, np.minimum(q.length - within, limit), q.length)
-    host = np.where(is_data, q.host + within, q.host)
-    return Plan(q.guest + within, length, q.kind, q.layer, host, q.csize), dst[idx] + within
-
-
-def _clip(p: Plan, start: int, end: int) -> Plan:
-    """The part of a guest-ordered plan inside ``[start, end)``."""
-    if not len(p):
-        return p
-    g0 = np.maximum(p.guest, start)
-    g1 = np.minimum(p.guest + p.length, end)
-    delta = g0 - p.guest
-    host = np.where(p.kind == P_DATA, p.host + delta, p.host)
-    return Plan(g0, g1 - g0, p.kind, p.layer, host, p.csize)
-
-
-def _clusters_of(guest: np.ndarray, length: np.ndarray, cb: int) -> np.ndarray:
-    """Sorted unique cluster indexes touched by the extents."""
-    if not guest.size:
-        return np.zeros(0, dtype=np.int64)
-    first = guest >> cb
-    last = (guest + length - 1) >> cb
-    span = last - first + 1
-    total = int(span.sum())
-    idx = np.repeat(first - np.cumsum(span) + span, span) + np.arange(total, dtype=np.int64)
-    return np.unique(idx)
-
-
+        batches = CompressedBatches(chain, storages, comp, src_key, in_len, out_len, dst_off,
+                                    dst_storage, (mark_base, mark_shift), self.sparse_size,
+                                    self._write_zeroes(), half)
+        run_batches(batches, 2 * half, workers, mark_buf, self.stats, self._advance)
 

@@ -18,8 +18,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ... import native
 from ...image import Image
-from ...native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
+from ...native import COMPRESSED, DATA, ZERO, ZERO_ALLOC
+from ...qcow2.bitmaps import little_endian_bits
 from ...qcow2.read import Qcow2Image
 
 # plan kinds
@@ -166,3 +168,50 @@ def plan_copy(chain: List[Image], start: int = 0, end: Optional[int] = None,
     for a in range(start, end, window):
         parts.append(plan_window(chain, a, min(end, a + window), depth))
     return coalesce(Plan.concat(parts))
+
+
+def mask_plan(plan: Plan, bitmap, granularity: int) -> Plan:
+    """Keep only the parts of the plan under dirty bits (in C: one pass over the bits)."""
+    bits = little_endian_bits(bitmap)
+    g, n, i = native.bitmap_mask_extents(plan.guest, plan.length, bits, granularity)
+    if not g.size:
+        return empty_plan()
+    delta = g - plan.guest[i]
+    host = np.where(plan.kind[i] == P_DATA, plan.host[i] + delta, plan.host[i])
+    return Plan(g, n, plan.kind[i], plan.layer[i], host, plan.csize[i])
+
+
+def clip_plan(p: Plan, start: int, end: int) -> Plan:
+    """The part of a guest-ordered plan inside ``[start, end)``."""
+    if not len(p):
+        return p
+    g0 = np.maximum(p.guest, start)
+    g1 = np.minimum(p.guest + p.length, end)
+    delta = g0 - p.guest
+    host = np.where(p.kind == P_DATA, p.host + delta, p.host)
+    return Plan(g0, g1 - g0, p.kind, p.layer, host, p.csize)
+
+
+def split_extents(p: Plan, dst: np.ndarray, limit: int):
+    """Data extents longer than ``limit`` cut into pieces of at most ``limit`` bytes
+    (other kinds are kept whole); returns the plan and the pieces' target offsets."""
+    n_pieces = np.where(p.kind == P_DATA, -(-p.length // limit), 1)
+    idx = np.repeat(np.arange(len(p)), n_pieces)
+    within = (np.arange(idx.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * limit
+    q = p.select(idx)
+    is_data = q.kind == P_DATA
+    length = np.where(is_data, np.minimum(q.length - within, limit), q.length)
+    host = np.where(is_data, q.host + within, q.host)
+    return Plan(q.guest + within, length, q.kind, q.layer, host, q.csize), dst[idx] + within
+
+
+def clusters_of(guest: np.ndarray, length: np.ndarray, cb: int) -> np.ndarray:
+    """Sorted unique cluster indexes touched by the extents."""
+    if not guest.size:
+        return np.zeros(0, dtype=np.int64)
+    first = guest >> cb
+    last = (guest + length - 1) >> cb
+    span = last - first + 1
+    total = int(span.sum())
+    idx = np.repeat(first - np.cumsum(span) + span, span) + np.arange(total, dtype=np.int64)
+    return np.unique(idx)
