@@ -1,6 +1,6 @@
 """Copy benchmark: ``qcow2py-copy`` against ``qemu-img convert`` on the same image.
 
-On the fragmented image of ``benchmarks.images`` (80% of 64 KiB clusters written
+On the fragmented image of ``tests.images`` (80% of 64 KiB clusters written
 in shuffled order), each round runs, alternating, qcow2py-copy in host order,
 qcow2py-copy in guest order and qemu-img convert, to qcow2 and to raw, as whole
 commands (process start-up included on both sides), with the page cache warm.
@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from .images import ensure_images
+from tests.images import ensure_images
 
 RUNNERS = {
     "qcow2py host": lambda src, dst, fmt: [sys.executable, "-m", "qcow2py.copy", "-O", fmt,

@@ -1,6 +1,6 @@
 """Full-image read speed of qcow2py against ``qemu-img bench``, in the same run.
 
-For each image (see ``benchmarks/images.py``) and each round, alternately:
+For each image (see ``tests/images.py``) and each round, alternately:
 
 * **qcow2py**: ``qcow2py.open(img)``, then ``read(offset, 1 MiB)`` until the
   end; the timed figure is the open plus every read (and the close);
@@ -41,11 +41,11 @@ from typing import Dict, List, Optional
 
 try:
     from ._runner import add_common_args, load_average, report, rerun_isolated
-    from .images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
+    from tests.images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
 except ImportError:            # run as a plain file by pytest's rootdir-less import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._runner import add_common_args, load_average, report, rerun_isolated
-    from benchmarks.images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
+    from tests.images import IMAGES, bench_size, ensure_images, reference_sha256, size_label
 
 CHUNK = 1 << 20
 #: ratio qcow2py / qemu-img bench that each image must not exceed

@@ -81,11 +81,11 @@ import numpy as np
 
 try:
     from . import diskmodel as dm
-    from .images import _patterns, parse_size, size_label
+    from tests.images import parse_size, patterns as write_patterns, size_label
 except ImportError:                      # run as a file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import diskmodel as dm
-    from benchmarks.images import _patterns, parse_size, size_label
+    from tests.images import parse_size, patterns as write_patterns, size_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPE = 3                   # 3: compressed written cluster by cluster in shuffled order
@@ -187,7 +187,7 @@ def _scripts(size: int, folder: str):
     shuffled, longlived and chain are those of recipe 2).
     """
     rng = random.Random(SEED)
-    patterns = _patterns(folder, rng)
+    patterns = write_patterns(folder, rng)
     n = size // CLUSTER
     scripts = {"shuffled": _shuffled_writes(rng, n, 0.80, patterns),
                "longlived": _longlived_script(rng, n)}

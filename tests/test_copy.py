@@ -12,6 +12,7 @@ import pytest
 import qcow2py
 from qcow2py.jobs.blockcopy.blockcopy import BlockCopy
 from qcow2py.io.wrappers import TracingStorage
+from images import SHAPES, build
 from qemu import create, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -20,67 +21,6 @@ MiB = 1 << 20
 def copy_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "qcow2py.copy", *map(str, args)], cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def shuffled_writes(path, n_clusters, cs=65536, seed=1, fill=0.7, fmt="qcow2"):
-    rnd = random.Random(seed)
-    order = list(range(n_clusters))
-    rnd.shuffle(order)
-    k = int(n_clusters * fill)
-    cmds = [f"write -P {c % 250 + 1} {c * cs} {cs}" for c in order[:k]]
-    cmds += [f"write -z {c * cs} {cs}" for c in order[k:k + 8]]
-    cmds += [f"write -P 0 {c * cs} {cs}" for c in order[k + 8:k + 16]]   # zero data
-    qemu_io(path, *cmds, fmt=fmt)
-
-
-def build(shape, d):
-    """Source images of several shapes; returns the path of the top image."""
-    top = d / "src.qcow2"
-    if shape == "fragmented":
-        create(top, "16M")
-        shuffled_writes(top, 256)
-    elif shape == "v2":
-        create(top, "16M", "compat=0.10")
-        shuffled_writes(top, 256)
-    elif shape == "small-clusters":
-        create(top, "4M", "cluster_size=512")
-        shuffled_writes(top, 2048, cs=512, fill=0.3)
-    elif shape == "2M-clusters":
-        create(top, "16M", "cluster_size=2M")
-        qemu_io(top, "write -P 3 100k 3M", "write -P 4 9M 1k")
-    elif shape in ("zlib", "zstd"):
-        plain = d / "plain.qcow2"
-        create(plain, "16M")
-        shuffled_writes(plain, 256)
-        qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={shape}", plain, top)
-    elif shape == "chain":
-        base = d / "base.raw"
-        create(base, "16M", fmt="raw")
-        qemu_io(base, "write -P 9 0 6M", fmt="raw")
-        mid = d / "mid.qcow2"
-        create(mid, "16M", backing="base.raw", backing_fmt="raw", cwd=d)
-        shuffled_writes(mid, 256, fill=0.3, seed=2)
-        create(top, "24M", backing="mid.qcow2", cwd=d)           # longer than its backing
-        qemu_io(top, "write -P 7 1M 300k", "write -z 5M 1M", "write -P 8 20M 64k")
-    elif shape == "extended-l2":
-        base = d / "base.qcow2"
-        create(base, "16M")
-        qemu_io(base, "write -P 1 0 16M")
-        create(top, "16M", "extended_l2=on", backing="base.qcow2", cwd=d)
-        qemu_io(top, "write -P 2 4k 6k", "write -z 70k 2k", "write -P 3 8M 130k")
-    elif shape == "data-file":
-        # an absolute name: QEMU 7.2 resolves a relative data file against its cwd
-        create(top, "16M", f"data_file={d / 'src.data'}")
-        shuffled_writes(top, 256, fill=0.4)
-    elif shape == "raw":
-        top = d / "src.raw"
-        create(top, "16M", fmt="raw")
-        shuffled_writes(top, 256, fill=0.4, fmt="raw")
-    return top
-
-
-SHAPES = ["fragmented", "v2", "small-clusters", "2M-clusters", "zlib", "zstd", "chain",
-          "extended-l2", "data-file", "raw"]
 
 
 def allocated_clusters(path):

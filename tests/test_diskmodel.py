@@ -1,14 +1,12 @@
 """The disk model of benchmarks/diskmodel.py: its arithmetic, and the strace parser."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.diskmodel import (HDD, IO, NVME_SSD, SATA_SSD, SSD, Layout,  # noqa: E402
+from benchmarks.diskmodel import (HDD, IO, NVME_SSD, SATA_SSD, SSD, Layout,
                                   fit_seek_curve, parse_strace, parse_strace_calls)
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "strace_sample.log")

@@ -19,7 +19,7 @@ Images are cached in ``QCOW2PY_BENCH_DIR`` (default ``benchmarks/.cache``,
 git-ignored) under a folder named after the size; a ``.done`` marker holding
 the recipe version makes a rebuild happen only when the recipe changes.
 
-Run ``python -m benchmarks.images`` to build them ahead of time.
+Run ``python -m tests.images`` to build them ahead of time.
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from tests.qemu import create, qemu_img, qemu_io
+
 RECIPE = 1
 SEED = 20240501
 CLUSTER = 64 << 10
 FILL = 0.80
 IMAGES = ("a_frag", "c_zlib", "d_zstd")
-HERE = os.path.dirname(os.path.abspath(__file__))
+#: the cache lives with the benchmarks (they build the big images)
+CACHE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks", ".cache")
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -68,7 +72,7 @@ def size_label(size: int) -> str:
 
 
 def cache_dir(size: Optional[int] = None) -> str:
-    base = os.environ.get("QCOW2PY_BENCH_DIR") or os.path.join(HERE, ".cache")
+    base = os.environ.get("QCOW2PY_BENCH_DIR") or CACHE_ROOT
     return os.path.join(base, size_label(size or bench_size()))
 
 
@@ -76,7 +80,7 @@ def _run(args: List[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
 
 
-def _patterns(folder: str, rng: random.Random) -> List[str]:
+def patterns(folder: str, rng: random.Random) -> List[str]:
     """64 pattern files of one cluster each: random, base64 text, English-like text."""
     words = ("the of and to in is was for on that with as by at from disk image cluster "
              "table offset block guest host read write sector zero data file qcow2 map "
@@ -130,8 +134,8 @@ def _build(folder: str, size: int, log) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     rng = random.Random(SEED)
-    patterns = _patterns(tmp, rng)
-    script = _commands(size, patterns, rng)
+    pats = patterns(tmp, rng)
+    script = _commands(size, pats, rng)
 
     t = time.monotonic()
     a = os.path.join(tmp, "a_frag.qcow2")
@@ -216,6 +220,71 @@ def reference_sha256(path: str) -> str:
     with open(memo, "w") as f:
         f.write(f"{stamp} {digest}\n")
     return digest
+
+
+
+
+# ---------------------------------------------------------------- small copy sources
+# (tests: a few MiB each, every shape the copy paths treat differently)
+def shuffled_writes(path, n_clusters, cs=65536, seed=1, fill=0.7, fmt="qcow2"):
+    rnd = random.Random(seed)
+    order = list(range(n_clusters))
+    rnd.shuffle(order)
+    k = int(n_clusters * fill)
+    cmds = [f"write -P {c % 250 + 1} {c * cs} {cs}" for c in order[:k]]
+    cmds += [f"write -z {c * cs} {cs}" for c in order[k:k + 8]]
+    cmds += [f"write -P 0 {c * cs} {cs}" for c in order[k + 8:k + 16]]   # zero data
+    qemu_io(path, *cmds, fmt=fmt)
+
+
+def build(shape, d):
+    """Source images of several shapes; returns the path of the top image."""
+    top = d / "src.qcow2"
+    if shape == "fragmented":
+        create(top, "16M")
+        shuffled_writes(top, 256)
+    elif shape == "v2":
+        create(top, "16M", "compat=0.10")
+        shuffled_writes(top, 256)
+    elif shape == "small-clusters":
+        create(top, "4M", "cluster_size=512")
+        shuffled_writes(top, 2048, cs=512, fill=0.3)
+    elif shape == "2M-clusters":
+        create(top, "16M", "cluster_size=2M")
+        qemu_io(top, "write -P 3 100k 3M", "write -P 4 9M 1k")
+    elif shape in ("zlib", "zstd"):
+        plain = d / "plain.qcow2"
+        create(plain, "16M")
+        shuffled_writes(plain, 256)
+        qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={shape}", plain, top)
+    elif shape == "chain":
+        base = d / "base.raw"
+        create(base, "16M", fmt="raw")
+        qemu_io(base, "write -P 9 0 6M", fmt="raw")
+        mid = d / "mid.qcow2"
+        create(mid, "16M", backing="base.raw", backing_fmt="raw", cwd=d)
+        shuffled_writes(mid, 256, fill=0.3, seed=2)
+        create(top, "24M", backing="mid.qcow2", cwd=d)           # longer than its backing
+        qemu_io(top, "write -P 7 1M 300k", "write -z 5M 1M", "write -P 8 20M 64k")
+    elif shape == "extended-l2":
+        base = d / "base.qcow2"
+        create(base, "16M")
+        qemu_io(base, "write -P 1 0 16M")
+        create(top, "16M", "extended_l2=on", backing="base.qcow2", cwd=d)
+        qemu_io(top, "write -P 2 4k 6k", "write -z 70k 2k", "write -P 3 8M 130k")
+    elif shape == "data-file":
+        # an absolute name: QEMU 7.2 resolves a relative data file against its cwd
+        create(top, "16M", f"data_file={d / 'src.data'}")
+        shuffled_writes(top, 256, fill=0.4)
+    elif shape == "raw":
+        top = d / "src.raw"
+        create(top, "16M", fmt="raw")
+        shuffled_writes(top, 256, fill=0.4, fmt="raw")
+    return top
+
+
+SHAPES = ["fragmented", "v2", "small-clusters", "2M-clusters", "zlib", "zstd", "chain",
+          "extended-l2", "data-file", "raw"]
 
 
 if __name__ == "__main__":
