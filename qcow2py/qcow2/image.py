@@ -171,6 +171,10 @@ class WritableQcow2Image(BulkMapping):
         self._tracking = [b for b in self.bitmaps if b.enabled and not b.inconsistent]
 
     # ------------------------------------------------------------ header
+    def write_header(self) -> None:
+        """Rewrite the whole header, synced (the journal's header switch)."""
+        self.journal.write_header()
+
     def _clear_problem_bits(self) -> None:
         """After a successful full repair (issue #11's check.py calls it)."""
         self.journal.clear_problem_bits()
