@@ -41,7 +41,7 @@ from ..format.header import AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COR
 from ..io import locking
 from ..io.rangelock import RangeLock
 from ..io.storage import FileStorage, Storage
-from . import bitmaps
+from . import bitmap_store
 from .bitmaps import Bitmap, load_bits
 from .check import check_image, repair_image
 from .journal import Journal
@@ -101,7 +101,7 @@ class WritableQcow2Image(BulkMapping):
         self._tracking: List[Bitmap] = []   # the enabled, consistent ones
         if not ctx.repair:                  # check -r leaves bitmaps as they are
             try:
-                bitmaps.attach(self)
+                bitmap_store.attach(self)
             except BaseException:
                 self.bitmaps_attached = self.bitmaps_dirty = False
                 self.close()
@@ -125,7 +125,7 @@ class WritableQcow2Image(BulkMapping):
         """
         self._check_bitmaps_attached()
         with self._lock:
-            gbits = bitmaps.check_new(self, name, granularity)
+            gbits = bitmap_store.check_new(self, name, granularity)
             bm = Bitmap.empty(self, name, gbits, enabled)
             self.bitmaps.append(bm)
             self.bitmaps_dirty = True
@@ -200,7 +200,7 @@ class WritableQcow2Image(BulkMapping):
             if hasattr(self, "_lock") and not self.journal.corrupt_reason:
                 with self._lock:
                     if self.bitmaps_dirty:
-                        bitmaps.store(self)
+                        bitmap_store.store(self)
                     self.flush_metadata()
                     self.journal.clear_dirty()
         finally:
