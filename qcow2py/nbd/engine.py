@@ -1,0 +1,193 @@
+"""What an NBD request does on its node (runs on the server's worker threads).
+
+Reads go by the node's map: zero ranges become holes without touching the
+data; data ranges of an image nobody can write (opened read-only) are read
+with ``os.preadv`` straight from the host file at the offsets the map gives,
+into a buffer reused from a pool, so a 256 KiB read is one map lookup and
+one system call.  Every other node is read through its ``read_into``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, List, Optional, Tuple
+
+from ..node import BlockKind
+from . import protocol as P
+from .sockout import FileRange, pread_full
+
+#: block-status extents in one reply chunk at most (libnbd refuses replies over 64 MiB)
+MAX_EXTENTS = 1 << 20
+
+
+class Refused(Exception):
+    """A request refused with a chosen NBD error."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno, self.message = code, message
+
+
+class BufferPool:
+    """Read buffers reused across requests (a fresh 256 KiB buffer costs page
+    faults on every request).  Bounded in bytes; buffers of any size."""
+
+    def __init__(self, limit: int = 64 << 20):
+        self.limit, self.held = limit, 0
+        self.free: Dict[int, List[bytearray]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, n: int) -> bytearray:
+        with self.lock:
+            lst = self.free.get(n)
+            if lst:
+                self.held -= n
+                return lst.pop()
+        return bytearray(n)
+
+    def put(self, buf: bytearray) -> None:
+        n = len(buf)
+        with self.lock:
+            if n and self.held + n <= self.limit:
+                self.free.setdefault(n, []).append(buf)
+                self.held += n
+
+
+class HostFiles:
+    """Read-only descriptors of the host files of a node nobody writes, opened
+    by the names its map gives (the image file, a backing file, a data file)."""
+
+    def __init__(self) -> None:
+        self.fds: Dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def fd(self, name: str) -> int:
+        fd = self.fds.get(name)
+        if fd is None:
+            with self.lock:
+                fd = self.fds.get(name)
+                if fd is None:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+                    self.fds[name] = fd
+        return fd
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+
+def direct_reads(node) -> Optional[HostFiles]:
+    """HostFiles for a qcow2py Image opened read-only (its chain cannot change
+    under the reads), else None (reads go through ``read_into``)."""
+    from ..image import Image
+    if isinstance(node, Image) and node.read_only:
+        return HostFiles()
+    return None
+
+
+def read_chunks(node, offset: int, length: int, whole: bool, buf: bytearray,
+                host: Optional[HostFiles], files: bool = False) -> list:
+    """Read a request: ``[(offset, length, pieces)]`` where ``pieces`` is None
+    for a hole (a zero range of the node's map, sent without its bytes) or the
+    list of the run's data: slices of ``buf`` or, with ``files``, file ranges
+    to send with ``sendfile``.  ``whole`` asks for one data run (DF, or no
+    structured replies): zeros are then read like data."""
+    if length == 0:
+        return []
+    mv = memoryview(buf)
+    if whole and host is None:
+        node.read_into(mv, offset)
+        return [(offset, length, [mv])]
+    runs: list = []
+    for e in node.block_status(offset, length):
+        rel = e.offset - offset
+        if e.zero and not whole:
+            piece = None
+        elif e.zero:
+            mv[rel:rel + e.length] = bytes(e.length)
+            piece = mv[rel:rel + e.length]
+        elif host is not None and e.kind == BlockKind.DATA and e.host_file is not None \
+                and e.host_offset is not None:
+            fd = host.fd(e.host_file)
+            if files:
+                piece = FileRange(fd, e.host_offset, e.length)
+            else:
+                piece = mv[rel:rel + e.length]
+                pread_full(fd, piece, e.host_offset)
+        else:
+            piece = mv[rel:rel + e.length]
+            node.read_into(piece, e.offset)
+        if runs and (runs[-1][2] is None) == (piece is None):
+            runs[-1][1] += e.length
+            if piece is not None:
+                runs[-1][2].append(piece)
+        else:
+            runs.append([e.offset, e.length, None if piece is None else [piece]])
+    if whole:
+        return [(offset, length, [p for r in runs for p in r[2]])]
+    return [tuple(r) for r in runs]
+
+
+def status_chunks(node, contexts, offset: int, length: int, one: bool):
+    """``[(context_id, [(length, flags)])]`` for BLOCK_STATUS."""
+    end = min(offset + length, node.size)
+    out = []
+    for cid, _name, source in contexts:
+        ext: List[Tuple[int, int]] = []
+        if source is None:
+            for e in node.block_status(offset, end - offset):
+                flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+                if ext and ext[-1][1] == flags:
+                    ext[-1] = (ext[-1][0] + e.length, flags)
+                else:
+                    ext.append((e.length, flags))
+                if one or len(ext) > MAX_EXTENTS:
+                    break
+        else:
+            pos = offset
+            for s, n in source.dirty_extents(offset, end - offset):
+                if s > pos:
+                    ext.append((s - pos, 0))
+                ext.append((n, P.STATE_DIRTY))
+                pos = s + n
+                if one or len(ext) > MAX_EXTENTS:
+                    break
+            if pos < end and (not ext or not one):
+                ext.append((end - pos, 0))
+        if one:
+            ext = ext[:1]
+        del ext[MAX_EXTENTS:]
+        out.append((cid, ext))
+    return out
+
+
+def run_command(node, req: P.Request, payload) -> None:
+    """WRITE, WRITE_ZEROES, TRIM, FLUSH, CACHE on the node."""
+    cmd = req.command
+    if cmd == P.CMD_WRITE:
+        node.write(req.offset, payload)
+    elif cmd == P.CMD_WRITE_ZEROES:
+        if req.flags & P.CMDF_FAST_ZERO and not fast_zero(node, req.offset, req.length):
+            raise Refused(P.ENOTSUP, "zeroing this range would write data")
+        if req.length:
+            node.write_zeroes(req.offset, req.length, unmap=not req.flags & P.CMDF_NO_HOLE)
+    elif cmd == P.CMD_TRIM:
+        if req.length:
+            node.discard(req.offset, req.length)
+    elif cmd == P.CMD_FLUSH:
+        node.flush()
+    elif cmd == P.CMD_CACHE:
+        return
+    if req.flags & P.CMDF_FUA:
+        node.flush()
+
+
+def fast_zero(node, offset: int, length: int) -> bool:
+    """True when zeroing needs no data written: whole clusters of a qcow2 node."""
+    cs = getattr(node, "cluster_size", None)
+    if not cs or getattr(node, "format", "") != "qcow2":
+        return False
+    return offset % cs == 0 and (length % cs == 0 or offset + length == node.size)
