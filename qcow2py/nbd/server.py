@@ -311,6 +311,7 @@ class _Connection:
         self.requests = 0
         self.closing = False
         self.sender: Optional[ReplySender] = None     # plain sockets: the writing thread
+        self.peer = writer.get_extra_info("peername") or "unix socket"
         self.flight: Optional[Flight] = None
 
     def shutdown(self) -> None:
@@ -336,7 +337,7 @@ class _Connection:
             if self.export is not None:
                 self.export.connections.discard(self)
             self.writer.close()
-            peer = self.writer.get_extra_info("peername") or "unix socket"
+            peer = self.peer
             name = self.export.name if self.export is not None else None
             log.info("connection %d from %s, export %r: %d requests, %s",
                      self.id, peer, name, self.requests, why)
@@ -506,10 +507,15 @@ class _Connection:
                     self._dispatch(req, payload, cost)
         except (asyncio.IncompleteReadError, ConnectionError):
             why = "disconnected" if not self.closing else "server shut the connection"
-        await flight.idle()
-        if self.sender is not None:
-            self.sender.close()
-        else:
+        except P.ProtocolError as e:
+            why = f"protocol error: {e}"
+            if self.sender is not None:
+                self.sender.abort()
+        finally:
+            await flight.idle()
+            if self.sender is not None:
+                self.sender.close()
+        if self.sender is None and not self.writer.is_closing():
             await self.writer.drain()
         return why
 

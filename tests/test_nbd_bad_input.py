@@ -1,0 +1,195 @@
+"""Hostile and broken clients, driven with raw socket bytes: each gets the
+protocol's error or its connection closed, every other client is served on,
+and the image is check-clean once the server has stopped."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+import qcow2py
+from qcow2py.nbd import Server
+from nbdtest import RawClient, nbd, qemu_io_nbd, uri
+from qemu import create, qemu_img, qemu_io
+
+pytestmark = pytest.mark.timeout(120)
+
+EPERM, EINVAL, ENOSPC = 1, 22, 28
+SIZE = 8 << 20
+MAX = 32 << 20
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nbdbad")
+    rw, ro = tmp / "rw.qcow2", tmp / "ro.qcow2"
+    create(rw, SIZE)
+    create(ro, SIZE)
+    qemu_io(rw, "write -P 0x61 0 1M")
+    qemu_io(ro, "write -P 0x62 0 1M")
+    img_rw, img_ro = qcow2py.open(rw, "r+"), qcow2py.open(ro)
+    sock = str(tmp / "s.sock")
+    srv = Server()
+    srv.add_export("", img_rw)
+    srv.add_export("ro", img_ro)
+    srv.listen_unix(sock)
+    srv.start()
+    yield sock
+    srv.close()
+    img_rw.close()
+    img_ro.close()
+    for img in (rw, ro):
+        out = qemu_img("check", str(img)).stdout
+        assert "No errors were found" in out, out
+
+
+@pytest.fixture
+def bystander(served):
+    """A well-behaved client connected for the whole test, checked afterwards."""
+    c = RawClient(served)
+    c.go("ro")
+    yield c
+    c.request(0, 0, 4096, cookie=77)
+    flags, rtype, cookie, data = c.chunk()
+    assert cookie == 77 and rtype == 1 and data[8:] == b"\x62" * 4096
+    c.close()
+    assert "0x62" not in qemu_io_nbd(uri(served, "ro"), "read -P 0x62 0 4k", read_only=True)
+
+
+def test_garbage_instead_of_client_flags(served, bystander):
+    c = RawClient(served)
+    c.recv_exactly(18)
+    c.s.sendall(b"\xff" * 64)                   # unknown client flags, then noise
+    assert c.closed_by_server()
+
+
+def test_wrong_option_magic(served, bystander):
+    c = RawClient(served)
+    c.greet()
+    c.s.sendall(b"NOTMAGIC" + struct.pack(">II", 7, 0))
+    assert c.closed_by_server()
+
+
+def test_unknown_option_is_unsupported_and_negotiation_goes_on(served, bystander):
+    c = RawClient(served)
+    c.greet()
+    c.option(0x1234, b"whatever")
+    opt, rtype, _ = c.option_reply()
+    assert (opt, rtype) == (0x1234, (1 << 31) + 1)          # ERR_UNSUP
+    c.option(3)                                               # LIST still works
+    replies = c.replies_until_final()
+    names = sorted(d[4:4 + struct.unpack(">I", d[:4])[0]].decode()
+                   for _o, t, d in replies if t == 2)
+    assert names == ["", "ro"] and replies[-1][1] == 1
+    c.option(5)                                               # STARTTLS without TLS
+    assert c.option_reply()[1] == (1 << 31) + 2               # ERR_POLICY
+    c.option(7, struct.pack(">I", 7) + b"missing" + b"\0\0")  # GO to a missing export
+    assert c.option_reply()[1] == (1 << 31) + 6               # ERR_UNKNOWN
+    c.option(10, b"\0\0")                                     # SET_META_CONTEXT, no structured
+    assert c.option_reply()[1] == (1 << 31) + 3               # ERR_INVALID
+    c.option(8)
+    assert c.option_reply()[1] == 1
+    c.option(10, struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", 9999))
+    assert c.option_reply()[1] == (1 << 31) + 3               # query longer than the option
+    c.option(7, struct.pack(">I", 0) + b"\0\0")              # GO "" after all that
+    final = c.replies_until_final()
+    assert final[-1][1] == 1
+    c.request(0, 0, 512)
+    assert c.chunk()[1] == 1
+    c.close()
+
+
+def test_hostile_option_length_is_not_allocated(served, bystander):
+    c = RawClient(served)
+    c.greet()
+    c.s.sendall(b"IHAVEOPT" + struct.pack(">II", 6, 0xFFFFFFF0))   # 4 GiB INFO
+    c.s.sendall(b"x" * 4096)
+    c.s.close()                                                      # and vanish
+
+
+def test_unknown_command_and_flags(served, bystander):
+    c = RawClient(served)
+    c.go("")
+    c.request(42, 0, 0, cookie=5)
+    assert c.simple_reply() == (EINVAL, 5)
+    c.request(3, 0, 0, flags=0x40, cookie=6)                  # FLUSH with a bad flag
+    assert c.simple_reply() == (EINVAL, 6)
+    c.request(3, cookie=7)
+    assert c.simple_reply() == (0, 7)
+
+
+def test_past_the_end(served, bystander):
+    c = RawClient(served)
+    size, _ = c.go("")
+    assert size == SIZE
+    c.request(0, SIZE - 512, 1024, cookie=1)                  # READ
+    assert c.structured_error() == EINVAL
+    c.request(4, SIZE, 4096, cookie=2)                        # TRIM
+    assert c.simple_reply() == (EINVAL, 2)
+    c.request(1, SIZE - 512, 1024, cookie=3, payload=b"z" * 1024)   # WRITE
+    assert c.simple_reply() == (ENOSPC, 3)
+    c.request(0, 0, 4096, cookie=4)                           # and the connection lives
+    assert c.chunk()[3][8:] == b"\x61" * 4096
+
+
+def test_request_over_32_mib(served, bystander):
+    c = RawClient(served)
+    c.go("")
+    c.request(0, 0, MAX + 1, cookie=1)
+    assert c.structured_error() == EINVAL
+    payload = b"w" * (MAX + 4096)
+    c.request(1, 0, len(payload), cookie=2, payload=payload)  # payload read and dropped
+    assert c.simple_reply() == (EINVAL, 2)
+    c.request(0, 0, 4096, cookie=3)
+    flags, rtype, cookie, data = c.chunk()
+    assert cookie == 3 and data[8:] == b"\x61" * 4096         # nothing was written
+
+
+def test_write_to_read_only_export(served, bystander):
+    c = RawClient(served)
+    _size, flags = c.go("ro")
+    assert flags & 2                                          # READ_ONLY
+    c.request(1, 0, 4096, cookie=1, payload=b"q" * 4096)
+    assert c.simple_reply() == (EPERM, 1)
+    c.request(6, 0, 4096, cookie=2)                           # WRITE_ZEROES
+    assert c.simple_reply() == (EPERM, 2)
+    c.request(0, 0, 4096, cookie=3)
+    assert c.chunk()[3][8:] == b"\x62" * 4096
+
+
+def test_disconnect_mid_request(served, bystander):
+    c = RawClient(served)
+    c.go("")
+    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 9, 0, 1 << 20) + b"y" * 1000)
+    c.close()                                                 # write payload cut short
+    c = RawClient(served)
+    c.go("")
+    c.s.sendall(struct.pack(">IHHQ", 0x25609513, 0, 0, 1))    # header cut short
+    c.close()
+    c = RawClient(served)
+    c.go("")
+    for i in range(32):                                       # reads in flight, then gone
+        c.request(0, i * 65536, 65536, cookie=i)
+    c.close()
+    c = RawClient(served)
+    c.go("")
+    c.request(0, 0, 4096, cookie=1)
+    assert c.chunk()[3][8:] == b"\x61" * 4096                 # nothing torn
+
+
+def test_wrong_request_magic_closes(served, bystander):
+    c = RawClient(served)
+    c.go("")
+    c.s.sendall(struct.pack(">IHHQQI", 0xDEADBEEF, 0, 0, 1, 0, 512))
+    assert c.closed_by_server()
+
+
+def test_block_status_without_context_and_zero_length(served, bystander):
+    c = RawClient(served)
+    c.go("")
+    c.request(7, 0, 4096, cookie=1)
+    assert c.structured_error() == EINVAL
+    c.request(7, 0, 0, cookie=2)
+    assert c.structured_error() == EINVAL
