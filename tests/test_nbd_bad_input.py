@@ -193,3 +193,75 @@ def test_block_status_without_context_and_zero_length(served, bystander):
     assert c.structured_error() == EINVAL
     c.request(7, 0, 0, cookie=2)
     assert c.structured_error() == EINVAL
+
+
+def _meta_request(name: str, queries) -> bytes:
+    raw = name.encode()
+    body = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for q in queries:
+        body += struct.pack(">I", len(q)) + q.encode()
+    return body
+
+
+def test_export_name_option_and_no_zeroes(served):
+    for flags, tail in ((3, 0), (1, 124)):
+        c = RawClient(served)
+        c.greet(flags)
+        c.option(1, b"ro")                                    # NBD_OPT_EXPORT_NAME
+        size, tflags = struct.unpack(">QH", c.recv_exactly(10))
+        assert size == SIZE and tflags & 2 and tflags & (1 << 8)
+        assert c.recv_exactly(tail) == bytes(tail)
+        c.request(0, 0, 512, cookie=4)                        # no structured replies
+        assert c.simple_reply() == (0, 4)
+        assert c.recv_exactly(512) == b"\x62" * 512
+        c.close()
+
+
+def test_meta_contexts_list_set_and_block_status(tmp_path):
+    img = tmp_path / "m.qcow2"
+    create(img, SIZE)
+    qemu_img("bitmap", "--add", str(img), "b0")
+    qemu_io(img, "write -P 1 64k 64k")
+    sock = str(tmp_path / "m.sock")
+    with qcow2py.open(img, "r+") as image:
+        srv = Server()
+        srv.add_export("", image, bitmaps=[image.find_bitmap("b0")])
+        srv.listen_unix(sock)
+        srv.start()
+        try:
+            c = RawClient(sock)
+            c.greet()
+            c.option(8)
+            c.option_reply()
+            for queries, want in (([], ["base:allocation", "qemu:dirty-bitmap:b0"]),
+                                  (["qemu:dirty-bitmap:"], ["qemu:dirty-bitmap:b0"]),
+                                  (["base:"], ["base:allocation"]),
+                                  (["nope:x", "qemu:dirty-bitmap:zz"], [])):
+                c.option(9, _meta_request("", queries))
+                got = [d[4:].decode() for _o, t, d in c.replies_until_final() if t == 4]
+                assert got == want, queries
+            c.option(10, _meta_request("", ["qemu:dirty-bitmap:b0", "base:allocation"]))
+            ids = {d[4:].decode(): struct.unpack(">I", d[:4])[0]
+                   for _o, t, d in c.replies_until_final() if t == 4}
+            assert set(ids) == {"base:allocation", "qemu:dirty-bitmap:b0"}
+            c.option(7, struct.pack(">I", 0) + b"\0\0")
+            c.replies_until_final()
+            c.request(7, 0, 256 << 10, cookie=9)
+            seen = {}
+            while True:
+                flags, rtype, cookie, data = c.chunk()
+                assert rtype == 5 and cookie == 9
+                cid = struct.unpack(">I", data[:4])[0]
+                seen[cid] = [struct.unpack(">II", data[i:i + 8]) for i in range(4, len(data), 8)]
+                if flags & 1:
+                    break
+            assert seen[ids["qemu:dirty-bitmap:b0"]] == [(65536, 0), (65536, 1), (131072, 0)]
+            assert seen[ids["base:allocation"]] == [(65536, 3), (65536, 0), (131072, 3)]
+            c.request(7, 0, 256 << 10, flags=8, cookie=10)     # REQ_ONE: one extent each
+            for _ in range(2):
+                flags, rtype, cookie, data = c.chunk()
+                assert len(data) == 12 and struct.unpack(">I", data[4:8])[0] == 65536
+            assert flags & 1
+            c.close()
+        finally:
+            srv.close()
