@@ -60,6 +60,11 @@ class Export:
     connections: Set["_Connection"] = field(default_factory=set)
     host: Optional[HostFiles] = None      #: direct reads of a read-only image
 
+    def disconnect_all(self) -> None:
+        """Close every connection to this export (on the loop)."""
+        for c in list(self.connections):
+            c.shutdown()
+
     def contexts(self) -> List[str]:
         return [P.BASE_ALLOCATION] + [P.DIRTY_BITMAP_PREFIX + b.name for b in self.bitmaps]
 
@@ -160,13 +165,10 @@ class Server:
         self._removed.append(exp)        # its host files close when the server stops
         loop = self._loop
         if loop is not None and loop.is_running():
-            conns = list(exp.connections)
             if threading.current_thread() is self._thread_of_loop:
-                for c in conns:
-                    c.shutdown()
+                exp.disconnect_all()
             else:
-                for c in conns:
-                    loop.call_soon_threadsafe(c.shutdown)
+                loop.call_soon_threadsafe(exp.disconnect_all)
         return exp
 
     def listen_unix(self, path: str) -> None:
@@ -377,8 +379,9 @@ class _Connection:
                     exp = srv.exports.get(data.decode(errors="replace"))
                     if exp is None:
                         raise P.ProtocolError("EXPORT_NAME of an unknown export")
+                    self._enter(exp, meta)
                     self._send(P.export_name_reply(exp.node.size, exp.flags(), no_zeroes))
-                    return self._enter(exp, meta)
+                    return True
                 if opt == P.OPT_ABORT:
                     self._send(P.option_reply(opt, P.REP_ACK))
                     await self.writer.drain()
@@ -403,9 +406,11 @@ class _Connection:
                         self._send(P.option_reply(opt, P.REP_INFO,
                                                   P.info_description(exp.description)))
                     self._send(P.option_reply(opt, P.REP_INFO, P.info_block_size()))
+                    if opt == P.OPT_GO:
+                        self._enter(exp, meta)      # before the ACK: removable from now on
                     self._send(P.option_reply(opt, P.REP_ACK))
                     if opt == P.OPT_GO:
-                        return self._enter(exp, meta)
+                        return True
                 elif opt == P.OPT_STRUCTURED_REPLY:
                     self._empty(data)
                     self.structured = True

@@ -94,7 +94,14 @@ class Flight:
 
 
 class ReplySender(Flight):
-    """The write side of one plain-socket connection."""
+    """The write side of one plain-socket connection.
+
+    The thread that made a reply writes it itself when the socket is free
+    and takes it all (the common case: no hand-over at all); otherwise the
+    reply, or what is left of it, goes to the sender thread, which waits for
+    the socket.  ``send_lock`` keeps replies whole: a reply cut short by a
+    full socket is finished (``head``) before any other starts.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, limit: int,
                  recycle: Callable[[bytearray], None]):
@@ -103,6 +110,8 @@ class ReplySender(Flight):
         self.fd = self.sock.fileno()
         self.recycle = recycle
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.send_lock = threading.Lock()
+        self.head: Optional[tuple] = None      # the unfinished rest of a reply
         self.broken = False
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLOUT)
@@ -123,9 +132,29 @@ class ReplySender(Flight):
 
     # -- any thread ------------------------------------------------------------
     def put(self, parts, cost: int, buf: Optional[bytearray] = None) -> None:
-        """Hand over one whole reply (its ``reserve`` was done by the loop);
-        ``buf`` is recycled once written."""
+        """Send one whole reply (its ``reserve`` was done by the loop); ``buf``
+        is recycled once written."""
+        if self.send_lock.acquire(blocking=False):
+            try:
+                if self.head is None and not self.broken:
+                    try:
+                        rest = self._send(parts, block=False)
+                    except OSError:
+                        self.abort()
+                        rest = []
+                    if not rest:
+                        self._finish(cost, buf)
+                        return
+                    self.head = (rest, cost, buf)
+                    parts = None
+            finally:
+                self.send_lock.release()
         self.queue.put((parts, cost, buf))
+
+    def _finish(self, cost: int, buf: Optional[bytearray]) -> None:
+        if buf is not None and not self.broken:
+            self.recycle(buf)
+        self.done(cost)
 
     # -- the sender thread -------------------------------------------------------
     def _run(self) -> None:
@@ -134,17 +163,23 @@ class ReplySender(Flight):
                 item = self.queue.get()
                 if item is None:
                     break
-                parts, cost, buf = item
-                if not self.broken:
-                    try:
-                        self._send(parts)
-                        if buf is not None:
-                            self.recycle(buf)
-                    except (_Broken, OSError):
-                        self.abort()
-                self.done(cost)
+                with self.send_lock:
+                    if self.head is not None:
+                        self._send_item(self.head)
+                        self.head = None
+                    if item[0] is not None:       # else: only the head was to finish
+                        self._send_item(item)
         finally:
             self.sock.close()
+
+    def _send_item(self, item) -> None:
+        parts, cost, buf = item
+        if not self.broken:
+            try:
+                self._send(parts, block=True)
+            except (_Broken, OSError):
+                self.abort()
+        self._finish(cost, buf)
 
     def _wait_writable(self) -> None:
         if self.broken:
@@ -155,50 +190,51 @@ class ReplySender(Flight):
         if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
             raise _Broken()
 
-    def _send(self, parts) -> None:
-        mem = []
-        for part in parts:
+    def _send(self, parts, block: bool) -> list:
+        """Write parts in order; with ``block`` wait for the socket, else stop
+        when it is full and return the unsent rest (empty when all went out)."""
+        parts = list(parts)
+        i = 0
+        while i < len(parts):
+            part = parts[i]
             if isinstance(part, FileRange):
-                if mem:
-                    self._writev(mem)
-                    mem = []
-                self._sendfile(part)
-            else:
-                mv = memoryview(part).cast("B")
-                if len(mv):
-                    mem.append(mv)
-        if mem:
-            self._writev(mem)
-
-    def _writev(self, mem) -> None:
-        while mem:
+                try:
+                    n = os.sendfile(self.fd, part.fd, part.offset, part.length) \
+                        if part.length else 0
+                except (BlockingIOError, InterruptedError):
+                    n = -1
+                if n < 0:
+                    if not block:
+                        return parts[i:]
+                    self._wait_writable()
+                    continue
+                if n == 0 and part.length:
+                    parts[i] = memoryview(bytes(part.length))   # the file ends early: zeros
+                    continue
+                if n < part.length:
+                    parts[i] = FileRange(part.fd, part.offset + n, part.length - n)
+                    continue
+                i += 1
+                continue
+            j = i
+            while j < len(parts) and not isinstance(parts[j], FileRange) and j - i < 512:
+                j += 1
+            mem = [memoryview(p).cast("B") for p in parts[i:j]]
             try:
-                n = os.writev(self.fd, mem[:512])
+                n = os.writev(self.fd, mem)
             except (BlockingIOError, InterruptedError):
+                if not block:
+                    return parts[i:]
                 self._wait_writable()
                 continue
-            while n:
-                if len(mem[0]) <= n:
-                    n -= len(mem[0])
-                    mem.pop(0)
-                else:
-                    mem[0] = mem[0][n:]
-                    n = 0
-
-    def _sendfile(self, part: FileRange) -> None:
-        off, left = part.offset, part.length
-        while left:
-            try:
-                n = os.sendfile(self.fd, part.fd, off, left)
-            except (BlockingIOError, InterruptedError):
-                self._wait_writable()
-                continue
-            if n == 0:
-                # the file ends early: the rest reads as zeros
-                self._writev([memoryview(bytes(left))])
-                return
-            off += n
-            left -= n
+            k = i
+            while k < j and n >= len(mem[k - i]):
+                n -= len(mem[k - i])
+                k += 1
+            if k < j and n:
+                parts[k] = mem[k - i][n:]
+            i = k
+        return []
 
 
 def _wake(fut: asyncio.Future) -> None:
