@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -178,7 +179,11 @@ def test_control_socket(tmp_path):
         qemu_io_nbd(srv.uri(), "write -P 1 0 64k")              # a writer connected...
         c = RawClient(srv.sock)
         c.go("")
-        (exp,) = q.cmd("query-exports")["return"]
+        for _ in range(100):            # qemu-io's connection may still be closing
+            (exp,) = q.cmd("query-exports")["return"]
+            if exp["connections"] == 1:
+                break
+            time.sleep(0.05)
         assert exp["name"] == "" and exp["size"] == 8 * MiB and not exp["read-only"]
         assert exp["connections"] == 1
         assert exp["bitmaps"] == [{"name": "b0", "granularity": 65536, "count": 65536}]

@@ -289,3 +289,18 @@ def test_starttls_refused_without_certificate(tmp_path):
         assert p.returncode != 0
         assert "with TLS" not in p.stdout
         nbd("nbdinfo", srv.uri())                           # the server lives on
+
+
+def test_sigterm_while_a_client_writes(tmp_path):
+    img = tmp_path / "busy.qcow2"
+    create(img, 64 * MiB)
+    src = tmp_path / "busy.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(64 * MiB))
+    with qcow2py_nbd(img, tmp_path) as srv:
+        copy = subprocess.Popen(["nbdcopy", "--connections=4", str(src), srv.uri()],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        assert srv.stop() == 0
+        copy.wait(60)
+    _check_clean(img)

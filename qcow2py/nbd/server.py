@@ -38,6 +38,8 @@ log = logging.getLogger("qcow2py.nbd")
 
 #: bytes of request payloads and read buffers one connection may hold at once
 CONNECTION_BUDGET = 64 << 20
+#: a client must have chosen an export this soon after connecting (it holds a slot of -e)
+HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -74,9 +76,11 @@ class Export:
             return None
         return next(b for b in self.bitmaps if P.DIRTY_BITMAP_PREFIX + b.name == name)
 
-    def flags(self) -> int:
-        f = P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_DF | P.TF_CAN_MULTI_CONN | \
-            P.TF_SEND_CACHE
+    def flags(self, structured: bool = True) -> int:
+        """Transmission flags (DF only means something with structured replies)."""
+        f = P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_CAN_MULTI_CONN | P.TF_SEND_CACHE
+        if structured:
+            f |= P.TF_SEND_DF
         if self.readonly:
             return f | P.TF_READ_ONLY
         return f | P.TF_SEND_FUA | P.TF_SEND_TRIM | P.TF_SEND_WRITE_ZEROES | \
@@ -327,7 +331,11 @@ class _Connection:
     async def run(self) -> None:
         why = "disconnected"
         try:
-            if await self._negotiate():
+            try:
+                entered = await asyncio.wait_for(self._negotiate(), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError:
+                entered, why = False, f"no export chosen within {HANDSHAKE_TIMEOUT:g}s"
+            if entered:
                 why = await self._transmit()
         except (asyncio.IncompleteReadError, ConnectionError):
             why = "disconnected"
@@ -380,7 +388,7 @@ class _Connection:
                     if exp is None:
                         raise P.ProtocolError("EXPORT_NAME of an unknown export")
                     self._enter(exp, meta)
-                    self._send(P.export_name_reply(exp.node.size, exp.flags(), no_zeroes))
+                    self._send(P.export_name_reply(exp.node.size, exp.flags(self.structured), no_zeroes))
                     return True
                 if opt == P.OPT_ABORT:
                     self._send(P.option_reply(opt, P.REP_ACK))
@@ -399,7 +407,7 @@ class _Connection:
                     name, infos = P.parse_info_request(data)
                     exp = self._export(name)
                     self._send(P.option_reply(opt, P.REP_INFO,
-                                              P.info_export(exp.node.size, exp.flags())))
+                                              P.info_export(exp.node.size, exp.flags(self.structured))))
                     if P.INFO_NAME in infos:
                         self._send(P.option_reply(opt, P.REP_INFO, P.info_name(exp.name)))
                     if P.INFO_DESCRIPTION in infos and exp.description:
