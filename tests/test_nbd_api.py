@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import socket
-import struct
 import subprocess
 import time
 
@@ -16,7 +15,7 @@ from qcow2py.errors import SnapshotAccessError
 from qcow2py.nbd import Server
 from qcow2py.node import BlockKind, Extent, Node
 from nbdtest import RawClient, nbd, qcow2py_nbd, qemu_io_nbd, uri
-from qemu import create, qemu_img, qemu_io
+from qemu import create, qemu_img
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20

@@ -4,14 +4,13 @@ and the image is check-clean once the server has stopped."""
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 
 import qcow2py
 from qcow2py.nbd import Server
-from nbdtest import RawClient, nbd, qemu_io_nbd, uri
+from nbdtest import RawClient, qemu_io_nbd, uri
 from qemu import create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,10 +9,12 @@ one system call.  Every other node is read through its ``read_into``.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import SnapshotAccessError
 from ..node import BlockKind
 from . import protocol as P
 from .sockout import FileRange, pread_full
@@ -27,6 +29,19 @@ class Refused(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.errno, self.message = code, message
+
+
+def errno_of(exc: BaseException) -> int:
+    """The NBD error a node's exception is answered with (QEMU's choices)."""
+    if isinstance(exc, SnapshotAccessError):
+        return P.EINVAL           # QEMU turns EACCES into EINVAL on the wire
+    if isinstance(exc, PermissionError):
+        return P.EPERM
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return P.ENOSPC
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM or isinstance(exc, MemoryError):
+        return P.ENOMEM
+    return P.EIO
 
 
 class BufferPool:
