@@ -18,6 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 EPERM, EINVAL, ENOSPC = 1, 22, 28
 SIZE = 8 << 20
 MAX = 32 << 20
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +265,22 @@ def test_meta_contexts_list_set_and_block_status(tmp_path):
             c.close()
         finally:
             srv.close()
+
+
+def test_pipelined_requests_beyond_the_budget(served, bystander):
+    """160 MiB of reads sent before any reply is read (the server holds at most its
+    budget and stops reading): every reply arrives whole, each once."""
+    c = RawClient(served, timeout=60)
+    c.go("")
+    n = 160
+    sender = __import__("threading").Thread(
+        target=lambda: [c.request(0, 0, MiB, cookie=1000 + i) for i in range(n)])
+    sender.start()
+    seen = set()
+    while len(seen) < n:
+        flags, rtype, cookie, data = c.chunk()
+        assert rtype == 1 and flags & 1 and cookie not in seen
+        assert data[8:] == b"\x61" * MiB
+        seen.add(cookie)
+    sender.join(30)
+    c.close()

@@ -27,6 +27,20 @@ log = logging.getLogger("qcow2py.nbd")
 CONNECTION_BUDGET = 64 << 20
 #: a client must have chosen an export this soon after connecting (it holds a slot of -e)
 HANDSHAKE_TIMEOUT = 30.0
+#: what a request counts against the budget at least (its reply, its bookkeeping)
+MIN_COST = 4096
+#: what a BLOCK_STATUS counts (its reply holds up to MAX_EXTENTS extents per context)
+STATUS_COST = 1 << 20
+
+
+def request_cost(req: P.Request) -> int:
+    """Bytes a request may hold until its reply is written: its payload or read
+    data, so that a client that sends and never reads is stopped by the budget."""
+    if req.command in (P.CMD_READ, P.CMD_WRITE) and req.length <= P.MAX_BLOCK:
+        return max(MIN_COST, req.length)
+    if req.command == P.CMD_BLOCK_STATUS:
+        return STATUS_COST
+    return MIN_COST
 
 
 class Connection:
@@ -227,13 +241,13 @@ class Connection:
                 if err is None and exp.readonly and req.command in (
                         P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
                     err = P.EPERM
-                cost = req.length if req.command in (P.CMD_READ, P.CMD_WRITE) and \
-                    req.length <= P.MAX_BLOCK else 0
+                takes_payload = req.command == P.CMD_WRITE and req.length <= P.MAX_BLOCK
+                if req.command == P.CMD_WRITE and not takes_payload:
+                    await self._drain_bytes(req.length)       # too big: read and dropped
+                cost = request_cost(req)
                 payload = None
-                if req.command == P.CMD_WRITE and not cost:
-                    await self._drain_bytes(req.length)
                 await flight.reserve(cost)
-                if req.command == P.CMD_WRITE and cost:
+                if takes_payload:
                     try:
                         payload = await r.readexactly(req.length)
                     except BaseException:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from itertools import islice
+from typing import Dict, List, Optional
 
 from ..errors import SnapshotAccessError
 from ..node import BlockKind
 from . import protocol as P
 from .sockout import FileRange, pread_full
 
-#: block-status extents in one reply chunk at most (libnbd refuses replies over 64 MiB)
-MAX_EXTENTS = 1 << 20
+#: block-status extents in one reply chunk at most (8 bytes each; a client asking for
+#: more gets a shorter answer and asks again from where it ends)
+MAX_EXTENTS = 1 << 16
 
 
 class Refused(Exception):
@@ -146,36 +148,43 @@ def read_chunks(node, offset: int, length: int, whole: bool, buf: bytearray,
     return [tuple(r) for r in runs]
 
 
+def _allocation_extents(node, offset: int, end: int):
+    """``(length, flags)`` runs of ``base:allocation`` (equal neighbours merged)."""
+    last = None
+    for e in node.block_status(offset, end - offset):
+        flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+        if last is not None and last[1] == flags:
+            last = (last[0] + e.length, flags)
+            continue
+        if last is not None:
+            yield last
+        last = (e.length, flags)
+    if last is not None:
+        yield last
+
+
+def _bitmap_extents(bitmap, offset: int, end: int):
+    """``(length, flags)`` runs of ``qemu:dirty-bitmap:NAME``: clean gaps and dirty runs."""
+    pos = offset
+    for s, n in bitmap.dirty_extents(offset, end - offset):
+        if s > pos:
+            yield (s - pos, 0)
+        yield (n, P.STATE_DIRTY)
+        pos = s + n
+    if pos < end:
+        yield (end - pos, 0)
+
+
 def status_chunks(node, contexts, offset: int, length: int, one: bool):
-    """``[(context_id, [(length, flags)])]`` for BLOCK_STATUS."""
+    """``[(context_id, [(length, flags)])]`` for BLOCK_STATUS: at most
+    :data:`MAX_EXTENTS` per context (one with REQ_ONE), never a zero length."""
     end = min(offset + length, node.size)
+    limit = 1 if one else MAX_EXTENTS
     out = []
     for cid, _name, source in contexts:
-        ext: List[Tuple[int, int]] = []
-        if source is None:
-            for e in node.block_status(offset, end - offset):
-                flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
-                if ext and ext[-1][1] == flags:
-                    ext[-1] = (ext[-1][0] + e.length, flags)
-                else:
-                    ext.append((e.length, flags))
-                if one or len(ext) > MAX_EXTENTS:
-                    break
-        else:
-            pos = offset
-            for s, n in source.dirty_extents(offset, end - offset):
-                if s > pos:
-                    ext.append((s - pos, 0))
-                ext.append((n, P.STATE_DIRTY))
-                pos = s + n
-                if one or len(ext) > MAX_EXTENTS:
-                    break
-            if pos < end and (not ext or not one):
-                ext.append((end - pos, 0))
-        if one:
-            ext = ext[:1]
-        del ext[MAX_EXTENTS:]
-        out.append((cid, ext))
+        runs = _allocation_extents(node, offset, end) if source is None else \
+            _bitmap_extents(source, offset, end)
+        out.append((cid, list(islice(runs, limit))))
     return out
 
 

@@ -121,7 +121,6 @@ class Server:
         self._startup_error: Optional[BaseException] = None
         self.pool: Optional[ThreadPoolExecutor] = None
         self._connections: Set[Any] = set()
-        self._extra_servers: List[Any] = []      # e.g. the control socket
         self._next_id = 0
         self.buffers = BufferPool()
         self._removed: List[Export] = []
