@@ -127,7 +127,8 @@ class Connection:
                     if exp is None:
                         raise P.ProtocolError("EXPORT_NAME of an unknown export")
                     self._enter(exp, meta)
-                    self._send(P.export_name_reply(exp.node.size, exp.flags(self.structured), no_zeroes))
+                    self._send(P.export_name_reply(exp.node.size, exp.flags(self.structured),
+                                                   no_zeroes))
                     return True
                 if opt == P.OPT_ABORT:
                     self._send(P.option_reply(opt, P.REP_ACK))
@@ -145,8 +146,8 @@ class Connection:
                 elif opt in (P.OPT_INFO, P.OPT_GO):
                     name, infos = P.parse_info_request(data)
                     exp = self._export(name)
-                    self._send(P.option_reply(opt, P.REP_INFO,
-                                              P.info_export(exp.node.size, exp.flags(self.structured))))
+                    info = P.info_export(exp.node.size, exp.flags(self.structured))
+                    self._send(P.option_reply(opt, P.REP_INFO, info))
                     if P.INFO_NAME in infos:
                         self._send(P.option_reply(opt, P.REP_INFO, P.info_name(exp.name)))
                     if P.INFO_DESCRIPTION in infos and exp.description:

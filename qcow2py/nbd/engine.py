@@ -10,7 +10,6 @@ one system call.  Every other node is read through its ``read_into``.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 from itertools import islice
 from typing import Dict, List, Optional
@@ -72,37 +71,31 @@ class BufferPool:
 
 
 class HostFiles:
-    """Read-only descriptors of the host files of a node nobody writes, opened
-    by the names its map gives (the image file, a backing file, a data file)."""
+    """The descriptors of the files a read-only image chain keeps its data in,
+    by the names its map gives (``Extent.host_file``): borrowed from the
+    images' own storage, so they name exactly the files the map describes."""
 
-    def __init__(self) -> None:
-        self.fds: Dict[str, int] = {}
-        self.lock = threading.Lock()
+    def __init__(self, fds: Dict[str, int]):
+        self.fds = fds
 
-    def fd(self, name: str) -> int:
-        fd = self.fds.get(name)
-        if fd is None:
-            with self.lock:
-                fd = self.fds.get(name)
-                if fd is None:
-                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-                    self.fds[name] = fd
-        return fd
-
-    def close(self) -> None:
-        with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds.clear()
+    def fd(self, name: str) -> Optional[int]:
+        return self.fds.get(name)
 
 
 def direct_reads(node) -> Optional[HostFiles]:
     """HostFiles for a qcow2py Image opened read-only (its chain cannot change
     under the reads), else None (reads go through ``read_into``)."""
     from ..image import Image
-    if isinstance(node, Image) and node.read_only:
-        return HostFiles()
-    return None
+    if not isinstance(node, Image) or not node.read_only:
+        return None
+    fds: Dict[str, int] = {}
+    for layer in node.chain():
+        data_path = getattr(layer, "data_file_path", None)
+        storage = getattr(layer, "data_storage", layer.storage) if data_path else layer.storage
+        fd = storage.fileno()
+        if fd is not None:
+            fds[data_path or layer.filename] = fd
+    return HostFiles(fds)
 
 
 def read_chunks(node, offset: int, length: int, whole: bool, buf: bytearray,
@@ -126,8 +119,8 @@ def read_chunks(node, offset: int, length: int, whole: bool, buf: bytearray,
         elif e.zero:
             mv[rel:rel + e.length] = bytes(e.length)
             piece = mv[rel:rel + e.length]
-        elif host is not None and e.kind == BlockKind.DATA and e.host_file is not None \
-                and e.host_offset is not None:
+        elif host is not None and e.kind == BlockKind.DATA and e.host_offset is not None \
+                and host.fd(e.host_file) is not None:
             fd = host.fd(e.host_file)
             if files:
                 piece = FileRange(fd, e.host_offset, e.length)

@@ -117,13 +117,13 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
         self._thread: Optional[threading.Thread] = None
+        self._thread_of_loop: Optional[threading.Thread] = None
         self._ready = threading.Event()
         self._startup_error: Optional[BaseException] = None
         self.pool: Optional[ThreadPoolExecutor] = None
         self._connections: Set[Any] = set()
         self._next_id = 0
         self.buffers = BufferPool()
-        self._removed: List[Export] = []
 
     # -- configuration -----------------------------------------------------
     def add_export(self, name: str, node, *, readonly: Optional[bool] = None,
@@ -143,7 +143,6 @@ class Server:
         are disconnected after the requests they have in flight.  Returns the
         export (its node is not closed)."""
         exp = self.exports.pop(name)
-        self._removed.append(exp)        # its host files close when the server stops
         loop = self._loop
         if loop is not None and loop.is_running():
             if threading.current_thread() is self._thread_of_loop:
@@ -253,9 +252,6 @@ class Server:
             if tasks:
                 await asyncio.wait(tasks, timeout=30)
             self.pool.shutdown(wait=True)
-            for exp in list(self.exports.values()) + self._removed:
-                if exp.host is not None:
-                    exp.host.close()
             for kind, where in self._listen:
                 path = where if kind == "unix" else where[0] if kind == "service" else None
                 if path is not None:
