@@ -246,9 +246,11 @@ def test_tcp_on_loopback(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     wait = tmp_path / "tcp.pid"
-    with qcow2py_nbd(img, tmp_path, "-r", "-p", str(port), "--pid-file", str(wait),
-                     wait_path=str(wait), tcp=True) as srv:
-        qemu_io_nbd(f"nbd://127.0.0.1:{port}/", "read -P 0x66 0 1M", read_only=True)
+    with qcow2py_nbd(img, tmp_path, "-r", "-x", "disk", "-p", str(port), "--pid-file",
+                     str(wait), wait_path=str(wait), tcp=True) as srv:
+        qemu_io_nbd(f"nbd://127.0.0.1:{port}/disk", "read -P 0x66 0 1M", read_only=True)
+        listing = json.loads(nbd("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}"))
+        assert [e["export-name"] for e in listing["exports"]] == ["disk"]
         assert srv.stop() == 0
 
 
