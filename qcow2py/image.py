@@ -217,6 +217,11 @@ class Image(Node):
             return [image_info(img) for img in self.chain()]
         return image_info(self)
 
+    def as_file(self, *, writable: Optional[bool] = None):
+        """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
+        from .fileobj import as_file
+        return as_file(self, writable=writable)
+
     def actual_size(self) -> int:
         return self.storage.allocated_size()
 

@@ -1,0 +1,1 @@
+"""Jobs: operations that move guest data between nodes (commit, rebase)."""
