@@ -15,6 +15,7 @@ from .node import BlockKind, Extent, Node
 from .bitmaps import Bitmap
 from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
+from .compare import CompareResult, compare
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,5 @@ __all__ = [
     "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
-    "Node", "Extent", "BlockKind", "__version__",
+    "Node", "Extent", "BlockKind", "__version__", "compare", "CompareResult",
 ]

@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     b.add_argument("names", nargs="*", metavar="FILENAME BITMAP")
     b.set_defaults(func=_cmd_bitmap, actions=None)
+    from . import lifecycle_cli
+    lifecycle_cli.add_parsers(sub)
     return p
 
 

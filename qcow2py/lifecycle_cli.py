@@ -1,0 +1,76 @@
+"""``qcow2py compare|commit|rebase|measure``: qemu-img 7.2's syntax, messages and exit codes.
+
+:func:`add_parsers` registers the subcommands on ``qcow2py``'s subparsers;
+each ``run_*`` function returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import Qcow2Error
+
+
+def _fail(cmd: str, msg: str, status: int = 1) -> int:
+    print(f"qcow2py {cmd}: {msg}", file=sys.stderr)
+    return status
+
+
+def _say(args, line: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(line)
+
+
+def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def error(message: str):
+        print(f"qcow2py {parser.prog.split()[-1]}: {message}", file=sys.stderr)
+        sys.exit(1)
+    parser.error = error
+    return parser
+
+
+# ------------------------------------------------------------------ compare
+def run_compare(args) -> int:
+    """Exit 0 identical, 1 different, 2 an image could not be opened, 4 a read failed."""
+    from .compare import compare_nodes
+    from .image import open as open_image
+    try:
+        a = open_image(args.filename1, format=args.f)
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("compare", f"Could not open '{args.filename1}': {e}", 2)
+    try:
+        try:
+            b = open_image(args.filename2, format=args.F)
+        except (Qcow2Error, OSError, ValueError) as e:
+            return _fail("compare", f"Could not open '{args.filename2}': {e}", 2)
+        with b:
+            try:
+                result = compare_nodes(a, b, strict=args.strict)
+            except (Qcow2Error, OSError) as e:
+                return _fail("compare", f"Error while reading: {e}", 4)
+    finally:
+        a.close()
+    for line in result.messages():
+        _say(args, line)
+    return 0 if result.identical else 1
+
+
+def add_parsers(sub) -> None:
+    """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
+    fmts = ["qcow2", "raw"]
+    c = _one_line(sub.add_parser(
+        "compare", help="compare the guest content of two images (qemu-img compare)",
+        usage="qcow2py compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILENAME1 FILENAME2"))
+    c.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME1")
+    c.add_argument("-F", metavar="FMT", choices=fmts, help="format of FILENAME2")
+    c.add_argument("-s", dest="strict", action="store_true",
+                   help="strict: allocation must match too, and sizes must be equal")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("-p", dest="progress", action="store_true", help="accepted, ignored")
+    c.add_argument("-U", "--force-share", action="store_true",
+                   help="accepted for compatibility (qcow2py takes no read lock)")
+    c.add_argument("-T", dest="cache", help="accepted for compatibility, ignored")
+    c.add_argument("filename1")
+    c.add_argument("filename2")
+    c.set_defaults(func=run_compare)
