@@ -16,6 +16,7 @@ from .bitmaps import Bitmap
 from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
 from .compare import CompareResult, compare
+from .jobs.commit import CommitError, commit
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__", "compare", "CompareResult",
+    "commit", "CommitError",
 ]

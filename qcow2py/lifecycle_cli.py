@@ -56,6 +56,41 @@ def run_compare(args) -> int:
     return 0 if result.identical else 1
 
 
+# ------------------------------------------------------------------ commit
+class _Progress:
+    """qemu-img's ``-p`` lines: ``    (NN.NN/100%)`` each ending in a carriage return."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.last = enabled, -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        if self.enabled and (pct - self.last >= 1.0 or (pct == 100.0 and self.last < 100.0)):
+            self.last = pct
+            sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            self(1, 1)
+            sys.stdout.write("\n")
+
+
+def run_commit(args) -> int:
+    from .jobs.commit import commit
+    progress = _Progress(args.progress and not args.quiet)
+    try:
+        commit(args.filename, base=args.base, drop=args.drop, progress=progress,
+               format=args.f)
+    except FileNotFoundError as e:
+        return _fail("commit", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("commit", str(e))
+    progress.end()
+    _say(args, "Image committed.")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
     fmts = ["qcow2", "raw"]
@@ -74,3 +109,19 @@ def add_parsers(sub) -> None:
     c.add_argument("filename1")
     c.add_argument("filename2")
     c.set_defaults(func=run_compare)
+
+    m = _one_line(sub.add_parser(
+        "commit", help="commit an overlay into its base (qemu-img commit)",
+        usage="qcow2py commit [-q] [-f FMT] [-b BASE] [-d] [-p] FILENAME"))
+    m.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
+    m.add_argument("-b", dest="base", metavar="BASE",
+                   help="commit into this image of the chain (implies -d)")
+    m.add_argument("-d", dest="drop", action="store_true",
+                   help="keep the overlay's data (do not empty it)")
+    m.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
+    m.add_argument("-r", dest="rate_limit", help="accepted for compatibility, ignored")
+    m.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    m.add_argument("filename")
+    m.set_defaults(func=run_commit)
