@@ -115,12 +115,14 @@ def _grow_base(base: Image, size: int) -> None:
 
 def commit(top: PathLike, *, base: Optional[PathLike] = None, drop: bool = False,
            progress: Optional[Callable[[int, int], None]] = None,
-           format: Optional[str] = None) -> CommitStats:
+           format: Optional[str] = None,
+           storage_wrapper: Optional[Callable] = None) -> CommitStats:
     """Commit ``top`` (a path) into ``base`` (default: its backing file).
 
     ``drop`` keeps the overlay's data (qemu-img ``-d``); a ``base`` deeper than
     the backing file implies it.  ``progress(done, total)`` is called as bytes
-    are committed.  Raises :class:`CommitError` when there is nothing to commit
+    are committed.  ``storage_wrapper`` wraps the storage of both images written
+    (the overlay and the base; see :func:`qcow2py.open`).  Raises :class:`CommitError` when there is nothing to commit
     into.  See the module docstring for the crash-safety argument.
     """
     stats = CommitStats()
@@ -131,14 +133,16 @@ def commit(top: PathLike, *, base: Optional[PathLike] = None, drop: bool = False
         keep = drop or depth > 1 or base is not None
         base_layer = ro.chain()[depth]
         base_path, base_fmt = base_layer.storage.name, base_layer.format
-    img = open_image(top, "r" if keep else "r+", format=format)
+    img = open_image(top, "r" if keep else "r+", format=format,
+                     storage_wrapper=None if keep else storage_wrapper)
     try:
         data, zeros = plan_commit(img, depth)
         total = sum(e.length for e in data) + sum(e.length for e in zeros)
         done = 0
         if progress:
             progress(0, total)
-        with open_image(base_path, "r+", format=base_fmt) as dst:
+        with open_image(base_path, "r+", format=base_fmt,
+                        storage_wrapper=storage_wrapper) as dst:
             _grow_base(dst, img.size)
             buf = bytearray(min(RUN, max([n for _, n in _runs(data)], default=0)))
             for off, n in _runs(data):
