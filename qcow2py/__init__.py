@@ -17,6 +17,7 @@ from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
 from .compare import CompareResult, compare
 from .jobs.commit import CommitError, commit
+from .jobs.rebase import RebaseError, rebase
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ __all__ = [
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__", "compare", "CompareResult",
-    "commit", "CommitError",
+    "commit", "CommitError", "rebase", "RebaseError",
 ]

@@ -270,15 +270,14 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
     chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
     image so that ``check(repair=...)`` can fix it.
-    ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
+    ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
-    and ``map()`` raise :class:`BackingChainError`).
+    and ``map()`` raise :class:`BackingChainError`); with "r+" it is for header
+    changes (``set_backing``: ``qemu-img rebase -u`` on a moved backing file).
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
-    if not chain and mode != "r":
-        raise ValueError("chain=False opens images read-only (mode 'r')")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                        storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
     ctx.chain = chain

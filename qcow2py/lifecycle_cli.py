@@ -91,6 +91,25 @@ def run_commit(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ rebase
+def run_rebase(args) -> int:
+    from .jobs.rebase import rebase
+    if args.backing is None and not args.unsafe:
+        return _fail("rebase", "Must specify backing file (-b) or use unsafe mode (-u)")
+    if args.backing is None:
+        args.backing = ""
+    progress = _Progress(args.progress and not args.quiet)
+    try:
+        rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
+               format=args.f, progress=progress)
+    except FileNotFoundError as e:
+        return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("rebase", str(e))
+    progress.end()
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
     fmts = ["qcow2", "raw"]
@@ -125,3 +144,22 @@ def add_parsers(sub) -> None:
     m.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     m.add_argument("filename")
     m.set_defaults(func=run_commit)
+
+    r = _one_line(sub.add_parser(
+        "rebase", help="change the backing file of an image (qemu-img rebase)",
+        usage="qcow2py rebase [-q] [-f FMT] [-p] [-u] -b BACKING_FILE [-F BACKING_FMT] "
+              "FILENAME"))
+    r.add_argument("-f", metavar="FMT", choices=["qcow2"], help="format of FILENAME")
+    r.add_argument("-b", dest="backing", metavar="BACKING_FILE",
+                   help='the new backing file ("" for none: the image is flattened)')
+    r.add_argument("-F", metavar="BACKING_FMT", choices=fmts)
+    r.add_argument("-u", dest="unsafe", action="store_true",
+                   help="only rewrite the header (the old backing file is not opened)")
+    r.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
+    r.add_argument("-T", dest="src_cache", help="accepted for compatibility, ignored")
+    r.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    r.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    r.add_argument("filename")
+    r.set_defaults(func=run_rebase)

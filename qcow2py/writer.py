@@ -212,6 +212,25 @@ class WritableQcow2Image(Qcow2Image):
         self.storage.pwrite(self.header.encode(), 0)
         self.storage.fsync()
 
+    def set_backing(self, backing_file: Optional[str], backing_format: Optional[str] = None) -> None:
+        """Name another backing file in the header (rebase); None or "" removes it.
+
+        Everything written so far is made durable first (a safe rebase copies
+        data before the switch), then cluster 0 is rewritten in one synced
+        write.  The open chain is not changed: reopen to read through it.
+        """
+        with self._lock:
+            self._flush_metadata()
+            h = self.header
+            old = (h.backing_file, h.backing_format)
+            h.backing_file = backing_file or None
+            h.backing_format = backing_format if backing_file else None
+            try:
+                self._write_header()
+            except BaseException:
+                h.backing_file, h.backing_format = old
+                raise
+
     def _set_incompat(self, bit: int, on: bool) -> None:
         h = self.header
         value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)
