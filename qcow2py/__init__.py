@@ -18,6 +18,7 @@ from .copy.blockcopy import BlockCopy, CopyStats
 from .compare import CompareResult, compare
 from .jobs.commit import CommitError, commit
 from .jobs.rebase import RebaseError, rebase
+from .measure import MeasureResult, measure
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__", "compare", "CompareResult",
     "commit", "CommitError", "rebase", "RebaseError",
+    "measure", "MeasureResult",
 ]

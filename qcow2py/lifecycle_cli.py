@@ -110,6 +110,62 @@ def run_rebase(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ measure
+_MEASURE_OPTIONS = {"cluster_size": "size", "refcount_bits": "int", "extended_l2": "bool",
+                    "compat": "str", "preallocation": "str", "lazy_refcounts": "bool",
+                    "backing_file": "str", "backing_fmt": "str", "data_file": "str",
+                    "data_file_raw": "bool", "compression_type": "str", "size": "size",
+                    "encryption": "bool"}
+
+
+def measure_options(texts) -> dict:
+    """``-o key=value,...`` of ``qemu-img measure`` as keyword arguments of
+    :func:`qcow2py.measure.measure` (",," stands for a comma in a value)."""
+    from .cli import parse_qemu_size
+    out: dict = {}
+    for text in texts or []:
+        for item in text.replace(",,", "\0").split(","):
+            key, eq, value = item.replace("\0", ",").partition("=")
+            kind = _MEASURE_OPTIONS.get(key)
+            if kind is None:
+                raise ValueError(f"Invalid parameter '{key}'")
+            if kind == "bool":
+                if (value or "on") not in ("on", "off"):
+                    raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+                out[key] = (value or "on") == "on"
+            elif kind == "size":
+                out[key] = parse_qemu_size(value)
+            elif kind == "int":
+                out[key] = int(value)
+            else:
+                out[key] = value
+    out.pop("size", None)          # qemu-img measure takes the size from --size or the file
+    return out
+
+
+def run_measure(args) -> int:
+    from .measure import measure
+    from .report import qemu_json
+    from .cli import parse_qemu_size
+    try:
+        opts = measure_options(args.o)
+        size = None
+        if args.size is not None:
+            try:
+                size = parse_qemu_size(args.size)
+            except ValueError:
+                return _fail("measure", "Invalid image size specified. Must be between 0 "
+                                        "and 9223372036854775807.")
+        result = measure(size, args.filename, format=args.O, source_format=args.f, **opts)
+    except FileNotFoundError as e:
+        return _fail("measure", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("measure", str(e))
+    sys.stdout.write(qemu_json(result.to_json_dict()) + "\n" if args.output == "json"
+                     else result.human())
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
     fmts = ["qcow2", "raw"]
@@ -163,3 +219,20 @@ def add_parsers(sub) -> None:
     r.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     r.add_argument("filename")
     r.set_defaults(func=run_rebase)
+
+    e = _one_line(sub.add_parser(
+        "measure", help="size a new image would take (qemu-img measure)",
+        usage="qcow2py measure [--output=human|json] [-O FMT] [-o OPTIONS] "
+              "[--size N | [-f FMT] FILENAME]"))
+    e.add_argument("--output", choices=["human", "json"], default="human")
+    e.add_argument("-O", metavar="FMT", choices=fmts, default="raw",
+                   help="output format (default raw, as qemu-img)")
+    e.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="create options: cluster_size, refcount_bits, extended_l2, compat, "
+                        "preallocation (others accepted and ignored)")
+    e.add_argument("--size", metavar="N", help="virtual size of a new image")
+    e.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
+    e.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    e.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    e.add_argument("filename", nargs="?")
+    e.set_defaults(func=run_measure)
