@@ -217,6 +217,11 @@ class Image(Node):
             return [image_info(img) for img in self.chain()]
         return image_info(self)
 
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size, as ``qemu-img resize [--shrink]`` (image opened "r+")."""
+        from .resize import resize
+        resize(self, new_size, shrink=shrink)
+
     def as_file(self, *, writable: Optional[bool] = None):
         """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
         from .fileobj import as_file

@@ -1,4 +1,4 @@
-"""``qcow2py compare|commit|rebase|measure``: qemu-img 7.2's syntax, messages and exit codes.
+"""``qcow2py compare|commit|rebase|measure|resize``: qemu-img 7.2's syntax, messages and exit codes.
 
 :func:`add_parsers` registers the subcommands on ``qcow2py``'s subparsers;
 each ``run_*`` function returns the exit status.
@@ -166,6 +166,31 @@ def run_measure(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ resize
+def run_resize(args) -> int:
+    from .image import open as open_image
+    from .resize import SHRINK_WARNING, ResizeError, parse_resize
+    if args.preallocation not in (None, "off"):
+        return _fail("resize", f"preallocation={args.preallocation} is not supported by "
+                               f"qcow2py resize (only off)")
+    try:
+        with open_image(args.filename, "r+", format=args.f) as img:
+            try:
+                new_size = parse_resize(args.size, img.size)
+                img.resize(new_size, shrink=args.shrink)
+            except ResizeError as e:
+                rc = _fail("resize", str(e))
+                if "--shrink" in str(e):
+                    print(f"qcow2py resize: {SHRINK_WARNING}", file=sys.stderr)
+                return rc
+    except FileNotFoundError as e:
+        return _fail("resize", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("resize", str(e))
+    _say(args, "Image resized.")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
     fmts = ["qcow2", "raw"]
@@ -236,3 +261,16 @@ def add_parsers(sub) -> None:
     e.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     e.add_argument("filename", nargs="?")
     e.set_defaults(func=run_measure)
+
+    z = _one_line(sub.add_parser(
+        "resize", help="change the virtual size of an image (qemu-img resize)",
+        usage="qcow2py resize [-f FMT] [--preallocation=off] [-q] [--shrink] FILENAME "
+              "[+ | -]SIZE   (a negative SIZE after --)"))
+    z.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
+    z.add_argument("--preallocation", metavar="PREALLOC", help="only off is supported")
+    z.add_argument("--shrink", action="store_true", help="allow making the image smaller")
+    z.add_argument("-q", "--quiet", action="store_true")
+    z.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    z.add_argument("filename")
+    z.add_argument("size", help="new size, or +N / -N relative (k, M, G, T, P, E suffixes)")
+    z.set_defaults(func=run_resize)
