@@ -222,6 +222,19 @@ class Image(Node):
         from .resize import resize
         resize(self, new_size, shrink=shrink)
 
+    # -- internal snapshots (qemu-img snapshot -c/-a/-d; see qcow2py.snapshots) ----
+    def create_snapshot(self, name: str):
+        from .snapshots import create_snapshot
+        return create_snapshot(self, name)
+
+    def apply_snapshot(self, name: str) -> None:
+        from .snapshots import apply_snapshot
+        apply_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        from .snapshots import delete_snapshot
+        delete_snapshot(self, name)
+
     def as_file(self, *, writable: Optional[bool] = None):
         """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
         from .fileobj import as_file

@@ -1,4 +1,4 @@
-"""``qcow2py compare|commit|rebase|measure|resize``: qemu-img 7.2's syntax, messages and exit codes.
+"""``qcow2py compare|commit|rebase|measure|resize|snapshot``: qemu-img 7.2's syntax, messages and exit codes.
 
 :func:`add_parsers` registers the subcommands on ``qcow2py``'s subparsers;
 each ``run_*`` function returns the exit status.
@@ -191,6 +191,39 @@ def run_resize(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ snapshot
+def run_snapshot(args) -> int:
+    from .image import open as open_image
+    from .snapshots import snapshot_rows
+    acts = [(k, v) for k, v in (("c", args.create), ("a", args.apply), ("d", args.delete))
+            if v is not None]
+    if len(acts) + bool(args.list) > 1:
+        return _fail("snapshot", "Cannot mix '-l', '-a', '-c', '-d'")
+    try:
+        with open_image(args.filename, "r" if not acts else "r+") as img:
+            if not acts:
+                snaps = [s.info() for s in getattr(img, "snapshots", [])]
+                if snaps:
+                    _say(args, "Snapshot list:")
+                    for row in snapshot_rows(snaps):
+                        _say(args, row)
+                return 0
+            what, name = acts[0]
+            try:
+                {"c": img.create_snapshot, "a": img.apply_snapshot,
+                 "d": img.delete_snapshot}[what](name)
+            except Qcow2Error as e:
+                msg = str(e)
+                if what == "c" and not msg.startswith("Could not"):
+                    msg = f"Could not create snapshot '{name}': {msg}"
+                return _fail("snapshot", msg)
+    except FileNotFoundError as e:
+        return _fail("snapshot", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("snapshot", str(e))
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add this module's subcommands to the ``qcow2py`` subparsers ``sub``."""
     fmts = ["qcow2", "raw"]
@@ -274,3 +307,16 @@ def add_parsers(sub) -> None:
     z.add_argument("filename")
     z.add_argument("size", help="new size, or +N / -N relative (k, M, G, T, P, E suffixes)")
     z.set_defaults(func=run_resize)
+
+    n = _one_line(sub.add_parser(
+        "snapshot", help="list, create, apply or delete internal snapshots (qemu-img snapshot)",
+        usage="qcow2py snapshot [-q] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILENAME"))
+    n.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    n.add_argument("-c", dest="create", metavar="SNAPSHOT", help="create a snapshot")
+    n.add_argument("-a", dest="apply", metavar="SNAPSHOT", help="revert to a snapshot")
+    n.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
+    n.add_argument("-q", "--quiet", action="store_true")
+    n.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    n.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    n.add_argument("filename")
+    n.set_defaults(func=run_snapshot)

@@ -231,6 +231,30 @@ class WritableQcow2Image(Qcow2Image):
                 h.backing_file, h.backing_format = old
                 raise
 
+    def write_header(self) -> None:
+        """Flush everything, then write ``self.header`` to cluster 0 (one synced write):
+        the switch point of metadata changes made outside this class (snapshots)."""
+        with self._lock:
+            self._flush_metadata()
+            self._write_header()
+
+    def reload_tables(self) -> None:
+        """Forget cached L1/L2 tables and snapshots and read them again from the file,
+        after metadata was changed through ``storage`` and ``refcounts`` directly
+        (the snapshot operations do so, after a :meth:`flush`)."""
+        with self._lock:
+            self._flush_metadata()
+            h = self.header
+            self._file_size = max(self._file_size, self.storage.size())
+            raw = self.storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+            self._l1_raw = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            self._l1 = self._read_l1()
+            self._l2.clear()
+            for i in range(max(self._l1.size, 1)):
+                self._forget_table(i)
+            self.snapshots = self._read_snapshots()
+            self._metadata_map = None
+
     def set_size(self, new_size: int, *, shrink: bool = False) -> None:
         """Change this layer's virtual size (the qcow2 part of :meth:`Image.resize`, which
         also zero-fills what a longer backing file would show; see :mod:`qcow2py.resize`).
