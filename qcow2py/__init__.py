@@ -19,6 +19,7 @@ from .compare import CompareResult, compare
 from .jobs.commit import CommitError, commit
 from .jobs.rebase import RebaseError, rebase
 from .measure import MeasureResult, measure
+from .amend import AmendError, amend
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ __all__ = [
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__", "compare", "CompareResult",
     "commit", "CommitError", "rebase", "RebaseError",
-    "measure", "MeasureResult",
+    "measure", "MeasureResult", "amend", "AmendError",
 ]

@@ -1,4 +1,4 @@
-"""``qcow2py compare|commit|rebase|measure|resize|snapshot``: qemu-img 7.2's syntax, messages and exit codes.
+"""``qcow2py compare|commit|rebase|measure|resize|snapshot|amend``: qemu-img 7.2's syntax, messages and exit codes.
 
 :func:`add_parsers` registers the subcommands on ``qcow2py``'s subparsers;
 each ``run_*`` function returns the exit status.
@@ -118,8 +118,8 @@ _MEASURE_OPTIONS = {"cluster_size": "size", "refcount_bits": "int", "extended_l2
                     "encryption": "bool"}
 
 
-def measure_options(texts) -> dict:
-    """``-o key=value,...`` of ``qemu-img measure`` as keyword arguments of
+def measure_options(texts, keep_size: bool = False) -> dict:
+    """``-o key=value,...`` of ``qemu-img measure``/``amend`` as keyword arguments of
     :func:`qcow2py.measure.measure` (",," stands for a comma in a value)."""
     from .cli import parse_qemu_size
     out: dict = {}
@@ -139,7 +139,8 @@ def measure_options(texts) -> dict:
                 out[key] = int(value)
             else:
                 out[key] = value
-    out.pop("size", None)          # qemu-img measure takes the size from --size or the file
+    if not keep_size:
+        out.pop("size", None)      # qemu-img measure takes the size from --size or the file
     return out
 
 
@@ -221,6 +222,22 @@ def run_snapshot(args) -> int:
         return _fail("snapshot", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("snapshot", str(e))
+    return 0
+
+
+# ------------------------------------------------------------------ amend
+def run_amend(args) -> int:
+    from .amend import amend
+    if not args.o:
+        return _fail("amend", "Must specify options (-o)")
+    try:
+        amend(args.filename, format=args.f, **measure_options(args.o, keep_size=True))
+    except FileNotFoundError as e:
+        return _fail("amend", f"Could not open '{args.filename}': {e.strerror}")
+    except (Qcow2Error, OSError, ValueError) as e:
+        return _fail("amend", str(e))
+    if args.progress and not args.quiet:
+        sys.stdout.write("    (0.00/100%)\r    (100.00/100%)\r\n")
     return 0
 
 
@@ -320,3 +337,17 @@ def add_parsers(sub) -> None:
     n.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     n.add_argument("filename")
     n.set_defaults(func=run_snapshot)
+
+    a = _one_line(sub.add_parser(
+        "amend", help="change format options of an image (qemu-img amend)",
+        usage="qcow2py amend [-p] [-q] [-f FMT] -o OPTIONS FILENAME"))
+    a.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=1..64")
+    a.add_argument("-f", metavar="FMT", choices=["qcow2"], help="format of FILENAME")
+    a.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
+    a.add_argument("--force", action="store_true", help="accepted for compatibility")
+    a.add_argument("--object", action="append", help="accepted for compatibility, ignored")
+    a.add_argument("filename")
+    a.set_defaults(func=run_amend)
