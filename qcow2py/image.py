@@ -274,7 +274,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False, chain: bool = True, wrap_chain: bool = False) -> Image:
+         repair: bool = False, chain: bool = True, wrap_chain: bool = False,
+         snapshot: Optional[str] = None) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -288,6 +289,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
     chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
     image so that ``check(repair=...)`` can fix it.
+    ``snapshot`` (id or name) reads that internal snapshot instead of the
+    active state, read-only (``qemu-img convert -l snapshot.name=...``).
     ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
@@ -296,10 +299,21 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
+    if snapshot is not None and mode != "r":
+        raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                        storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
     ctx.chain = chain
-    return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    if snapshot is not None:
+        try:
+            if not hasattr(img, "select_snapshot"):
+                raise ValueError("snapshot= needs a qcow2 image (internal snapshots)")
+            img.select_snapshot(snapshot)
+        except BaseException:
+            img.close()
+            raise
+    return img
 
 
 def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,

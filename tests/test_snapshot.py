@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+import qcow2py
 from qcow2py import cli
 from lifecycle_shapes import SHAPES, random_ops
 from qemu import create, qemu_img, qemu_io
@@ -53,8 +54,10 @@ def same_images(tmp_path, q, m, seed):
     for name in set(names):
         for img, out in ((q, "q.raw"), (m, "m.raw")):
             qemu_img("convert", "-l", f"snapshot.name={name}", "-O", "raw", img, tmp_path / out)
-        assert (tmp_path / "q.raw").read_bytes() == (tmp_path / "m.raw").read_bytes(), \
-            f"seed {seed}: snapshot {name} differs"
+        want = (tmp_path / "q.raw").read_bytes()
+        assert want == (tmp_path / "m.raw").read_bytes(), f"seed {seed}: snapshot {name} differs"
+        with qcow2py.open(m, snapshot=name) as view:       # qcow2py's own snapshot read
+            assert view.read(0, view.size) == want, f"seed {seed}: open(snapshot={name!r})"
 
 
 SNAP_SHAPES = {k: v for k, v in SHAPES.items() if k not in ("rc1", "c2M")}
@@ -116,6 +119,22 @@ def test_twin_refusals_and_info_text(tmp_path, capsys):
     code, _ = ours(capsys, ["snapshot", "-c", "s", n2])
     assert code == p.returncode == 1
     qemu_img("check", n2)                           # refused before anything changed
+
+
+def test_copy_of_a_snapshot(tmp_path):
+    """``qcow2py-copy -l snapshot.name=NAME`` as ``qemu-img convert -l``."""
+    from qcow2py.copy.cli import main as copy_main
+    src = tmp_path / "src.qcow2"
+    create(src, SIZE)
+    qemu_io(src, "write -P 1 0 1M")
+    qemu_img("snapshot", "-c", "old", src)
+    qemu_io(src, "write -P 2 64k 64k")
+    qemu_img("convert", "-l", "snapshot.name=old", "-O", "raw", src, tmp_path / "q.raw")
+    assert copy_main(["-l", "snapshot.name=old", "-O", "raw", str(src),
+                      str(tmp_path / "m.raw")]) == 0
+    assert (tmp_path / "q.raw").read_bytes() == (tmp_path / "m.raw").read_bytes()
+    with pytest.raises(ValueError):
+        qcow2py.open(src, "r+", snapshot="old")
 
 
 def test_no_snapshots_list_is_empty(tmp_path, capsys):
