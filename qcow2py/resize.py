@@ -10,7 +10,6 @@ through otherwise, as QEMU's block layer also prevents).
 
 from __future__ import annotations
 
-from typing import Union
 
 from .errors import Qcow2Error, UnsupportedFeatureError
 from .image import Image

@@ -83,3 +83,14 @@ def copy_chain(paths: List[Path], dest: Path) -> List[Path]:
         shutil.copyfile(p, q)
         out.append(q)
     return out
+
+
+def ours(capsys, args):
+    """(exit status, captured (out, err)) of ``qcow2py ARGS`` run in-process."""
+    from qcow2py import cli
+    capsys.readouterr()
+    try:
+        code = cli.main(list(map(str, args)))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()

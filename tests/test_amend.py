@@ -9,18 +9,8 @@ import shutil
 
 import pytest
 
-from qcow2py import cli
-from lifecycle_shapes import build
+from lifecycle_shapes import build, ours
 from qemu import create, info_json, qemu_img, qemu_io
-
-
-def ours(capsys, args):
-    capsys.readouterr()
-    try:
-        code = cli.main(list(map(str, args)))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 def spec(path):

@@ -9,18 +9,8 @@ import random
 import pytest
 
 import qcow2py
-from qcow2py import cli
-from lifecycle_shapes import SHAPES, build_chain, copy_chain
+from lifecycle_shapes import SHAPES, build_chain, copy_chain, ours
 from qemu import create, qemu_img, qemu_io
-
-
-def ours(capsys, args):
-    capsys.readouterr()
-    try:
-        code = cli.main(list(map(str, args)))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 def twin(tmp_path, capsys, opts, args_of, seed):

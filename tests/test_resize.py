@@ -13,21 +13,11 @@ import shutil
 import pytest
 
 import qcow2py
-from qcow2py import cli
 from qcow2py.storage import RecordingStorage
-from lifecycle_shapes import SHAPES, build
+from lifecycle_shapes import SHAPES, build, ours
 from qemu import create, qemu_img, qemu_io
 
 MiB = 1 << 20
-
-
-def ours(capsys, args):
-    capsys.readouterr()
-    try:
-        code = cli.main(list(map(str, args)))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 def twin(tmp_path, capsys, src, args, after=None, seed=None):

@@ -13,20 +13,10 @@ import shutil
 import pytest
 
 import qcow2py
-from qcow2py import cli
-from lifecycle_shapes import SHAPES, random_ops
+from lifecycle_shapes import SHAPES, ours, random_ops
 from qemu import create, qemu_img, qemu_io
 
 SIZE = 2 << 20
-
-
-def ours(capsys, args):
-    capsys.readouterr()
-    try:
-        code = cli.main(list(map(str, args)))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 DATE = re.compile(r" \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")

@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import BackingChainError, Qcow2Error
+from ..errors import Qcow2Error
 from ..image import Image, open as open_image
 from ..node import BlockKind, Extent
 
