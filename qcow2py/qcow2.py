@@ -106,10 +106,11 @@ class Qcow2Image(Image):
     def select_snapshot(self, name: str) -> None:
         """Read the internal snapshot ``name`` (id or name) instead of the active state:
         its L1 table (read-only) and its virtual size.  Only on images opened "r"."""
-        from .snapshots import find
+        from .snapshots import check_l1_bounds, find
         if not self.read_only:
             raise ValueError("a snapshot is read through an image opened read-only ('r')")
         snap = find(self, name)
+        check_l1_bounds(self, snap.l1_table_offset, snap.l1_size)
         self._l1 = self._read_l1(snap.l1_table_offset, snap.l1_size)
         with self._cache_lock:
             self._cache.clear()

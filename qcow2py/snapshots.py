@@ -54,7 +54,8 @@ import time as _time
 
 import numpy as np
 
-from .errors import Qcow2Error
+from .errors import CorruptImageError, Qcow2Error
+from .format.header import MAX_L1_BYTES
 from .format.snapshot import Snapshot
 
 _ENTRY = struct.Struct(">QIHHIIQII")
@@ -82,7 +83,16 @@ def encode_table(snapshots: List[Snapshot]) -> bytes:
     return bytes(out)
 
 
+def check_l1_bounds(img, offset: int, size: int) -> None:
+    """A snapshot's L1 table must fit QEMU's limit and the file (hostile tables)."""
+    if size * 8 > MAX_L1_BYTES or offset % img.cluster_size or \
+            offset + size * 8 > img.storage.size():
+        raise CorruptImageError(f"{img.filename}: snapshot L1 table ({size} entries at "
+                                f"{offset:#x}) is invalid")
+
+
 def _read_l1(img, offset: int, size: int) -> np.ndarray:
+    check_l1_bounds(img, offset, size)
     raw = img.storage.pread(offset, size * 8) if size else b""
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
