@@ -32,30 +32,34 @@ class ImageFile(io.RawIOBase):
         if self._writable and node.read_only:
             raise ValueError("the image is read-only: its file cannot be writable")
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
     @property
     def node(self) -> Node:
         return self._node
 
     # -- capabilities -----------------------------------------------------
     def readable(self) -> bool:
-        self._checkClosed()
+        self._check_open()
         return True
 
     def writable(self) -> bool:
-        self._checkClosed()
+        self._check_open()
         return self._writable
 
     def seekable(self) -> bool:
-        self._checkClosed()
+        self._check_open()
         return True
 
     # -- position ---------------------------------------------------------
     def tell(self) -> int:
-        self._checkClosed()
+        self._check_open()
         return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._checkClosed()
+        self._check_open()
         if whence == os.SEEK_SET:
             pos = offset
         elif whence == os.SEEK_CUR:
@@ -71,7 +75,7 @@ class ImageFile(io.RawIOBase):
 
     # -- data -------------------------------------------------------------
     def readinto(self, buf) -> int:
-        self._checkClosed()
+        self._check_open()
         mv = memoryview(buf).cast("B")
         n = max(0, min(len(mv), self._node.size - self._pos))
         if n:
@@ -80,14 +84,14 @@ class ImageFile(io.RawIOBase):
         return n
 
     def readall(self) -> bytes:
-        self._checkClosed()
+        self._check_open()
         n = max(0, self._node.size - self._pos)
         data = self._node.read(self._pos, n) if n else b""
         self._pos += n
         return data
 
     def write(self, data) -> int:
-        self._checkClosed()
+        self._check_open()
         if not self._writable:
             raise io.UnsupportedOperation("write: the image is open read-only")
         mv = memoryview(data).cast("B")
