@@ -2,8 +2,8 @@
 
 The walk is guided by ``block_status``: ranges both sides report as zeros are
 skipped without reading; everything else is read in large chunks (at most
-:data:`CHUNK` bytes per side) and compared in C (``bytes ==``), numpy only
-locating the first differing byte.  Offsets are reported as qemu-img reports
+:data:`CHUNK` bytes per side) and compared by numpy as 8-byte words, which
+also locates the first differing byte.  Offsets are reported as qemu-img reports
 them: the start of the first 512-byte sector that differs.
 
 When the sizes differ the common part is compared first; then the tail of the
@@ -149,7 +149,10 @@ def _split(segments, slices: List[int]):
 
 def _first_diff(x: memoryview, y: memoryview) -> int:
     """Index of the first differing byte of two equal-length buffers, or -1."""
-    if x == y:
+    n8 = len(x) // 8 * 8          # compare 8-byte words first (memoryview == is slow)
+    wx = np.frombuffer(x[:n8], dtype=np.uint64)
+    wy = np.frombuffer(y[:n8], dtype=np.uint64)
+    if np.array_equal(wx, wy) and bytes(x[n8:]) == bytes(y[n8:]):
         return -1
     ax, ay = np.frombuffer(x, dtype=np.uint8), np.frombuffer(y, dtype=np.uint8)
     return int(np.flatnonzero(ax != ay)[0])
