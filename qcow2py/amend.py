@@ -24,7 +24,7 @@ from .errors import Qcow2Error, UnsupportedFeatureError
 from .format import refcount as rcfmt
 from .format.header import (COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
                             V2_HEADER_LENGTH)
-from .image import open as open_image
+from .image import Image, open as open_image
 from .refcounts import RefcountManager
 
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -34,10 +34,11 @@ class AmendError(Qcow2Error, ValueError):
     """An amendment qemu-img refuses (with its message)."""
 
 
-def amend(path: Union[str, "os.PathLike[str]"], *, compat: Optional[str] = None,
+def amend(path: Union[str, "os.PathLike[str]", Image], *, compat: Optional[str] = None,
           lazy_refcounts: Optional[bool] = None, refcount_bits: Optional[int] = None,
           format: Optional[str] = None, **unsupported) -> None:
-    """``qemu-img amend -o compat=...,lazy_refcounts=...,refcount_bits=...`` on ``path``."""
+    """``qemu-img amend -o compat=...,lazy_refcounts=...,refcount_bits=...`` on ``path``
+    (a file name, or an image opened "r+", which stays usable)."""
     for key in unsupported:
         raise AmendError(f"Invalid parameter '{key}'\nThis option is only supported for "
                          f"image creation" if key in ("cluster_size", "extended_l2",
@@ -48,36 +49,47 @@ def amend(path: Union[str, "os.PathLike[str]"], *, compat: Optional[str] = None,
     if refcount_bits is not None and (refcount_bits < 1 or refcount_bits > 64
                                       or refcount_bits & (refcount_bits - 1)):
         raise AmendError("Refcount width must be a power of two and may not exceed 64 bits")
+    if isinstance(path, Image):
+        _amend_open(path, compat, lazy_refcounts, refcount_bits)
+        return
     with open_image(path, "r+", format=format) as img:
-        if img.format != "qcow2":
-            raise AmendError(f"Format driver '{img.format}' does not support option amendment")
-        h = img.header
-        old_version = h.version
-        version = _VERSIONS[compat] if compat is not None else old_version
-        order = (refcount_bits.bit_length() - 1) if refcount_bits else h.refcount_order
-        if order != 4 and version < 3:
-            raise AmendError("Refcount widths other than 16 bits require compatibility level "
-                             "1.1 or above (use compat=1.1 or greater)")
-        if lazy_refcounts and version < 3:
-            raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
-                             "above (use compat=1.1 or greater)")
-        if version < old_version:
-            _check_downgrade(img)
-        if version > old_version:
-            h.version = 3
-            h.header_length = 112
-            img.write_header()
-        if order != h.refcount_order:
-            _change_refcount_order(img, order)
-        if lazy_refcounts is not None and version >= 3:
-            img.flush()
-            if lazy_refcounts:
-                h.compatible_features |= COMPAT_LAZY_REFCOUNTS
-            else:
-                h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
-            img.write_header()
-        if version < old_version:
-            _downgrade(img)
+        _amend_open(img, compat, lazy_refcounts, refcount_bits)
+
+
+def _amend_open(img, compat, lazy_refcounts, refcount_bits) -> None:
+    if img.format != "qcow2" or img.read_only:
+        raise AmendError(f"Format driver '{img.format}' does not support option amendment"
+                         if img.format != "qcow2" else
+                         f"image {img.filename!r} is open read-only (use mode 'r+')")
+    h = img.header
+    old_version = h.version
+    version = _VERSIONS[compat] if compat is not None else old_version
+    order = (refcount_bits.bit_length() - 1) if refcount_bits else h.refcount_order
+    if order != 4 and version < 3:
+        raise AmendError("Refcount widths other than 16 bits require compatibility level "
+                         "1.1 or above (use compat=1.1 or greater)")
+    if lazy_refcounts and version < 3:
+        raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
+                         "above (use compat=1.1 or greater)")
+    if version < old_version:
+        _check_downgrade(img)
+    if version > old_version:
+        h.version = 3
+        h.header_length = 112
+        img.write_header()
+    if order != h.refcount_order:
+        _change_refcount_order(img, order)
+    if lazy_refcounts is not None and version >= 3:
+        img.flush()                       # refcounts durable: the dirty bit may go
+        if lazy_refcounts:
+            h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+        else:
+            h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
+            h.incompatible_features &= ~INCOMPAT_DIRTY
+        img.write_header()
+        img.reload_tables()               # the image takes the new refcount mode
+    if version < old_version:
+        _downgrade(img)
 
 
 def _check_downgrade(img) -> None:

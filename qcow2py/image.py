@@ -235,6 +235,11 @@ class Image(Node):
         from .snapshots import delete_snapshot
         delete_snapshot(self, name)
 
+    def amend(self, **options) -> None:
+        """``qemu-img amend -o``: compat, lazy_refcounts, refcount_bits (see qcow2py.amend)."""
+        from .amend import amend
+        amend(self, **options)
+
     def as_file(self, *, writable: Optional[bool] = None):
         """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
         from .fileobj import as_file

@@ -239,9 +239,10 @@ class WritableQcow2Image(Qcow2Image):
             self._write_header()
 
     def reload_tables(self) -> None:
-        """Forget cached L1/L2 tables and snapshots and read them again from the file,
-        after metadata was changed through ``storage`` and ``refcounts`` directly
-        (the snapshot operations do so, after a :meth:`flush`)."""
+        """Forget cached L1/L2 tables, snapshots and the refcount mode and read them
+        again from the file and header, after metadata was changed through
+        ``storage``, ``refcounts`` and ``header`` directly (snapshots and amend do
+        so, after a :meth:`flush`)."""
         with self._lock:
             self._flush_metadata()
             h = self.header
@@ -254,6 +255,8 @@ class WritableQcow2Image(Qcow2Image):
                 self._forget_table(i)
             self.snapshots = self._read_snapshots()
             self._metadata_map = None
+            self._lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+            self._marked_dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
 
     def set_size(self, new_size: int, *, shrink: bool = False) -> None:
         """Change this layer's virtual size (the qcow2 part of :meth:`Image.resize`, which

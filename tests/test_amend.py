@@ -60,3 +60,21 @@ def test_twin_amend(tmp_path, capsys, start, opts, backed):
     r = qemu_img("compare", q, m, check=False)
     assert r.returncode == 0, f"seed {seed}: {r.stdout}"
     qemu_img("check", m)
+
+
+def test_amend_open_image_stays_usable(tmp_path):
+    """img.amend() on an image opened "r+": later writes follow the new options."""
+    import qcow2py
+    path = tmp_path / "img.qcow2"
+    create(path, 4 << 20)
+    with qcow2py.open(path, "r+") as img:
+        img.write(0, b"\x01" * 70000)
+        img.amend(lazy_refcounts=True, refcount_bits=8)
+        img.write(1 << 20, b"\x02" * 70000)
+        img.amend(lazy_refcounts=False)
+        img.write(2 << 20, b"\x03" * 70000)
+    assert spec(path) == {"compat": "1.1", "lazy-refcounts": False, "refcount-bits": 8}
+    qemu_img("check", path)
+    with qcow2py.open(path) as img:
+        assert img.read(69999, 1) + img.read((1 << 20) + 69999, 1) + \
+            img.read((2 << 20) + 69999, 1) == b"\x01\x02\x03"
