@@ -161,6 +161,17 @@ def _set_copied_flags(img, l1: np.ndarray) -> np.ndarray:
     return l1
 
 
+def _check_room(img, clusters: np.ndarray, failure: str) -> None:
+    """Refuse, before anything changes, when one more reference to ``clusters`` (repeats
+    counted) would overflow the image's refcount width (QEMU fails then too)."""
+    if clusters.size:
+        rc = img.refcounts
+        uniq, reps = np.unique(clusters, return_counts=True)
+        if (rc.get_many(uniq).astype(np.int64) + reps > rc.max_refcount).any():
+            raise SnapshotError(f"{failure} (refcount overflow at "
+                                f"{img.header.refcount_bits} bits)")
+
+
 def _durable_refcounts(img) -> None:
     rc = img.refcounts
     if rc.dirty_blocks:
@@ -214,11 +225,7 @@ def create_snapshot(img, name: str) -> Snapshot:
     h, cs, rc = img.header, img.cluster_size, img.refcounts
     l1 = _read_l1(img, h.l1_table_offset, h.l1_size)
     clusters = tree_clusters(img, l1)
-    if clusters.size:
-        uniq, reps = np.unique(clusters, return_counts=True)
-        if (rc.get_many(uniq).astype(np.int64) + reps > rc.max_refcount).any():
-            raise SnapshotError(f"Could not create snapshot '{name}': -22 (Invalid argument)"
-                                f" (refcount overflow at {h.refcount_bits} bits)")
+    _check_room(img, clusters, f"Could not create snapshot '{name}': -22 (Invalid argument)")
     copy_off = 0
     if h.l1_size:
         copy_off = rc.allocate(-(-h.l1_size * 8 // cs))
@@ -290,11 +297,7 @@ def apply_snapshot(img, name: str) -> None:
     sn_l1 = np.zeros(h.l1_size, dtype=np.uint64)
     sn_l1[:snap.l1_size] = _read_l1(img, snap.l1_table_offset, snap.l1_size)
     clusters = tree_clusters(img, sn_l1)
-    if clusters.size:
-        uniq, reps = np.unique(clusters, return_counts=True)
-        if (rc.get_many(uniq).astype(np.int64) + reps > rc.max_refcount).any():
-            raise SnapshotError(f"Could not apply snapshot '{name}': refcount overflow at "
-                                f"{h.refcount_bits} bits")
+    _check_room(img, clusters, f"Could not apply snapshot '{name}'")
     rc.increment(clusters)
     _durable_refcounts(img)
     old_l1 = _read_l1(img, h.l1_table_offset, h.l1_size)
