@@ -1,4 +1,6 @@
-"""``qcow2py compare|commit|rebase|measure|resize|snapshot|amend``: qemu-img 7.2's syntax, messages and exit codes.
+"""``qcow2py compare|commit|rebase|measure|resize|snapshot|amend``.
+
+qemu-img 7.2's syntax, messages and exit codes.
 
 :func:`add_parsers` registers the subcommands on ``qcow2py``'s subparsers;
 each ``run_*`` function returns the exit status.
