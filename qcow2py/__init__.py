@@ -17,6 +17,11 @@ from .locking import ImageLockedError
 from .copy.blockcopy import BlockCopy, CopyStats
 from . import backup
 from .backup import BackupCancelled, Fleecing, FleecingStats, PushResult, fleece, push
+from .compare import CompareResult, compare
+from .jobs.commit import CommitError, commit
+from .jobs.rebase import RebaseError, rebase
+from .measure import MeasureResult, measure
+from .amend import AmendError, amend
 
 __version__ = "0.1.0"
 
@@ -27,4 +32,7 @@ __all__ = [
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",
     "backup", "fleece", "push", "Fleecing", "FleecingStats", "PushResult", "BackupCancelled",
+    "compare", "CompareResult",
+    "commit", "CommitError", "rebase", "RebaseError",
+    "measure", "MeasureResult", "amend", "AmendError",
 ]

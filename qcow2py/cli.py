@@ -36,14 +36,14 @@ def _info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
-        for s in info["snapshots"]:
-            lines.append(f"{s['id']:<10}{s['name']:<18}{_human_size(s['vm-state-size']):>7}  "
-                         f"{s['date-sec']:>10}  {s['vm-clock-sec']:>10}  {s.get('icount', '')}")
+        from .snapshots import snapshot_rows
+        lines += snapshot_rows(info["snapshots"])
     spec = info.get("format-specific")
     if spec:
         lines.append("Format specific information:")
-        for k, v in spec["data"].items():
+        import json
+        # qemu-img prints these keys in its QDict's order, as in the JSON output
+        for k, v in json.loads(qemu_json(spec["data"])).items():
             if k == "bitmaps":
                 lines.append("    bitmaps:")
                 for i, b in enumerate(v):
@@ -537,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bitmap, actions=None)
     from .backup_cli import add_parser as add_backup_parser
     add_backup_parser(sub)
+    from . import lifecycle_cli
+    lifecycle_cli.add_parsers(sub)
     return p
 
 

@@ -217,6 +217,34 @@ class Image(Node):
             return [image_info(img) for img in self.chain()]
         return image_info(self)
 
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size, as ``qemu-img resize [--shrink]`` (image opened "r+")."""
+        from .resize import resize
+        resize(self, new_size, shrink=shrink)
+
+    # -- internal snapshots (qemu-img snapshot -c/-a/-d; see qcow2py.snapshots) ----
+    def create_snapshot(self, name: str):
+        from .snapshots import create_snapshot
+        return create_snapshot(self, name)
+
+    def apply_snapshot(self, name: str) -> None:
+        from .snapshots import apply_snapshot
+        apply_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        from .snapshots import delete_snapshot
+        delete_snapshot(self, name)
+
+    def amend(self, **options) -> None:
+        """``qemu-img amend -o``: compat, lazy_refcounts, refcount_bits (see qcow2py.amend)."""
+        from .amend import amend
+        amend(self, **options)
+
+    def as_file(self, *, writable: Optional[bool] = None):
+        """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
+        from .fileobj import as_file
+        return as_file(self, writable=writable)
+
     def actual_size(self) -> int:
         return self.storage.allocated_size()
 
@@ -251,7 +279,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False, chain: bool = True, wrap_chain: bool = False) -> Image:
+         repair: bool = False, chain: bool = True, wrap_chain: bool = False,
+         snapshot: Optional[str] = None) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -265,19 +294,31 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     :meth:`TraceLog.wrap <qcow2py.storage.TraceLog.wrap>` to trace a whole
     chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
     image so that ``check(repair=...)`` can fix it.
-    ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
+    ``snapshot`` (id or name) reads that internal snapshot instead of the
+    active state, read-only (``qemu-img convert -l snapshot.name=...``).
+    ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
-    and ``map()`` raise :class:`BackingChainError`).
+    and ``map()`` raise :class:`BackingChainError`); with "r+" it is for header
+    changes (``set_backing``: ``qemu-img rebase -u`` on a moved backing file).
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
-    if not chain and mode != "r":
-        raise ValueError("chain=False opens images read-only (mode 'r')")
+    if snapshot is not None and mode != "r":
+        raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                        storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
     ctx.chain = chain
-    return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    if snapshot is not None:
+        try:
+            if not hasattr(img, "select_snapshot"):
+                raise ValueError("snapshot= needs a qcow2 image (internal snapshots)")
+            img.select_snapshot(snapshot)
+        except BaseException:
+            img.close()
+            raise
+    return img
 
 
 def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,

@@ -103,9 +103,27 @@ class Qcow2Image(Image):
             raise
 
     # ------------------------------------------------------------ open helpers
-    def _read_l1(self) -> np.ndarray:
+    def select_snapshot(self, name: str) -> None:
+        """Read the internal snapshot ``name`` (id or name) instead of the active state:
+        its L1 table (read-only) and its virtual size.  Only on images opened "r"."""
+        from .snapshots import check_l1_bounds, find
+        if not self.read_only:
+            raise ValueError("a snapshot is read through an image opened read-only ('r')")
+        snap = find(self, name)
+        check_l1_bounds(self, snap.l1_table_offset, snap.l1_size)
+        self._l1 = self._read_l1(snap.l1_table_offset, snap.l1_size)
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+        if snap.disk_size is not None:
+            self.size = snap.disk_size
+        self.snapshot = snap
+
+    def _read_l1(self, offset: Optional[int] = None, size: Optional[int] = None) -> np.ndarray:
         h = self.header
-        raw = self.storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        offset = h.l1_table_offset if offset is None else offset
+        size = h.l1_size if size is None else size
+        raw = self.storage.pread(offset, size * 8) if size else b""
         l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         bad = np.flatnonzero(l1 & np.uint64(L1E_RESERVED_MASK))
         if bad.size:

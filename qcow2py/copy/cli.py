@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["unsafe", "writeback", "none", "directsync", "writethrough"],
                    help="target cache mode; 'unsafe' (the default, as qemu-img convert) "
                         "skips fsync")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
+                   help="copy an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME")
     p.add_argument("-T", dest="src_cache", help="source cache mode (accepted, ignored)")
     p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility")
     p.add_argument("--order", choices=ORDERS, default="auto",
@@ -143,7 +145,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _fail("Use of backing file requires explicit backing format")
         if args.backing and not args.backing_fmt:
             return _fail("Use of backing file requires explicit backing format")
-        with open_image(args.source, format=args.src_fmt) as src:
+        snap = args.snapshot
+        if snap is not None:
+            snap = snap.split("=", 1)[1] if snap.startswith(("snapshot.name=",
+                                                               "snapshot.id=")) else snap
+        with open_image(args.source, format=args.src_fmt, snapshot=snap) as src:
             if args.bitmaps or args.bitmap:
                 if not hasattr(src, "find_bitmap"):
                     return _fail("Source lacks bitmap support")

@@ -1,1 +1,1 @@
-"""Jobs that run over nodes: backup (fleecing, push)."""
+"""Jobs: operations that move guest data between nodes (backup with fleecing, commit, rebase)."""
