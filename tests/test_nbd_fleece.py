@@ -433,3 +433,50 @@ def test_fleece_start_stop_under_a_continuous_writer(tmp_path):
     qemu_img("convert", "-O", "raw", str(img), str(final))
     assert (_stamps_of(final.read_bytes()) == _model(log, len(log))).all(), f"seed {seed}"
     _check_clean(img)
+
+
+class _SlowNode:
+    """A target whose writes wait for a go-ahead (to hold a call in flight)."""
+
+    size, read_only, format, cluster_size = 1 << 20, False, "raw", None
+
+    def __init__(self, name: str):
+        self.name, self.calls = name, []
+        self.go = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, offset, data):
+        self.entered.set()
+        assert self.go.wait(10)
+        self.calls.append(("write", offset))
+
+
+def test_switchable_node_switches_only_with_no_call_in_flight():
+    from qcow2py.nbd.fleece import SwitchableNode
+    old, new = _SlowNode("old"), _SlowNode("new")
+    new.go.set()
+    gate = SwitchableNode(old)
+    t_write = threading.Thread(target=gate.write, args=(0, b"x"))
+    t_write.start()
+    assert old.entered.wait(10)                     # a write is in flight on the old target
+    switched = []
+    t_switch = threading.Thread(target=lambda: switched.append(gate.switch(lambda: new)))
+    t_switch.start()
+    time.sleep(0.1)
+    assert not switched and gate.target is old      # the switch waits for the write
+    t_late = threading.Thread(target=gate.write, args=(4096, b"y"))
+    t_late.start()                                  # a call arriving now is held...
+    time.sleep(0.1)
+    assert old.calls == [] and new.calls == []
+    old.go.set()
+    for t in (t_write, t_switch, t_late):
+        t.join(10)
+    assert switched == [new]
+    assert old.calls == [("write", 0)]
+    assert new.calls == [("write", 4096)]           # ...and goes to the new target
+    # a failing switch leaves the target as it was and lets calls through
+    with pytest.raises(RuntimeError):
+        gate.switch(lambda: (_ for _ in ()).throw(RuntimeError("no")))
+    assert gate.target is new
+    gate.write(8192, b"z")
+    assert new.calls[-1] == ("write", 8192)
