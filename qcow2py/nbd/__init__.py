@@ -2,6 +2,7 @@
 embed it (see :mod:`qcow2py.nbd.server`)."""
 
 from .engine import errno_of
+from .fleece import PullBackup, SwitchableNode
 from .server import Export, Server
 
-__all__ = ["Server", "Export", "errno_of"]
+__all__ = ["Server", "Export", "errno_of", "PullBackup", "SwitchableNode"]

@@ -59,6 +59,7 @@ class Control:
 
     def _image(self, args: dict):
         node = self._export(args).node
+        node = getattr(node, "image", node)         # a disk export that can be fleeced
         if not hasattr(node, "add_bitmap"):
             raise CommandError("this export's node has no persistent bitmaps")
         return node

@@ -187,6 +187,8 @@ def run_command(node, req: P.Request, payload) -> None:
     if cmd == P.CMD_WRITE:
         node.write(req.offset, payload)
     elif cmd == P.CMD_WRITE_ZEROES:
+        if node.read_only:          # a snapshot view: EPERM before any FAST_ZERO verdict
+            raise PermissionError("the export's node is read-only")
         if req.flags & P.CMDF_FAST_ZERO and not fast_zero(node, req.offset, req.length):
             raise Refused(P.ENOTSUP, "zeroing this range would write data")
         if req.length:
