@@ -213,6 +213,7 @@ class Image(Node):
     def info(self, backing_chain: bool = False):
         """``qemu-img info --output=json`` of this image (a list with the chain)."""
         from .report import image_info
+        self._check_open()
         if backing_chain:
             return [image_info(img) for img in self.chain()]
         return image_info(self)

@@ -156,3 +156,15 @@ def test_create_with_missing_backing_raises_backing_chain_error(tmp_path, monkey
     with pytest.raises(qcow2py.BackingChainError):
         qcow2py.create("x.qcow2", size, backing_file="missing.qcow2")
     assert not (tmp_path / "x.qcow2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_info_and_map_after_close_raise_image_closed(tmp_path, fmt):
+    path = tmp_path / f"x.{fmt}"
+    qcow2py.create(path, MiB, format=fmt).close()
+    img = qcow2py.open(path)
+    img.close()
+    for call in (img.info, img.map, lambda: img.info(backing_chain=True),
+                 lambda: img.read(0, 512)):
+        with pytest.raises(qcow2py.ImageClosedError):
+            call()
