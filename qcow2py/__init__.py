@@ -3,20 +3,55 @@
 >>> import qcow2py
 >>> with qcow2py.open("disk.qcow2") as img:         # doctest: +SKIP
 ...     data = img.read(0, 65536)
+
+The names below are imported on first use (PEP 562), so that ``import qcow2py``
+and the command-line tools load only the modules a command needs.
 """
 
-from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
                      ImageClosedError, Qcow2Error, SnapshotAccessError,
                      UnsupportedFeatureError)
-from .create import CreateError, create
-from .image import Image, Run, open
-from .node import BlockKind, Extent, Node
-from .bitmaps import Bitmap
-from .locking import ImageLockedError
-from .copy.blockcopy import BlockCopy, CopyStats
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_LAZY = {
+    "DEFAULT_POLICY": ".backing", "NO_BACKING": ".backing", "BackingPolicy": ".backing",
+    "CreateError": ".create", "create": ".create",
+    "Image": ".image", "Run": ".image", "open": ".image",
+    "BlockKind": ".node", "Extent": ".node", "Node": ".node",
+    "Bitmap": ".bitmaps",
+    "ImageLockedError": ".locking",
+    "BlockCopy": ".copy.blockcopy", "CopyStats": ".copy.blockcopy",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qcow2py' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
+    from .bitmaps import Bitmap
+    from .copy.blockcopy import BlockCopy, CopyStats
+    from .create import CreateError, create
+    from .image import Image, Run, open
+    from .locking import ImageLockedError
+    from .node import BlockKind, Extent, Node
 
 __all__ = [
     "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
