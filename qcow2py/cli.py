@@ -9,6 +9,7 @@ from typing import List, Optional
 from . import __version__
 from .errors import Qcow2Error
 from .image import open as open_image
+from .pipes import quiet_broken_pipe
 from .report import map_human, map_json, qemu_json
 
 
@@ -547,7 +548,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with quiet_broken_pipe():         # "| head -1": silent, as qemu-img
+            return args.func(args)
     except (Qcow2Error, OSError, ValueError) as e:
         name = getattr(args, "filename", "")
         print(f"qcow2py: {name}: {e}" if name else f"qcow2py: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from .. import __version__
 from ..create import CreateError, create
 from ..errors import Qcow2Error
 from ..image import open as open_image
+from ..pipes import quiet_broken_pipe
 from ..storage import UnsafeStorage
 from . import refusals
 from .blockcopy import BlockCopy, ORDERS
@@ -111,6 +112,11 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    with quiet_broken_pipe():           # "| head": silent, as qemu-img
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # "--stats" alone must not swallow the next argument: only "--stats=json" takes a value
     argv = ["--stats=text" if a == "--stats" else a for a in argv]
