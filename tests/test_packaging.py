@@ -79,21 +79,23 @@ def test_metadata(sdist):
     assert "END OF TERMS AND CONDITIONS" in lic
 
 
-def _wheel(tmp_path: Path, env: dict) -> tuple:
+def _wheel(tmp_path: Path, sdist: Path, env: dict) -> tuple:
+    """pip wheel from the sdist (unpacked in a fresh temporary directory, so no
+    build/ left in the source tree can stand in for a compile)."""
     out = tmp_path / "wheel"
     log = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-                "--no-index", "-w", str(out), str(ROOT)], env=env)
+                "--no-index", "-w", str(out), str(sdist)], env=env)
     (whl,) = out.glob("qcow2py-*.whl")
     return whl, log
 
 
-def test_install_without_a_c_compiler_uses_the_pure_twins(tmp_path):
+def test_install_without_a_c_compiler_uses_the_pure_twins(tmp_path, sdist):
     """``CC=false pip install .``: the install succeeds, says why it is pure, and
     the installed package works (and says so in ``--version``)."""
     _have_build_tools()
     env = dict(os.environ, CC="false", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("QCOW2PY_PURE", None)
-    whl, log = _wheel(tmp_path, env)
+    whl, log = _wheel(tmp_path, sdist, env)
     assert "installing the pure-Python twins" in log, log[-3000:]
     with zipfile.ZipFile(whl) as zf:
         names = zf.namelist()
@@ -120,14 +122,14 @@ def test_install_without_a_c_compiler_uses_the_pure_twins(tmp_path):
     assert "pure-Python twins: the C extension was not built" in version
 
 
-def test_wheel_with_the_extension_is_abi3(tmp_path):
+def test_wheel_with_the_extension_is_abi3(tmp_path, sdist):
     """cffi builds the module for the limited API; the wheel says so (one wheel
     serves every CPython >= 3.9)."""
     _have_build_tools()
     import shutil
     if not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
         pytest.skip("no C compiler")
-    whl, _ = _wheel(tmp_path, dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    whl, _ = _wheel(tmp_path, sdist, dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
     assert whl.name.endswith("-cp39-abi3-linux_x86_64.whl") or "-abi3-" in whl.name, whl.name
     with zipfile.ZipFile(whl) as zf:
         sos = [n for n in zf.namelist() if n.endswith(".so")]
