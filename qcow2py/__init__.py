@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING
 from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
                      ImageClosedError, Qcow2Error, SnapshotAccessError,
                      UnsupportedFeatureError)
+# eager: importing the submodule qcow2py.create would otherwise bind the name
+# ``create`` to the module (numpy stays unimported: create.py uses it lazily)
+from .create import CreateError, create
 
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _LAZY = {
     "DEFAULT_POLICY": ".backing", "NO_BACKING": ".backing", "BackingPolicy": ".backing",
-    "CreateError": ".create", "create": ".create",
     "Image": ".image", "Run": ".image", "open": ".image",
     "BlockKind": ".node", "Extent": ".node", "Node": ".node",
     "Bitmap": ".bitmaps",
@@ -48,7 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
     from .bitmaps import Bitmap
     from .copy.blockcopy import BlockCopy, CopyStats
-    from .create import CreateError, create
     from .image import Image, Run, open
     from .locking import ImageLockedError
     from .node import BlockKind, Extent, Node

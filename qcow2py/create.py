@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from . import locking
 from .errors import BackingChainError, FormatError, Qcow2Error

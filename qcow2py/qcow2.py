@@ -84,7 +84,7 @@ class Qcow2Image(Image):
         self._forgotten: Dict[int, int] = {}
         self._last_cluster: Tuple[int, bytes] = (-1, b"")
         if getattr(ctx, "chain", True):   # info (chain=False) decodes it only if it reads
-            self._l1
+            self.__dict__["_l1"] = self._read_l1()      # the cached_property's slot
         self.snapshots: List[Snapshot] = self._read_snapshots()
         #: the bitmap directory as it is in the file (check counts its clusters)
         self.bitmap_directory: List[BitmapEntry] = self._read_bitmaps()

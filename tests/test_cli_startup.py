@@ -33,16 +33,27 @@ def test_info_imports_neither_numpy_nor_engines(tmp_path):
     create(base, "4M")
     create(top, "4M", backing=str(base), backing_fmt="qcow2")
     mods = _imported_by_info(top)
-    heavy = {"numpy", "qcow2py.copy.blockcopy", "qcow2py.writer", "qcow2py.create",
+    heavy = {"numpy", "qcow2py.copy.blockcopy", "qcow2py.writer",
              "qcow2py.check", "concurrent.futures"}
     assert not mods & heavy, sorted(mods & heavy)
     assert "qcow2py.qcow2" in mods                       # it did open the image
 
 
 def test_lazy_package_names_still_resolve():
+    import importlib
+    import pkgutil
+    import types
+
     import qcow2py
+    # importing every submodule must not rebind a public name to a module
+    # (``import qcow2py.create`` sets the attribute ``create`` of the package)
+    for info in pkgutil.walk_packages(qcow2py.__path__, "qcow2py."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
     for name in qcow2py.__all__:
-        assert getattr(qcow2py, name) is not None, name
+        value = getattr(qcow2py, name)
+        assert value is not None and not isinstance(value, types.ModuleType), name
+    assert callable(qcow2py.create) and callable(qcow2py.open)
     with pytest.raises(AttributeError):
         qcow2py.no_such_name
 
