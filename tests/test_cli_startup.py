@@ -15,11 +15,11 @@ import sys
 
 import pytest
 
-from qemu import create, need, qemu_img, qemu_io
+from qemu import create, need, qemu_io
 
 
 def _imported_by_info(path) -> set:
-    code = ("import sys, runpy; sys.argv = ['qcow2py', 'info', %r]; "
+    code = ("import sys; sys.argv = ['qcow2py', 'info', %r]; "
             "from qcow2py.cli import main; main(sys.argv[1:]); "
             "import json; print(json.dumps(sorted(sys.modules)), file=sys.stderr)" % str(path))
     p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
