@@ -30,10 +30,16 @@ _LAZY = {
     "Bitmap": ".bitmaps",
     "ImageLockedError": ".locking",
     "BlockCopy": ".copy.blockcopy", "CopyStats": ".copy.blockcopy",
+    "fleece": ".backup", "push": ".backup", "Fleecing": ".backup",
+    "FleecingStats": ".backup", "PushResult": ".backup", "BackupCancelled": ".backup",
 }
+#: public names that are submodules
+_SUBMODULES = {"backup"}
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'qcow2py' has no attribute {name!r}")
@@ -43,11 +49,13 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from . import backup
     from .backing import DEFAULT_POLICY, NO_BACKING, BackingPolicy
+    from .backup import BackupCancelled, Fleecing, FleecingStats, PushResult, fleece, push
     from .bitmaps import Bitmap
     from .copy.blockcopy import BlockCopy, CopyStats
     from .image import Image, Run, open
@@ -60,4 +68,5 @@ __all__ = [
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",
+    "backup", "fleece", "push", "Fleecing", "FleecingStats", "PushResult", "BackupCancelled",
 ]

@@ -549,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     b.add_argument("names", nargs="*", metavar="FILENAME BITMAP")
     b.set_defaults(func=_cmd_bitmap, actions=None)
+    from .backup_cli import add_parser as add_backup_parser
+    add_backup_parser(sub)
     return p
 
 

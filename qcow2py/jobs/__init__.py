@@ -1,0 +1,1 @@
+"""Jobs that run over nodes: backup (fleecing, push)."""
