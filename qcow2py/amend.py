@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .errors import Qcow2Error, UnsupportedFeatureError
 from .format import refcount as rcfmt

@@ -15,11 +15,28 @@ import argparse
 import os
 import sys
 
-from .copy.cli import parse_size
 from .errors import Qcow2Error
 from .image import open as open_image
-from .jobs.backup import fleece, push
-from .jobs.backup.push import ORDERS
+
+
+class _Orders:
+    """The push orders for argparse's ``choices``, imported when argparse first
+    looks at them: building the parser must not import the backup engine (and
+    numpy) for every other ``qcow2py`` command."""
+
+    @staticmethod
+    def _all():
+        from .jobs.backup.push import ORDERS
+        return ORDERS
+
+    def __contains__(self, value) -> bool:
+        return value in self._all()
+
+    def __iter__(self):
+        return iter(self._all())
+
+
+ORDERS = _Orders()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--ram-cache", default="0", metavar="SIZE",
                    help="RAM for copied-before-write data before it spills to TEMP "
                         "(e.g. 256M; default 0)")
-    b.add_argument("--order", choices=ORDERS, default="priority",
+    b.add_argument("--order", choices=ORDERS, default="priority", metavar="ORDER",
                    help="read order: priority (RAM, then disk, then temp; the default), "
                         "host or guest")
     b.add_argument("--no-discard-source", dest="discard_source", action="store_false",
@@ -65,6 +82,8 @@ def _fail(msg: str) -> int:
 
 def run(args) -> int:
     """Run a parsed ``backup`` command; returns the exit status."""
+    from .copy.cli import parse_size
+    from .jobs.backup import fleece, push
     try:
         ram = parse_size(args.ram_cache)
     except ValueError:

@@ -9,6 +9,7 @@ from typing import List, Optional
 from . import __version__
 from .errors import Qcow2Error
 from .image import open as open_image
+from .pipes import quiet_broken_pipe
 from .report import map_human, map_json, qemu_json
 
 
@@ -451,6 +452,18 @@ def _create(args) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version``, saying whether the C hot path or the pure-Python twins run
+    (an install without a C compiler falls back to the twins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import native
+        mode = ("C extension" if native.USE_NATIVE else
+                "pure-Python twins: QCOW2PY_PURE is set" if native.HAVE_NATIVE
+                else "pure-Python twins: the C extension was not built")
+        parser.exit(message=f"qcow2py {__version__} ({mode})\n")
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Usage errors as one line on stderr and exit status 1 (as qemu-img)."""
     def error(message: str):
@@ -463,7 +476,8 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
                                 "(qemu-img compatible where the subcommands overlap)")
-    p.add_argument("--version", action="version", version=f"qcow2py {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="show the version and whether the C extension is in use")
     sub = p.add_subparsers(dest="command", required=True)
 
     cr = _one_line_errors(sub.add_parser(
@@ -551,7 +565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with quiet_broken_pipe():         # "| head -1": silent, as qemu-img
+            return args.func(args)
     except (Qcow2Error, OSError, ValueError) as e:
         name = getattr(args, "filename", "")
         print(f"qcow2py: {name}: {e}" if name else f"qcow2py: {e}", file=sys.stderr)

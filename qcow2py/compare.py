@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .node import BlockKind, Extent, Node
 

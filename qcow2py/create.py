@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from . import locking
-from .errors import FormatError, Qcow2Error
+from .errors import BackingChainError, FormatError, Qcow2Error
 from .format import refcount as rc
 from .format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
                             INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
@@ -75,9 +75,15 @@ def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
 def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
             lazy_refcounts, compression_type, backing_file, backing_format, data_file,
             data_file_raw, preallocation, lock, storage_wrapper, keep_open):
+    if preallocation not in PREALLOCATION_MODES and format == "raw":
+        raise CreateError(f"invalid parameter value: {preallocation}")
     if preallocation not in PREALLOCATION_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if format == "raw":
+        _refuse_raw_options(backing_file, backing_format, preallocation, cluster_size=cluster_size,
+                            compat=compat, refcount_bits=refcount_bits, extended_l2=extended_l2,
+                            lazy_refcounts=lazy_refcounts, compression_type=compression_type,
+                            data_file=data_file, data_file_raw=data_file_raw)
         if lock:
             _claim(path)
         img = _create_raw(path, size, preallocation, storage_wrapper)
@@ -88,7 +94,7 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
         raise CreateError(f"Unknown format '{format}' (qcow2 or raw)")
     header = _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
                            lazy_refcounts, compression_type, backing_file, backing_format,
-                           data_file, data_file_raw, preallocation)
+                           data_file, data_file_raw, preallocation, check_backing=keep_open)
     data_path = None
     if data_file is not None:
         data_path = data_file if os.path.isabs(data_file) else \
@@ -119,6 +125,25 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
     return img
 
 
+_QCOW2_ONLY = {"cluster_size": 65536, "compat": "1.1", "refcount_bits": 16,
+               "extended_l2": False, "lazy_refcounts": False, "compression_type": "zlib",
+               "data_file": None, "data_file_raw": False}
+
+
+def _refuse_raw_options(backing_file, backing_format, preallocation, **qcow2_options) -> None:
+    """A raw image has no backing file and no qcow2 options: refuse them as qemu-img
+    create does, instead of writing a raw image without the layers under it."""
+    if backing_file is not None:
+        raise CreateError("Backing file not supported for file format 'raw'")
+    if backing_format is not None:
+        raise CreateError("Invalid parameter 'backing_fmt'")
+    for key, value in qcow2_options.items():
+        if value != _QCOW2_ONLY[key]:
+            raise CreateError(f"Invalid parameter '{key}'")
+    if preallocation == "metadata":
+        raise CreateError("Unsupported preallocation mode: metadata")
+
+
 def _claim(path: str) -> None:
     """Refuse to overwrite a file another process has open for writing, or does not
     let others write (a running VM, qemu-nbd, a qcow2py writer), as qemu-img create
@@ -136,7 +161,7 @@ def _claim(path: str) -> None:
 
 def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
                   lazy_refcounts, compression_type, backing_file, backing_format,
-                  data_file, data_file_raw, preallocation) -> Header:
+                  data_file, data_file_raw, preallocation, check_backing=False) -> Header:
     bits = _cluster_bits(int(cluster_size))
     if compat in ("0.10", "v2"):
         version = 2
@@ -182,11 +207,15 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
             raise CreateError("Backing file name too long")
         bpath = backing_file if os.path.isabs(backing_file) else \
             os.path.join(os.path.dirname(path), backing_file)
-        if backing_format is None or size is None:
-            with open_image(bpath, format=backing_format) as b:
-                backing_format = backing_format or b.format
-                if size is None:
-                    size = b.size
+        if backing_format is None or size is None or check_backing:
+            try:
+                with open_image(bpath, format=backing_format) as b:
+                    backing_format = backing_format or b.format
+                    if size is None:
+                        size = b.size
+            except FileNotFoundError:     # as from open(): the chain is incomplete
+                raise BackingChainError(f"Could not open '{bpath}': No such file or "
+                                        f"directory") from None
         if backing_format not in ("qcow2", "raw"):
             raise CreateError(f"Unknown backing file format '{backing_format}'")
     if size is None:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 from .backing import DEFAULT_POLICY, BackingPolicy
+from .buffers import finish, zero_fill, zeroed_bytes
 from .errors import BackingChainError, FormatError, ImageClosedError
+from .lazyimport import numpy as np
 from .node import BlockKind, Extent, Node, merge_extents
 from .storage import FileStorage, Storage
 
@@ -92,16 +94,16 @@ class Image(Node):
     # -- reading ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes ``[offset, offset+length)``; reads past the end raise ValueError."""
-        buf = bytearray(self._checked_length(offset, length))
+        result, view = zeroed_bytes(self._checked_length(offset, length))
         if length:
-            self._read_zeroed(memoryview(buf), offset)
-        return bytes(buf)
+            self._read_zeroed(view, offset)     # fills the result in place (no copy)
+        return finish(result)
 
     def read_into(self, buf, offset: int) -> None:
         """Fill the writable buffer ``buf`` with guest bytes starting at ``offset``."""
         mv = memoryview(buf).cast("B")
         self._checked_length(offset, len(mv))
-        mv[:] = bytes(len(mv))
+        zero_fill(mv, np)
         if len(mv):
             self._read_zeroed(mv, offset)
 
@@ -213,6 +215,7 @@ class Image(Node):
     def info(self, backing_chain: bool = False):
         """``qemu-img info --output=json`` of this image (a list with the chain)."""
         from .report import image_info
+        self._check_open()
         if backing_chain:
             return [image_info(img) for img in self.chain()]
         return image_info(self)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .create import MAX_L1_BYTES
 from .errors import Qcow2Error

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .errors import CorruptImageError
 

@@ -10,12 +10,13 @@ releases the GIL; compressed clusters are decompressed on a thread pool.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
+from .lazyimport import numpy as np
 from bitarray import frozenbitarray
 
 from . import native
@@ -82,7 +83,8 @@ class Qcow2Image(Image):
         #: per L1 index, how often its decoded table was dropped (see _table)
         self._forgotten: Dict[int, int] = {}
         self._last_cluster: Tuple[int, bytes] = (-1, b"")
-        self._l1 = self._read_l1()
+        if getattr(ctx, "chain", True):   # info (chain=False) decodes it only if it reads
+            self.__dict__["_l1"] = self._read_l1()      # the cached_property's slot
         self.snapshots: List[Snapshot] = self._read_snapshots()
         #: the bitmap directory as it is in the file (check counts its clusters)
         self.bitmap_directory: List[BitmapEntry] = self._read_bitmaps()
@@ -118,6 +120,10 @@ class Qcow2Image(Image):
         if snap.disk_size is not None:
             self.size = snap.disk_size
         self.snapshot = snap
+
+    @functools.cached_property
+    def _l1(self) -> np.ndarray:
+        return self._read_l1()
 
     def _read_l1(self, offset: Optional[int] = None, size: Optional[int] = None) -> np.ndarray:
         h = self.header

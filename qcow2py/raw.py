@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .image import Image, Run
 from .storage import Storage

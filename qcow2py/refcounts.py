@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from typing import Callable, Dict, List, Optional, Set
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .errors import CorruptImageError, FormatError
 from .format import refcount as rc

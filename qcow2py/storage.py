@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from . import native
 

@@ -13,7 +13,9 @@ from .. import __version__
 from ..create import CreateError, create
 from ..errors import Qcow2Error
 from ..image import open as open_image
+from ..pipes import quiet_broken_pipe
 from ..storage import UnsafeStorage
+from . import refusals
 from .blockcopy import BlockCopy, ORDERS
 
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
@@ -35,8 +37,9 @@ _CREATE_KEYS = {"cluster_size": parse_size, "compat": str, "refcount_bits": int,
                 "data_file_raw": lambda v: _BOOL[v], "backing_file": str, "backing_fmt": str}
 
 
-def parse_create_options(text: Optional[str]) -> dict:
-    """``-o key=value,key=value`` into create() keyword arguments."""
+def parse_create_options(text: Optional[str], fmt: str = "qcow2") -> dict:
+    """``-o key=value,key=value`` into create() keyword arguments (a raw
+    output takes only preallocation, as qemu-img)."""
     out: dict = {}
     if not text:
         return out
@@ -45,12 +48,12 @@ def parse_create_options(text: Optional[str]) -> dict:
             continue
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if key not in _CREATE_KEYS:
+        if key not in _CREATE_KEYS or (fmt == "raw" and key != "preallocation"):
             raise CreateError(f"Invalid parameter '{key}'")
         try:
             out[key] = _CREATE_KEYS[key](value)
         except (KeyError, ValueError):
-            raise CreateError(f"Parameter '{key}' does not accept value '{value}'") from None
+            raise CreateError(refusals.bad_value(key, value)) from None
     if "backing_fmt" in out:
         out["backing_format"] = out.pop("backing_fmt")
     return out
@@ -111,6 +114,11 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    with quiet_broken_pipe():           # "| head": silent, as qemu-img
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # "--stats" alone must not swallow the next argument: only "--stats=json" takes a value
     argv = ["--stats=text" if a == "--stats" else a for a in argv]
@@ -140,16 +148,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     wrapper = UnsafeStorage if args.cache == "unsafe" else None
     created = False
     try:
-        opts = parse_create_options(args.options)
-        if ("backing_file" in opts) and "backing_format" not in opts:
-            return _fail("Use of backing file requires explicit backing format")
-        if args.backing and not args.backing_fmt:
-            return _fail("Use of backing file requires explicit backing format")
+        opts = parse_create_options(args.options, args.out_fmt)
+        refused = refusals.before_create(args, opts)
+        if refused:
+            return _fail(refused)
         snap = args.snapshot
         if snap is not None:
             snap = snap.split("=", 1)[1] if snap.startswith(("snapshot.name=",
                                                                "snapshot.id=")) else snap
-        with open_image(args.source, format=args.src_fmt, snapshot=snap) as src:
+        with refusals.open_source(args.source, args.src_fmt, snapshot=snap) as src:
             if args.bitmaps or args.bitmap:
                 if not hasattr(src, "find_bitmap"):
                     return _fail("Source lacks bitmap support")
@@ -183,9 +190,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  f"remove it first")
                 if args.backing:
                     opts["backing_file"] = args.backing
+                if args.backing_fmt:
                     opts["backing_format"] = args.backing_fmt
-                tgt = create(args.target, src.size, format=args.out_fmt,
-                             storage_wrapper=wrapper, **opts)
+                with refusals.creating(args.target, args.out_fmt):
+                    tgt = create(args.target, src.size, format=args.out_fmt,
+                                 storage_wrapper=wrapper, **opts)
                 created = True
             if args.bitmaps and not (hasattr(tgt, "add_bitmap") and tgt.header.version >= 3):
                 tgt.close()
