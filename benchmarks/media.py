@@ -55,8 +55,11 @@ the bound.
 Run ``python -m benchmarks.media`` (``--size 256M``, ``--rounds 3``,
 ``--images shuffled,chain``, ``--no-wall``, ``--no-compare``,
 ``--one-at-a-time``, ``--name``).  It prints the table and writes
-``benchmarks/media.json`` (``media-SIZE.json`` for sizes other than 256M)
-and, with matplotlib (``pip install -e ".[bench]"``), the chart next to it.
+``media.json`` (``media-SIZE.json`` for sizes other than 256M) and, with
+matplotlib (``pip install -e ".[bench]"``), the chart next to it, into
+``benchmarks/.out`` (``--out DIR`` or ``$QCOW2PY_BENCH_OUT``);
+``--update-tracked`` writes the published ``benchmarks/media*.json``/``.png``
+instead, and ``--chart-only FILE.json`` redraws a chart from saved results.
 Needs ``qemu-img``, ``qemu-io`` and ``strace``.  A large run, e.g.
 ``--size 16G --one-at-a-time --no-wall --no-compare``, builds, measures and
 deletes one image at a time: it needs the space of one image and one copy of
@@ -88,6 +91,8 @@ except ImportError:                      # run as a file
     from tests.images import parse_size, patterns as write_patterns, size_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: where results go unless --update-tracked (ignored by git)
+OUT_DIR = os.path.join(HERE, ".out")
 RECIPE = 3                   # 3: compressed written cluster by cluster in shuffled order
 SEED = 20240611
 CLUSTER = 64 << 10
@@ -497,6 +502,9 @@ def measure_shape(shape: str, src: str, tmp: str, hdd: dm.HDD, ssds: Dict[str, d
              "span_hdd": hdd.floor({layout.starts[f] + spans[f][0]: spans[f][1] - spans[f][0]
                                     for f in files}),
              **{k: s.floor(total) for k, s in ssds.items()}}
+    # what every reader must read (the chain's visible data): no reader can beat it
+    floor["visible_hdd"] = hdd.floor({layout.starts[f]: b for f, b in visible.items()})
+    floor.update({f"visible_{k}": s.floor(sum(visible.values())) for k, s in ssds.items()})
     bound_ios = sorted_extents(src)
     floor["sorted_extents_hdd"] = hdd.simulate(bound_ios, layout)
     log(f"{shape}: tracing the copies")
@@ -624,6 +632,18 @@ def format_targets(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def visible_floor(result: Dict, shape: str, key: str) -> float:
+    """The time to read, sequentially, the bytes a copy of ``shape`` must read on
+    disk model ``key`` (results written before this floor was recorded: derived
+    from the visible bytes and the model's rate)."""
+    f = result["shapes"][shape]["floor"]
+    if f"visible_{key}" in f:
+        return f[f"visible_{key}"]
+    if key == "hdd":
+        return f["hdd"] * f["visible_bytes"] / f["bytes"]
+    return f["visible_bytes"] / result["models"][key]["read_bw"]
+
+
 def chart(result: Dict, path: str) -> bool:
     try:
         import matplotlib
@@ -634,9 +654,10 @@ def chart(result: Dict, path: str) -> bool:
         return False
     shapes = list(result["shapes"])
     colors = {"qcow2py guest": "#9e9e9e", "qcow2py host": "#1f77b4", "qemu-img": "#d62728"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=80)
-    for ax, (key, title, log_scale) in zip(axes, (("hdd", "7200 rpm HDD (model, log scale)", True),
-                                                  ("sata", "SATA SSD (model)", False))):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), dpi=80)
+    panels = (("hdd", "7200 rpm HDD model (log scale)", True),
+              ("sata", "SATA SSD model", False), ("nvme", "NVMe SSD model", False))
+    for ax, (key, title, log_scale) in zip(axes, panels):
         x = np.arange(len(shapes))
         w = 0.13
         k = 0
@@ -647,9 +668,14 @@ def chart(result: Dict, path: str) -> bool:
                        alpha=1.0 if qd == 1 else 0.55, hatch="" if qd == 1 else "//",
                        label=f"{label} QD{qd}", edgecolor="white", linewidth=0.3)
                 k += 1
-        floors = [result["shapes"][s]["floor"][key] for s in shapes]
+        floors = [visible_floor(result, s, key) for s in shapes]
+        lowest = [min(r[f"{key}_qd{qd}"] for r in result["shapes"][s]["readers"].values()
+                      for qd in QDS if f"{key}_qd{qd}" in r) for s in shapes]
+        for s, fl, lo in zip(shapes, floors, lowest):
+            if lo < fl * (1 - 1e-6):
+                log(f"chart: a {key} bar of {s} ({lo:.4f} s) lies under its floor ({fl:.4f} s)")
         ax.hlines(floors, x - 3 * w, x + 3 * w, colors="black", linewidth=1.5,
-                  label="floor: allocated bytes, sequential")
+                  label="floor: the bytes a copy must read, read sequentially")
         ax.set_xticks(x)
         ax.set_xticklabels(shapes)
         if log_scale:
@@ -661,8 +687,9 @@ def chart(result: Dict, path: str) -> bool:
         ax.grid(axis="y", alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"Copying {size_label(result['size'])} fragmented images: "
-                 "modelled time to read the source", fontsize=10)
+    fig.suptitle(f"Disk model: time to read the source when copying "
+                 f"{size_label(result['size'])} fragmented images (modelled from real "
+                 f"request traces, not measured on a disk)", fontsize=10)
     fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -691,7 +718,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="wall-time rounds (default 3)")
     ap.add_argument("--images", default=",".join(SHAPES), help=",".join(SHAPES))
     ap.add_argument("--no-wall", action="store_true", help="skip the wall-time measurement")
-    ap.add_argument("--out", default=HERE, help="folder for the json and the chart")
+    ap.add_argument("--out", default=os.environ.get("QCOW2PY_BENCH_OUT") or OUT_DIR,
+                    help="folder for the json and the chart (default benchmarks/.out, or "
+                         "$QCOW2PY_BENCH_OUT; the files under version control are not touched)")
+    ap.add_argument("--update-tracked", action="store_true",
+                    help="write benchmarks/media*.json and .png, the published results "
+                         "(instead of --out)")
+    ap.add_argument("--chart-only", metavar="JSON",
+                    help="redraw the chart of a results file (next to it) and exit")
     ap.add_argument("--name", default=None,
                     help="file name of the json and chart, without extension (default "
                          "media for 256M, media-SIZE for other sizes)")
@@ -702,6 +736,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="do not check the traced copies with qemu-img compare (saves "
                          "reading the image and its copy once per reader on a large run)")
     args = ap.parse_args(argv)
+    if args.chart_only:
+        with open(args.chart_only) as f:
+            png = os.path.splitext(args.chart_only)[0] + ".png"
+            return 0 if chart(json.load(f), png) else 1
+    if args.update_tracked:
+        args.out = HERE
     global COMPARE
     COMPARE = not args.no_compare
     size = parse_size(args.size)

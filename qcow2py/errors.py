@@ -48,3 +48,11 @@ class SnapshotAccessError(Qcow2Error, PermissionError):
     """A point-in-time snapshot read touched bytes the snapshot no longer holds
     (discarded after copy, outside its bitmap, or broken by a failed
     copy-before-write).  NBD answers it with EINVAL, as QEMU does."""
+
+
+class ResizeError(Qcow2Error, ValueError):
+    """qemu-img would refuse this resize (shrink without --shrink, bad size...)."""
+
+
+class AmendError(Qcow2Error, ValueError):
+    """An amendment qemu-img refuses (with its message)."""

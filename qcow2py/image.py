@@ -13,7 +13,11 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
-from .errors import BackingChainError, ImageClosedError
+from .buffers import finish, zero_fill, zeroed_bytes
+from .errors import (AmendError, BackingChainError, ImageClosedError, ResizeError,
+                     UnsupportedFeatureError)
+from .fileobj import ImageFile, as_file
+from .lazyimport import numpy as np
 from .node import BlockKind, Extent, Node, merge_extents
 from .io.storage import Storage
 
@@ -88,16 +92,16 @@ class Image(Node):
     # -- reading ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes ``[offset, offset+length)``; reads past the end raise ValueError."""
-        buf = bytearray(self._checked_length(offset, length))
+        result, view = zeroed_bytes(self._checked_length(offset, length))
         if length:
-            self._read_zeroed(memoryview(buf), offset)
-        return bytes(buf)
+            self._read_zeroed(view, offset)     # fills the result in place (no copy)
+        return finish(result)
 
     def read_into(self, buf, offset: int) -> None:
         """Fill the writable buffer ``buf`` with guest bytes starting at ``offset``."""
         mv = memoryview(buf).cast("B")
         self._checked_length(offset, len(mv))
-        mv[:] = bytes(len(mv))
+        zero_fill(mv, np)
         if len(mv):
             self._read_zeroed(mv, offset)
 
@@ -209,6 +213,7 @@ class Image(Node):
 
     def info(self, backing_chain: bool = False):
         """``qemu-img info --output=json`` of this image (a list with the chain)."""
+        self._check_open()
         if backing_chain:
             return [img.info() for img in self.chain()]
         info: Dict[str, object] = {
@@ -225,6 +230,68 @@ class Image(Node):
     def format_info(self) -> Dict[str, object]:
         """The format's own fields of :meth:`info` (QEMU 7.2 ImageInfo); none for raw."""
         return {}
+
+    # -- lifecycle (qemu-img resize / snapshot / amend); the drivers implement them
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size, as ``qemu-img resize [--shrink]`` (image opened "r+").
+
+        The driver changes its own layer (:meth:`set_size`); when a longer backing
+        file would show through the new area, that area is zero-filled (as QEMU's
+        block layer also does)."""
+        self._check_open()
+        if self.read_only:
+            raise ValueError(f"image {self.filename!r} is open read-only (use mode 'r+')")
+        old = self.size
+        self.set_size(new_size, shrink=shrink)
+        b = self.backing
+        if b is not None and self.size > old and b.size > old:
+            self.write_zeroes(old, min(self.size, b.size) - old)
+            self.flush()
+
+    def check_resize(self, new_size: int, shrink: bool) -> int:
+        """The size the image will have, or the refusal qemu-img gives."""
+        new_size = int(new_size)
+        if new_size < self.size and not shrink:
+            raise ResizeError("Use the --shrink option to perform a shrink operation.")
+        if self.format == "qcow2" and new_size % 512:
+            raise ResizeError("The new size must be a multiple of 512")
+        if getattr(self, "bitmaps", None):
+            raise UnsupportedFeatureError(f"{self.filename}: resizing an image with "
+                                          f"persistent bitmaps is not supported by qcow2py yet")
+        if new_size < self.size and getattr(self, "snapshots", None):
+            raise ResizeError("Can't shrink an image which has snapshots")
+        return new_size
+
+    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
+        """This layer's part of :meth:`resize` (drivers that can resize override it)."""
+        raise UnsupportedFeatureError(f"{self.filename}: format {self.format} cannot be "
+                                      f"resized")
+
+    def create_snapshot(self, name: str):
+        """``qemu-img snapshot -c`` (qcow2 images opened "r+")."""
+        raise self._no_snapshots()
+
+    def apply_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -a`` (qcow2 images opened "r+")."""
+        raise self._no_snapshots()
+
+    def delete_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -d`` (qcow2 images opened "r+")."""
+        raise self._no_snapshots()
+
+    def _no_snapshots(self) -> Exception:
+        return ValueError(f"image {self.filename!r} must be a qcow2 image opened 'r+'")
+
+    def amend(self, **options) -> None:
+        """``qemu-img amend -o``: compat, lazy_refcounts, refcount_bits (qcow2 images
+        opened "r+"; see :func:`qcow2py.amend`)."""
+        raise AmendError(f"Format driver '{self.format}' does not support option amendment"
+                         if self.format != "qcow2" else
+                         f"image {self.filename!r} is open read-only (use mode 'r+')")
+
+    def as_file(self, *, writable: Optional[bool] = None) -> ImageFile:
+        """This image's guest disk as an :class:`io.RawIOBase` (see :mod:`qcow2py.fileobj`)."""
+        return as_file(self, writable=writable)
 
     def actual_size(self) -> int:
         return self.storage.allocated_size()

@@ -18,7 +18,7 @@ from .errors import BackingChainError, FormatError
 from .format.header import has_magic
 from .image import Image, backing_display_name
 from .io.storage import FileStorage, Storage
-from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
+from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, refuse_raw_options, create_data_file,
                            create_raw, qcow2_header, write_fresh_qcow2)
 from .qcow2.image import WritableQcow2Image
 from .qcow2.read import Qcow2Image
@@ -68,7 +68,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          backing_policy: BackingPolicy = DEFAULT_POLICY,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
-         repair: bool = False, chain: bool = True, wrap_chain: bool = False) -> Image:
+         repair: bool = False, chain: bool = True, wrap_chain: bool = False,
+         snapshot: Optional[str] = None) -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -82,19 +83,31 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     :meth:`TraceLog.wrap <qcow2py.io.wrappers.TraceLog.wrap>` to trace a whole
     chain in one log.  ``repair=True`` (with "r+") opens a corrupt or dirty
     image so that ``check(repair=...)`` can fix it.
-    ``chain=False`` (read-only) opens the image alone, as ``qemu-img info``
+    ``snapshot`` (id or name) reads that internal snapshot instead of the
+    active state, read-only (``qemu-img convert -l snapshot.name=...``).
+    ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
-    and ``map()`` raise :class:`BackingChainError`).
+    and ``map()`` raise :class:`BackingChainError`); with "r+" it is for header
+    changes (``set_backing``: ``qemu-img rebase -u`` on a moved backing file).
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
-    if not chain and mode != "r":
-        raise ValueError("chain=False opens images read-only (mode 'r')")
+    if snapshot is not None and mode != "r":
+        raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
     ctx = OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                        storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
     ctx.chain = chain
-    return _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
+    if snapshot is not None:
+        try:
+            if not isinstance(img, Qcow2Image):
+                raise ValueError("snapshot= needs a qcow2 image (internal snapshots)")
+            img.select_snapshot(snapshot)
+        except BaseException:
+            img.close()
+            raise
+    return img
 
 
 def _open_layer(path: str, fmt: Optional[str], ctx: OpenContext,
@@ -186,9 +199,16 @@ def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
 def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
             lazy_refcounts, compression_type, backing_file, backing_format, data_file,
             data_file_raw, preallocation, lock, storage_wrapper, keep_open):
+    if preallocation not in PREALLOCATION_MODES and format == "raw":
+        raise CreateError(f"invalid parameter value: {preallocation}")
     if preallocation not in PREALLOCATION_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
     if format == "raw":
+        refuse_raw_options(backing_file, backing_format, preallocation,
+                           cluster_size=cluster_size, compat=compat,
+                           refcount_bits=refcount_bits, extended_l2=extended_l2,
+                           lazy_refcounts=lazy_refcounts, compression_type=compression_type,
+                           data_file=data_file, data_file_raw=data_file_raw)
         if lock:
             claim(path)
         create_raw(path, size, preallocation)
@@ -200,7 +220,8 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
         raise CreateError(f"Unknown format '{format}' (qcow2 or raw)")
     header = qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
                           lazy_refcounts, compression_type, backing_file, backing_format,
-                          data_file, data_file_raw, preallocation, _probe_backing)
+                          data_file, data_file_raw, preallocation, _probe_backing,
+                          check_backing=keep_open)
     data_path = None
     if data_file is not None:
         data_path = data_file if os.path.isabs(data_file) else \
@@ -232,5 +253,9 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
 
 def _probe_backing(path: str, fmt: Optional[str]) -> Tuple[str, int]:
     """(format, size) of a new image's backing file, opened alone and read-only."""
-    with open(path, format=fmt) as b:
-        return b.format, b.size
+    try:
+        with open(path, format=fmt) as b:
+            return b.format, b.size
+    except FileNotFoundError:     # as from open(): the chain is incomplete
+        raise BackingChainError(f"Could not open '{path}': No such file or "
+                                f"directory") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
+from .lazyimport import numpy as np
 
 from .image import Image, Run
 from .io.storage import Storage
@@ -61,6 +61,12 @@ class RawImage(Image):
     def discard(self, offset: int, length: int) -> None:
         """Discarded ranges of a raw file read as zeros afterwards."""
         self.write_zeroes(offset, length)
+
+    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
+        """Resize: the file is truncated or extended (a sparse tail reads as zeros)."""
+        new_size = self.check_resize(new_size, shrink)
+        self.storage.truncate(new_size)
+        self.size = new_size
 
     def flush(self) -> None:
         self._check_open()

@@ -21,16 +21,18 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 #: bottom to top; a module belongs to the first layer whose prefix it matches
 LAYERS: List[Tuple[str, ...]] = [
-    ("qcow2py.errors", "qcow2py.version"),
+    ("qcow2py.errors", "qcow2py.version", "qcow2py.lazyimport", "qcow2py.buffers",
+     "qcow2py.pipes"),
     ("qcow2py.format",),
     ("qcow2py.native", "qcow2py._native"),
     ("qcow2py.io",),
-    ("qcow2py.node",),
+    ("qcow2py.node", "qcow2py.fileobj"),
     ("qcow2py.image",),
     ("qcow2py.raw", "qcow2py.qcow2"),
     ("qcow2py.backing", "qcow2py.opener"),
     ("qcow2py.report",),
     ("qcow2py.jobs", "qcow2py.backup"),
+    ("qcow2py.nbd",),
     ("qcow2py.cli",),
 ]
 #: the package and its ``python -m`` entry points

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--ram-cache", default="0", metavar="SIZE",
                    help="RAM for copied-before-write data before it spills to TEMP "
                         "(e.g. 256M; default 0)")
-    b.add_argument("--order", choices=ORDERS, default="priority",
+    b.add_argument("--order", choices=ORDERS, default="priority", metavar="ORDER",
                    help="read order: priority (RAM, then disk, then temp; the default), "
                         "host or guest")
     b.add_argument("--no-discard-source", dest="discard_source", action="store_false",

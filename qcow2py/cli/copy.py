@@ -12,19 +12,24 @@ from ..errors import Qcow2Error
 from ..io.wrappers import UnsafeStorage
 from ..jobs.blockcopy import BlockCopy, ORDERS
 from ..opener import CreateError, create, open as open_image
+from ..pipes import quiet_broken_pipe
 from ..version import __version__
+from . import refusals
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_size
 
 #: the -o keys qcow2py-copy takes (the target's size is the source's)
 _CREATE_KINDS = {k: v for k, v in CREATE_OPTIONS["qcow2"].items() if k != "size"}
 
 
-def parse_create_options(text: Optional[str]) -> dict:
-    """``-o key=value,key=value`` into create() keyword arguments."""
+def parse_create_options(text: Optional[str], fmt: str = "qcow2") -> dict:
+    """``-o key=value,key=value`` into create() keyword arguments (a raw
+    output takes only preallocation, as qemu-img)."""
     if not text:
         return {}
+    kinds = _CREATE_KINDS if fmt != "raw" else \
+        {k: v for k, v in CREATE_OPTIONS["raw"].items() if k != "size"}
     try:
-        parsed = parse_options([text], _CREATE_KINDS)
+        parsed = parse_options([text], kinds)
     except OptionError as e:
         raise CreateError(str(e)) from None
     out = {key: value for key, (value, _text) in parsed.items()}
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["unsafe", "writeback", "none", "directsync", "writethrough"],
                    help="target cache mode; 'unsafe' (the default, as qemu-img convert) "
                         "skips fsync")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
+                   help="copy an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME")
     p.add_argument("-T", dest="src_cache", help="source cache mode (accepted, ignored)")
     p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility")
     p.add_argument("--order", choices=ORDERS, default="auto",
@@ -86,6 +93,11 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    with quiet_broken_pipe():           # "| head": silent, as qemu-img
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # "--stats" alone must not swallow the next argument: only "--stats=json" takes a value
     argv = ["--stats=text" if a == "--stats" else a for a in argv]
@@ -115,12 +127,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     wrapper = UnsafeStorage if args.cache == "unsafe" else None
     created = False
     try:
-        opts = parse_create_options(args.options)
-        if ("backing_file" in opts) and "backing_format" not in opts:
-            return _fail("Use of backing file requires explicit backing format")
-        if args.backing and not args.backing_fmt:
-            return _fail("Use of backing file requires explicit backing format")
-        with open_image(args.source, format=args.src_fmt) as src:
+        opts = parse_create_options(args.options, args.out_fmt)
+        refused = refusals.before_create(args, opts)
+        if refused:
+            return _fail(refused)
+        snap = args.snapshot
+        if snap is not None:
+            snap = snap.split("=", 1)[1] if snap.startswith(("snapshot.name=",
+                                                               "snapshot.id=")) else snap
+        with refusals.open_source(args.source, args.src_fmt, snapshot=snap) as src:
             if args.bitmaps or args.bitmap:
                 if not hasattr(src, "find_bitmap"):
                     return _fail("Source lacks bitmap support")
@@ -154,9 +169,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  f"remove it first")
                 if args.backing:
                     opts["backing_file"] = args.backing
+                if args.backing_fmt:
                     opts["backing_format"] = args.backing_fmt
-                tgt = create(args.target, src.size, format=args.out_fmt,
-                             storage_wrapper=wrapper, **opts)
+                with refusals.creating(args.target, args.out_fmt):
+                    tgt = create(args.target, src.size, format=args.out_fmt,
+                                 storage_wrapper=wrapper, **opts)
                 created = True
             if args.bitmaps and not (hasattr(tgt, "add_bitmap") and tgt.header.version >= 3):
                 tgt.close()

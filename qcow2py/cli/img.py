@@ -15,6 +15,10 @@ from ..report import map_human, map_json, qemu_json
 from ..version import __version__
 from .backup import add_parser as add_backup_parser
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_qemu_size, parse_size
+from ..native import HAVE_NATIVE, USE_NATIVE
+from ..pipes import quiet_broken_pipe
+from ..qcow2.snapshots import snapshot_rows
+from . import lifecycle
 
 
 def _human_size(n: int) -> str:
@@ -41,14 +45,13 @@ def _info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
-        for s in info["snapshots"]:
-            lines.append(f"{s['id']:<10}{s['name']:<18}{_human_size(s['vm-state-size']):>7}  "
-                         f"{s['date-sec']:>10}  {s['vm-clock-sec']:>10}  {s.get('icount', '')}")
+        lines += snapshot_rows(info["snapshots"])
     spec = info.get("format-specific")
     if spec:
         lines.append("Format specific information:")
-        for k, v in spec["data"].items():
+        import json
+        # qemu-img prints these keys in its QDict's order, as in the JSON output
+        for k, v in json.loads(qemu_json(spec["data"])).items():
             if k == "bitmaps":
                 lines.append("    bitmaps:")
                 for i, b in enumerate(v):
@@ -344,6 +347,17 @@ def _create(args) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version``, saying whether the C hot path or the pure-Python twins run
+    (an install without a C compiler falls back to the twins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        mode = ("C extension" if USE_NATIVE else
+                "pure-Python twins: QCOW2PY_PURE is set" if HAVE_NATIVE
+                else "pure-Python twins: the C extension was not built")
+        parser.exit(message=f"qcow2py {__version__} ({mode})\n")
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Usage errors as one line on stderr and exit status 1 (as qemu-img)."""
     def error(message: str):
@@ -356,7 +370,8 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcow2py", description="qcow2 image tool "
                                 "(qemu-img compatible where the subcommands overlap)")
-    p.add_argument("--version", action="version", version=f"qcow2py {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="show the version and whether the C extension is in use")
     sub = p.add_subparsers(dest="command", required=True)
 
     cr = _one_line_errors(sub.add_parser(
@@ -429,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("names", nargs="*", metavar="FILENAME BITMAP")
     b.set_defaults(func=_cmd_bitmap, actions=None)
     add_backup_parser(sub)
+    lifecycle.add_parsers(sub)
     return p
 
 
@@ -441,7 +457,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with quiet_broken_pipe():         # "| head -1": silent, as qemu-img
+            return args.func(args)
     except (Qcow2Error, OSError, ValueError) as e:
         name = getattr(args, "filename", "")
         print(f"qcow2py: {name}: {e}" if name else f"qcow2py: {e}", file=sys.stderr)

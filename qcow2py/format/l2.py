@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 #: L1 entry: host offset of the L2 table; bits 1-8 and 56-62 are reserved
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00

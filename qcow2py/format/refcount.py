@@ -6,7 +6,7 @@ each byte (spec); wider entries are big-endian.  Pure: no I/O.
 
 from __future__ import annotations
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import FormatError
 

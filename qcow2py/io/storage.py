@@ -18,7 +18,7 @@ import os
 import threading
 from typing import List, Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from .. import native
 

@@ -1,1 +1,1 @@
-"""Jobs that move guest data between nodes: block-copy, backup (fleecing, push)."""
+"""Jobs that move guest data between nodes: block-copy, backup (fleecing, push), commit, rebase, compare, measure."""

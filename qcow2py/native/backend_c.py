@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from .common import BITMAP_OPS, bitbuf, clip, l2_error, mask_args, runs_args
 

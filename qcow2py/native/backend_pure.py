@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..format.l2 import (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
                          OFLAG_ZERO, ClusterKind, csize_shift)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import CorruptImageError
 

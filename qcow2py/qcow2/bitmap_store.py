@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import BitmapError
 from ..format.bitmap import (FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_SIZE,

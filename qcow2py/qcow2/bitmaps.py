@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 from typing import List, Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 from bitarray import bitarray
 
 from .. import native

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import UnsupportedFeatureError
 from ..format.codec import compress_cluster

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..format import refcount as rc
 from ..errors import CorruptImageError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import Qcow2Error
 from ..format import refcount as rc
@@ -36,6 +36,25 @@ def _cluster_bits(cluster_size: int) -> int:
     return cluster_size.bit_length() - 1
 
 
+_QCOW2_ONLY = {"cluster_size": 65536, "compat": "1.1", "refcount_bits": 16,
+               "extended_l2": False, "lazy_refcounts": False, "compression_type": "zlib",
+               "data_file": None, "data_file_raw": False}
+
+
+def refuse_raw_options(backing_file, backing_format, preallocation, **qcow2_options) -> None:
+    """A raw image has no backing file and no qcow2 options: refuse them as qemu-img
+    create does, instead of writing a raw image without the layers under it."""
+    if backing_file is not None:
+        raise CreateError("Backing file not supported for file format 'raw'")
+    if backing_format is not None:
+        raise CreateError("Invalid parameter 'backing_fmt'")
+    for key, value in qcow2_options.items():
+        if value != _QCOW2_ONLY[key]:
+            raise CreateError(f"Invalid parameter '{key}'")
+    if preallocation == "metadata":
+        raise CreateError("Unsupported preallocation mode: metadata")
+
+
 def claim(path: str) -> None:
     """Refuse to overwrite a file another process has open for writing, or does not
     let others write (a running VM, qemu-nbd, a qcow2py writer), as qemu-img create
@@ -54,7 +73,8 @@ def claim(path: str) -> None:
 def qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
                  lazy_refcounts, compression_type, backing_file, backing_format,
                  data_file, data_file_raw, preallocation,
-                 probe_backing: Callable[[str, Optional[str]], Tuple[str, int]]) -> Header:
+                 probe_backing: Callable[[str, Optional[str]], Tuple[str, int]],
+                 check_backing: bool = False) -> Header:
     """The header of a new image, with qemu-img create's checks in its order.
     ``probe_backing(path, format)`` gives the backing file's (format, size) when
     they are needed and not given (the opener's policy: the driver opens no file)."""
@@ -103,7 +123,7 @@ def qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
             raise CreateError("Backing file name too long")
         bpath = backing_file if os.path.isabs(backing_file) else \
             os.path.join(os.path.dirname(path), backing_file)
-        if backing_format is None or size is None:
+        if backing_format is None or size is None or check_backing:
             probed_format, probed_size = probe_backing(bpath, backing_format)
             backing_format = backing_format or probed_format
             if size is None:

@@ -19,7 +19,6 @@ import itertools
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 from ..format.codec import ZLIB_WBITS, decompress_cluster
@@ -43,14 +42,15 @@ def _usable_cpus() -> int:
 #: worker threads besides the caller (the caller decompresses too)
 WORKERS = max(1, _usable_cpus() - 1)
 
-_pool: Optional[ThreadPoolExecutor] = None
+_pool: Optional["concurrent.futures.ThreadPoolExecutor"] = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
 _local = threading.local()
 
 
-def pool() -> ThreadPoolExecutor:
+def pool() -> "concurrent.futures.ThreadPoolExecutor":
     """The worker threads (started on first use; anew in a forked child, which has none)."""
+    from concurrent.futures import ThreadPoolExecutor    # not at import: qcow2py info
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():

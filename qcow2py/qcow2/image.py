@@ -33,7 +33,7 @@ import threading
 from collections import OrderedDict
 from typing import List, Optional, Set
 
-import numpy as np
+from ..lazyimport import numpy as np
 from bitarray import bitarray, frozenbitarray
 
 from ..errors import BitmapError, CorruptImageError, ImageClosedError
@@ -46,10 +46,11 @@ from .bitmaps import Bitmap, load_bits
 from .check import check_image, repair_image
 from .journal import Journal
 from .refcounts import RefcountManager
-from .bulk import BulkMapping
+from . import amend as amending, snapshots
+from .resize import Resizing
 
 
-class WritableQcow2Image(BulkMapping):
+class WritableQcow2Image(Resizing):
     """A qcow2 image opened "r+"."""
 
     def __init__(self, storage: Storage, filename: str, ctx) -> None:
@@ -171,9 +172,23 @@ class WritableQcow2Image(BulkMapping):
         self._tracking = [b for b in self.bitmaps if b.enabled and not b.inconsistent]
 
     # ------------------------------------------------------------ header
-    def write_header(self) -> None:
-        """Rewrite the whole header, synced (the journal's header switch)."""
-        self.journal.write_header()
+    # ------------------------------------------------------------ lifecycle
+    def create_snapshot(self, name: str):
+        """``qemu-img snapshot -c`` (see :mod:`qcow2py.qcow2.snapshots`)."""
+        return snapshots.create_snapshot(self, name)
+
+    def apply_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -a``: the active state becomes the snapshot's."""
+        snapshots.apply_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -d``."""
+        snapshots.delete_snapshot(self, name)
+
+    def amend(self, **options) -> None:
+        """``qemu-img amend -o``: compat, lazy_refcounts, refcount_bits
+        (see :mod:`qcow2py.qcow2.amend`)."""
+        amending.amend_image(self, **options)
 
     def _clear_problem_bits(self) -> None:
         """After a successful full repair (issue #11's check.py calls it)."""

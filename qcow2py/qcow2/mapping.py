@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Dict, Iterator, Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from .. import native
 from ..errors import CorruptImageError
@@ -96,6 +96,15 @@ class Qcow2Mapping(Image):
             t = self._cache.pop(l1_index, None)
             if t is not None:
                 self._cache_bytes -= t.nbytes
+
+    def forget_tables(self) -> None:
+        """Drop every decoded table (the L1 table was replaced: a snapshot selected,
+        metadata reloaded)."""
+        with self._cache_lock:
+            for l1_index in self._cache:
+                self._forgotten[l1_index] = self._forgotten.get(l1_index, 0) + 1
+            self._cache.clear()
+            self._cache_bytes = 0
 
     def _empty_table(self) -> _UnitTable:
         if self._empty is None:

@@ -7,9 +7,10 @@ releases the GIL; compressed clusters are decompressed on a thread pool.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 from bitarray import frozenbitarray
 
 from ..errors import BitmapError, CorruptImageError, FormatError
@@ -25,6 +26,7 @@ from .bitmaps import Bitmap, load_bits
 from .check import check_image
 from .decompress import pool as decompress_pool, read_and_decompress
 from .mapping import Qcow2Mapping
+from .snapshots import check_l1_bounds, find
 
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 _MAX_HEADER_READ = 1 << 21
@@ -61,7 +63,8 @@ class Qcow2Image(Qcow2Mapping):
         self.codec = h.compression_name
         self._init_l2_cache(ctx.l2_cache_bytes or DEFAULT_L2_CACHE_BYTES)
         self._last_cluster: Tuple[int, bytes] = (-1, b"")
-        self._l1 = self._read_l1()
+        if getattr(ctx, "chain", True):   # info (chain=False) decodes it only if it reads
+            self.__dict__["_l1"] = self._read_l1()      # the cached_property's slot
         self.snapshots: List[Snapshot] = self._read_snapshots()
         #: the bitmap directory as it is in the file (check counts its clusters)
         self.bitmap_directory: List[BitmapEntry] = self._read_bitmaps()
@@ -84,9 +87,28 @@ class Qcow2Image(Qcow2Mapping):
             raise
 
     # ------------------------------------------------------------ open helpers
-    def _read_l1(self) -> np.ndarray:
+    def select_snapshot(self, name: str) -> None:
+        """Read the internal snapshot ``name`` (id or name) instead of the active state:
+        its L1 table (read-only) and its virtual size.  Only on images opened "r"."""
+        if not self.read_only:
+            raise ValueError("a snapshot is read through an image opened read-only ('r')")
+        snap = find(self, name)
+        check_l1_bounds(self, snap.l1_table_offset, snap.l1_size)
+        self._l1 = self._read_l1(snap.l1_table_offset, snap.l1_size)
+        self.forget_tables()
+        if snap.disk_size is not None:
+            self.size = snap.disk_size
+        self.snapshot = snap
+
+    @functools.cached_property
+    def _l1(self) -> np.ndarray:
+        return self._read_l1()
+
+    def _read_l1(self, offset: Optional[int] = None, size: Optional[int] = None) -> np.ndarray:
         h = self.header
-        raw = self.storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        offset = h.l1_table_offset if offset is None else offset
+        size = h.l1_size if size is None else size
+        raw = self.storage.pread(offset, size * 8) if size else b""
         l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         bad = np.flatnonzero(l1 & np.uint64(L1E_RESERVED_MASK))
         if bad.size:

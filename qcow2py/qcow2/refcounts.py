@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Set
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import CorruptImageError, FormatError
 from ..format import refcount as rc

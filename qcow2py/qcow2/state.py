@@ -11,7 +11,7 @@ importing only the one below.
 from __future__ import annotations
 
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..errors import CorruptImageError, ImageClosedError
 from ..format.l2 import (L1E_OFFSET_MASK, U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,

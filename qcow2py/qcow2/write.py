@@ -7,7 +7,7 @@ entries.  Extended L2 images are a variant of it (subcluster bitmaps).
 from __future__ import annotations
 
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from ..format.l2 import (OFLAG_COMPRESSED, OFLAG_COPIED, U64_COMPRESSED as _COMPRESSED,
                          U64_COPIED as _COPIED, U64_OFFSET_MASK as _OFFSET_MASK, U64_ZERO as _ZERO)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import numpy as np
+from ..lazyimport import numpy as np
 
 from .. import native
 from ..format.l2 import (OFLAG_COMPRESSED, OFLAG_COPIED, U64_COMPRESSED as _COMPRESSED,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...image import Image
 from .state import RAM, TEMP, CopyState, index_runs

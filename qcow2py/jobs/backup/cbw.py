@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import List, Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...image import Image
 from ...node import Extent, Node

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...opener import create
 from ...image import Image

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...opener import create
 from ...errors import Qcow2Error, SnapshotAccessError

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, List, Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...image import Image
 from ...node import BlockKind, Extent, Node, merge_extents
@@ -200,6 +200,10 @@ class SnapshotView(Node):
             for s, e in temp_runs:
                 lo, hi = st.byte_range(s, e)
                 self.store.temp.discard(lo, hi - lo)
+            if temp_runs:
+                # freed clusters are reused only once the metadata that dropped them
+                # is written (the temp never waits for fsync, so this is cheap)
+                self.store.temp.flush()
         finally:
             with st.cond:
                 st.busy -= 1

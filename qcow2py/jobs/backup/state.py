@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from typing import List, Optional, Tuple
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...errors import SnapshotAccessError
 

@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ...qcow2.decompress import decompress_into
 from .plan import P_COMPRESSED, Plan

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ... import native
 from ...errors import Qcow2Error

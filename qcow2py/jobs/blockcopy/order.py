@@ -8,7 +8,7 @@ sorted window by window (one jump back per window).
 
 from __future__ import annotations
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from .plan import Plan
 

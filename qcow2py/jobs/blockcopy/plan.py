@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import numpy as np
+from ...lazyimport import numpy as np
 
 from ... import native
 from ...image import Image

@@ -1,0 +1,317 @@
+"""Internal snapshots as qemu-img shows them: the ``Snapshot list:`` table.
+
+``qemu-img info`` and ``qemu-img snapshot -l`` print one row per snapshot:
+ID, tag, VM state size, the creation date in local time, the VM clock as
+``HH:MM:SS.mmm`` and the instruction count (blank when the entry has none).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, List
+
+
+def _size_text(n: int) -> str:
+    """QEMU's size_to_str: "0 B", "1.5 KiB", "512 MiB" (three significant digits)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    v, i = float(n), 0
+    while v >= 1024 and i < len(units) - 1:
+        v, i = v / 1024, i + 1
+    return f"{n} B" if i == 0 else f"{v:0.3g} {units[i]}"
+
+
+def clock_text(vm_clock_nsec: int) -> str:
+    secs = vm_clock_nsec // 1_000_000_000
+    return (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+            f"{vm_clock_nsec // 1_000_000 % 1000:03d}")
+
+
+HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+
+
+def snapshot_rows(snapshots: Iterable[dict]) -> List[str]:
+    """The table's header and rows (``qemu-img snapshot -l`` without its first line),
+    from SnapshotInfo dicts (``Snapshot.info()``, ``qemu-img info --output=json``)."""
+    rows = [HEADER]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        icount = str(s["icount"]) if s.get("icount") is not None else ""
+        clock = s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"]
+        rows.append(f"{s['id']:<9} {s['name']:<16} {_size_text(s['vm-state-size']):>8}"
+                    f"{date:>20}{clock_text(clock):>13}{icount:>11}")
+    return rows
+
+
+# ---------------------------------------------------------------------- operations
+# Create, delete and apply work on a writable qcow2 image through its storage and
+# refcounts (public attributes), after a flush; then the image re-reads its tables
+# (``reload_tables``).  Order, as QEMU's: refcount increments and new tables are
+# durable before anything refers to them; the snapshot table is switched by one
+# synced header write; decrements come only after the switch.
+
+import struct
+import time as _time
+
+from ..lazyimport import numpy as np
+
+from ..errors import CorruptImageError, Qcow2Error
+from ..format.header import MAX_L1_BYTES
+from ..format.snapshot import Snapshot
+
+_ENTRY = struct.Struct(">QIHHIIQII")
+_COPIED = np.uint64(1 << 63)
+_COMPRESSED = np.uint64(1 << 62)
+_OFFSET = np.uint64(0x00FFFFFFFFFFFE00)
+_L1_OFFSET = np.uint64(0x00FFFFFFFFFFFE00)
+
+
+class SnapshotError(Qcow2Error):
+    """A snapshot operation qemu-img would refuse (name not found, refcount too narrow,
+    active bitmaps...)."""
+
+
+def encode_table(snapshots: List[Snapshot]) -> bytes:
+    """The snapshot table as the format lays it out (each entry 8-byte aligned)."""
+    out = bytearray()
+    for s in snapshots:
+        sid, name = s.id.encode(), s.name.encode()
+        vmss32 = s.vm_state_size if s.vm_state_size < 1 << 32 else 0
+        out += _ENTRY.pack(s.l1_table_offset, s.l1_size, len(sid), len(name), s.date_sec,
+                           s.date_nsec, s.vm_clock_nsec, vmss32, len(s.extra_data))
+        out += s.extra_data + sid + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def check_l1_bounds(img, offset: int, size: int) -> None:
+    """A snapshot's L1 table must fit QEMU's limit and the file (hostile tables)."""
+    if size * 8 > MAX_L1_BYTES or offset % img.cluster_size or \
+            offset + size * 8 > img.storage.size():
+        raise CorruptImageError(f"{img.filename}: snapshot L1 table ({size} entries at "
+                                f"{offset:#x}) is invalid")
+
+
+def _read_l1(img, offset: int, size: int) -> np.ndarray:
+    check_l1_bounds(img, offset, size)
+    raw = img.storage.pread(offset, size * 8) if size else b""
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def _l2_entries(img, raw: bytes) -> np.ndarray:
+    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    return words[0::2] if img.extended_l2 else words
+
+
+def _entry_clusters(img, entries: np.ndarray) -> np.ndarray:
+    """Host clusters an L2 table's entries hold references to (repeats kept)."""
+    cb = img.cluster_bits
+    comp = (entries & _COMPRESSED) != 0
+    parts = []
+    if not img.header.has_data_file:
+        normal = entries[~comp] & _OFFSET
+        parts.append((normal[normal != 0] >> np.uint64(cb)).astype(np.int64))
+    if comp.any():
+        x = 62 - (cb - 8)
+        c = entries[comp]
+        off = (c & np.uint64((1 << x) - 1)).astype(np.int64)
+        nsect = ((c >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
+        start = off & ~511
+        first, last = start >> cb, (start + nsect * 512 - 1) >> cb
+        for a, b in zip(first.tolist(), last.tolist()):
+            parts.append(np.arange(a, b + 1, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def tree_clusters(img, l1: np.ndarray) -> np.ndarray:
+    """Every host cluster an L1 table references: its L2 tables and their clusters."""
+    cs, cb = img.cluster_size, img.cluster_bits
+    tables = (l1 & _L1_OFFSET).astype(np.int64)
+    tables = tables[tables != 0]
+    parts = [tables >> cb]
+    for off in tables.tolist():
+        parts.append(_entry_clusters(img, _l2_entries(img, img.storage.pread(off, cs))))
+    return np.concatenate(parts)
+
+
+def _set_copied_flags(img, l1: np.ndarray) -> np.ndarray:
+    """Make COPIED say "refcount is 1" in the active L2 tables (written back in place)
+    and in ``l1`` (returned; the caller writes it)."""
+    cs, cb, rc = img.cluster_size, img.cluster_bits, img.refcounts
+    l1 = l1.copy()
+    offs = (l1 & _L1_OFFSET).astype(np.int64)
+    for i in np.flatnonzero(offs).tolist():
+        off = int(offs[i])
+        words = np.frombuffer(img.storage.pread(off, cs), dtype=">u8").astype(np.uint64)
+        ent = words[0::2] if img.extended_l2 else words
+        host = (ent & _OFFSET).astype(np.int64)
+        live = (host != 0) & ((ent & _COMPRESSED) == 0)
+        new = ent & ~_COPIED
+        if img.header.has_data_file:
+            new = np.where(live, ent, new)
+        elif live.any():
+            counts = rc.get_many(host[live] >> cb)
+            sub = new[live]
+            sub[counts == 1] |= _COPIED
+            new[live] = sub
+        if (new != ent).any():
+            ent[:] = new
+            img.storage.pwrite(words.astype(">u8").tobytes(), off)
+        one = rc.get(off >> cb) == 1
+        l1[i] = (l1[i] | _COPIED) if one else (l1[i] & ~_COPIED)
+    return l1
+
+
+def _check_room(img, clusters: np.ndarray, failure: str) -> None:
+    """Refuse, before anything changes, when one more reference to ``clusters`` (repeats
+    counted) would overflow the image's refcount width (QEMU fails then too)."""
+    if clusters.size:
+        rc = img.refcounts
+        uniq, reps = np.unique(clusters, return_counts=True)
+        if (rc.get_many(uniq).astype(np.int64) + reps > rc.max_refcount).any():
+            raise SnapshotError(f"{failure} (refcount overflow at "
+                                f"{img.header.refcount_bits} bits)")
+
+
+def _durable_refcounts(img) -> None:
+    rc = img.refcounts
+    if rc.dirty_blocks:
+        rc.write_dirty_blocks()
+    if rc.dirty_reftable:
+        rc.write_reftable()
+    img.journal.barrier()
+
+
+def _write_table(img, snapshots: List[Snapshot]) -> None:
+    """Store a new snapshot table, switch the header to it, free the old one."""
+    h, cs, cb, rc = img.header, img.cluster_size, img.cluster_bits, img.refcounts
+    old = (h.snapshots_offset, h.nb_snapshots)
+    old_bytes = len(encode_table(img.snapshots)) if old[1] else 0
+    data = encode_table(snapshots)
+    new_off = 0
+    if snapshots:
+        new_off = rc.allocate(-(-len(data) // cs))
+        img.storage.pwrite(data, new_off)
+    _durable_refcounts(img)
+    h.snapshots_offset, h.nb_snapshots = new_off, len(snapshots)
+    img.write_header()
+    if old[1] and old_bytes:
+        first = old[0] >> cb
+        rc.free_later(np.arange(first, first + -(-old_bytes // cs), dtype=np.int64))
+        rc.apply_frees()
+        _durable_refcounts(img)
+
+
+def _writable(img) -> None:
+    if img.read_only or not hasattr(img, "reload_tables"):
+        raise ValueError(f"image {img.filename!r} must be a qcow2 image opened 'r+'")
+
+
+def find(img, name: str) -> Snapshot:
+    """The snapshot whose id or name is ``name`` (id first, as qemu-img)."""
+    for s in img.snapshots:
+        if s.id == name:
+            return s
+    for s in img.snapshots:
+        if s.name == name:
+            return s
+    raise SnapshotError(f"snapshot {name!r} not found")
+
+
+def create_snapshot(img, name: str) -> Snapshot:
+    """``qemu-img snapshot -c NAME``: the active L1 copied, every cluster it reaches
+    referenced once more, a new table entry (vm state 0, now, VM clock 0, icount 0)."""
+    _writable(img)
+    img.flush()
+    h, cs, rc = img.header, img.cluster_size, img.refcounts
+    l1 = _read_l1(img, h.l1_table_offset, h.l1_size)
+    clusters = tree_clusters(img, l1)
+    _check_room(img, clusters, f"Could not create snapshot '{name}': -22 (Invalid argument)")
+    copy_off = 0
+    if h.l1_size:
+        copy_off = rc.allocate(-(-h.l1_size * 8 // cs))
+        img.storage.pwrite(l1.astype(">u8").tobytes(), copy_off)
+    rc.increment(clusters)
+    _durable_refcounts(img)                         # counted before anything refers to it
+    new_l1 = _set_copied_flags(img, l1)
+    if (new_l1 != l1).any():
+        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+    img.journal.barrier()
+    now = _time.time_ns() // 1000
+    ids = [int(s.id) for s in img.snapshots if s.id.isdigit()]
+    snap = Snapshot(copy_off, h.l1_size, str(max(ids, default=0) + 1), name,
+                    now // 1_000_000, now % 1_000_000 * 1000, 0, 0, img.size, 0,
+                    struct.pack(">QQQ", 0, img.size, 0))
+    _write_table(img, list(img.snapshots) + [snap])
+    img.reload_tables()
+    return snap
+
+
+def delete_snapshot(img, name: str) -> None:
+    """``qemu-img snapshot -d``: drop the entry (header switch), then the references."""
+    _writable(img)
+    try:
+        snap = find(img, name)
+    except SnapshotError:
+        raise SnapshotError(f"Could not delete snapshot '{name}': snapshot not found") from None
+    img.flush()
+    rest = [s for s in img.snapshots if s is not snap]
+    _write_table(img, rest)
+    rc, cs, cb = img.refcounts, img.cluster_size, img.cluster_bits
+    l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
+    drop = tree_clusters(img, l1)
+    if snap.l1_size:
+        first = snap.l1_table_offset >> cb
+        drop = np.concatenate([drop, np.arange(first, first + -(-snap.l1_size * 8 // cs),
+                                               dtype=np.int64)])
+    rc.free_later(drop)
+    rc.apply_frees()
+    _durable_refcounts(img)
+    h = img.header
+    active = _read_l1(img, h.l1_table_offset, h.l1_size)
+    new_l1 = _set_copied_flags(img, active)
+    if (new_l1 != active).any():
+        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+    img.journal.barrier()
+    img.reload_tables()
+
+
+def apply_snapshot(img, name: str) -> None:
+    """``qemu-img snapshot -a``: the active L1 becomes the snapshot's (its clusters
+    referenced first, the old active tree released after the synced switch), and the
+    virtual size the snapshot's."""
+    _writable(img)
+    if getattr(img, "bitmaps", None):
+        raise SnapshotError(f"Could not apply snapshot '{name}': Device has active dirty bitmaps")
+    try:
+        snap = find(img, name)
+    except SnapshotError:
+        raise SnapshotError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
+                            f"No such file or directory") from None
+    img.flush()
+    h, rc = img.header, img.refcounts
+    if snap.l1_size > h.l1_size:
+        img.set_size(max(img.size, snap.disk_size or 0))      # grows (moves) the L1 table
+        if snap.l1_size > h.l1_size:
+            raise SnapshotError(f"Could not apply snapshot '{name}': its L1 table "
+                                f"({snap.l1_size} entries) does not fit the image")
+    sn_l1 = np.zeros(h.l1_size, dtype=np.uint64)
+    sn_l1[:snap.l1_size] = _read_l1(img, snap.l1_table_offset, snap.l1_size)
+    clusters = tree_clusters(img, sn_l1)
+    _check_room(img, clusters, f"Could not apply snapshot '{name}'")
+    rc.increment(clusters)
+    _durable_refcounts(img)
+    old_l1 = _read_l1(img, h.l1_table_offset, h.l1_size)
+    img.storage.pwrite(sn_l1.astype(">u8").tobytes(), h.l1_table_offset)
+    img.journal.barrier()                                       # the switch
+    rc.free_later(tree_clusters(img, old_l1))
+    rc.apply_frees()
+    _durable_refcounts(img)
+    new_l1 = _set_copied_flags(img, sn_l1)
+    if (new_l1 != sn_l1).any():
+        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+    img.journal.barrier()
+    if snap.disk_size is not None and snap.disk_size != img.size:
+        h.size = snap.disk_size
+        img.write_header()
+        img.size = snap.disk_size
+    img.reload_tables()
