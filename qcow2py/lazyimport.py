@@ -29,3 +29,10 @@ class LazyModule:
 
 
 numpy: Any = LazyModule("numpy")
+
+
+def lazy_module(name: str) -> Any:
+    """A qcow2py module imported on first use, for modules a command may not need
+    (the writer, check, the jobs): declared at module level, where
+    ``tests/test_layers.py`` checks it against the layer order like an import."""
+    return LazyModule(name)

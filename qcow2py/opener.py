@@ -20,9 +20,12 @@ from .image import Image, backing_display_name
 from .io.storage import FileStorage, Storage
 from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, refuse_raw_options, create_data_file,
                            create_raw, qcow2_header, write_fresh_qcow2)
-from .qcow2.image import WritableQcow2Image
 from .qcow2.read import Qcow2Image
 from .raw import RawImage
+from .lazyimport import lazy_module
+
+#: the writable driver (imported when an image is opened "r+")
+writable_qcow2 = lazy_module("qcow2py.qcow2.image")
 
 
 def probe_format(storage: Storage) -> str:
@@ -133,7 +136,7 @@ def _open_layer(path: str, fmt: Optional[str], ctx: OpenContext,
         if fmt is None:
             fmt = probe_format(storage)
         if fmt == "qcow2" and writable:
-            img: Image = WritableQcow2Image(storage, display_name, ctx)
+            img: Image = writable_qcow2.WritableQcow2Image(storage, display_name, ctx)
         elif fmt == "qcow2":
             img = Qcow2Image(storage, display_name, ctx)
         elif fmt == "raw":

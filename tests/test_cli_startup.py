@@ -1,6 +1,6 @@
 """The command line as a user first meets it: start-up cost and a closed pipe.
 
-* ``qcow2py info`` must not import numpy, the copy engine or the writer (they
+* ``qcow2py info`` must not import numpy, the copy engine, the writer or check (they
   cost more than the whole command: numpy alone ~0.1 s of CPU);
 * ``qcow2py check IMG | head -1``: when the reader of stdout goes away,
   qemu-img stays silent and exits with its command's status; so must we.
@@ -33,10 +33,10 @@ def test_info_imports_neither_numpy_nor_engines(tmp_path):
     create(base, "4M")
     create(top, "4M", backing=str(base), backing_fmt="qcow2")
     mods = _imported_by_info(top)
-    heavy = {"numpy", "qcow2py.copy.blockcopy", "qcow2py.writer",
-             "qcow2py.check", "concurrent.futures"}
+    heavy = {"numpy", "qcow2py.jobs.blockcopy.blockcopy", "qcow2py.qcow2.image",
+             "qcow2py.qcow2.write", "qcow2py.qcow2.check", "concurrent.futures"}
     assert not mods & heavy, sorted(mods & heavy)
-    assert "qcow2py.qcow2" in mods                       # it did open the image
+    assert "qcow2py.qcow2.read" in mods                  # it did open the image
 
 
 def test_lazy_package_names_still_resolve():

@@ -117,6 +117,22 @@ def _targets(mod: str, node) -> List[Tuple[str, str]]:
     return out
 
 
+def _lazy_target(node) -> str:
+    """The qcow2py module a ``lazy_module("qcow2py.x")`` call names (an import made on
+    first use, held to the same rules as an import statement), or ''."""
+    if not (isinstance(node, ast.Call) and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return ""
+    func = node.func
+    name = func.id if isinstance(func, ast.Name) else \
+        func.attr if isinstance(func, ast.Attribute) else ""
+    target = node.args[0].value
+    if name in ("lazy_module", "LazyModule") and target.startswith("qcow2py"):
+        assert target in MODULES, f"lazy_module names no module: {target}"
+        return target
+    return ""
+
+
 def _imports(mod: str) -> List[Tuple[str, str, int, bool]]:
     """(target, name, line, inside a function) of every qcow2py import in ``mod``."""
     out = []
@@ -127,6 +143,9 @@ def _imports(mod: str) -> List[Tuple[str, str, int, bool]]:
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 for t, n in _targets(mod, child):
                     out.append((t, n, child.lineno, in_func))
+            lazy = _lazy_target(child)
+            if lazy:
+                out.append((lazy, "", child.lineno, in_func))
             walk(child, f)
 
     walk(TREES[mod], False)

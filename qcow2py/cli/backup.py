@@ -18,8 +18,26 @@ import sys
 from .options import parse_size
 from ..errors import Qcow2Error
 from ..opener import open as open_image
-from ..jobs.backup import fleece, push
-from ..jobs.backup.push import ORDERS
+from ..lazyimport import lazy_module
+
+#: the backup engine, imported when ``qcow2py backup`` runs (building the parser for
+#: another command must not import it, nor numpy)
+backup_engine = lazy_module("qcow2py.jobs.backup")
+push_orders = lazy_module("qcow2py.jobs.backup.push")
+
+
+class _Orders:
+    """The push orders for argparse's ``choices``, looked up when argparse first
+    looks at them."""
+
+    def __contains__(self, value) -> bool:
+        return value in push_orders.ORDERS
+
+    def __iter__(self):
+        return iter(push_orders.ORDERS)
+
+
+ORDERS = _Orders()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -81,7 +99,7 @@ def run(args) -> int:
     created = False
     bar = None
     try:
-        with disk, fleece(disk, args.temp, bitmap=args.bitmap, ram_cache=ram) as fl:
+        with disk, backup_engine.fleece(disk, args.temp, bitmap=args.bitmap, ram_cache=ram) as fl:
             progress = None
             if args.progress:
                 from tqdm import tqdm
@@ -92,7 +110,7 @@ def run(args) -> int:
                     bar.n = 100.0 * done / total if total else 100.0
                     bar.refresh()
             created = True
-            push(fl.snapshot, args.target, target_format=args.out_fmt, order=args.order,
+            backup_engine.push(fl.snapshot, args.target, target_format=args.out_fmt, order=args.order,
                  discard_source=args.discard_source, progress=progress)
     except KeyboardInterrupt:
         _remove(args.target if created else None)

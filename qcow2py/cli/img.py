@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
 
 from ..errors import BitmapError, Qcow2Error
 from ..opener import create_file, open as open_image
-from ..qcow2.check import check_image
 from ..qcow2.read import Qcow2Image
 from ..report import map_human, map_json, qemu_json
 from ..version import __version__
@@ -17,8 +17,12 @@ from .backup import add_parser as add_backup_parser
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_qemu_size, parse_size
 from ..native import HAVE_NATIVE, USE_NATIVE
 from ..pipes import quiet_broken_pipe
-from ..qcow2.snapshots import snapshot_rows
+from ..lazyimport import lazy_module
 from . import lifecycle
+
+#: imported by the commands that use them (qcow2py info imports neither)
+checking = lazy_module("qcow2py.qcow2.check")
+snapshot_ops = lazy_module("qcow2py.qcow2.snapshots")
 
 
 def _human_size(n: int) -> str:
@@ -45,11 +49,10 @@ def _info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines += snapshot_rows(info["snapshots"])
+        lines += snapshot_ops.snapshot_rows(info["snapshots"])
     spec = info.get("format-specific")
     if spec:
         lines.append("Format specific information:")
-        import json
         # qemu-img prints these keys in its QDict's order, as in the JSON output
         for k, v in json.loads(qemu_json(spec["data"])).items():
             if k == "bitmaps":
@@ -102,7 +105,7 @@ def _cmd_check(args) -> int:
             print("qcow2py: This image format does not support checks", file=sys.stderr)
             return 63
         try:
-            res = img.check(repair=args.repair) if args.repair else check_image(img)
+            res = img.check(repair=args.repair) if args.repair else checking.check_image(img)
         except Qcow2Error as e:
             print(f"qcow2py: Check failed: {e}", file=sys.stderr)
             return 1

@@ -12,15 +12,18 @@ import argparse
 import sys
 
 from ..errors import Qcow2Error, ResizeError
-from ..jobs.amend import amend
-from ..jobs.commit import commit
-from ..jobs.compare import compare_nodes
-from ..jobs.measure import measure
-from ..jobs.rebase import rebase
+from ..lazyimport import lazy_module
 from ..opener import open as open_image
-from ..qcow2.snapshots import snapshot_rows
 from ..report import qemu_json
 from .options import parse_qemu_size
+
+#: the engines, imported by the subcommand that runs them (not by ``qcow2py info``)
+amending = lazy_module("qcow2py.jobs.amend")
+committing = lazy_module("qcow2py.jobs.commit")
+comparing = lazy_module("qcow2py.jobs.compare")
+measuring = lazy_module("qcow2py.jobs.measure")
+rebasing = lazy_module("qcow2py.jobs.rebase")
+snapshot_ops = lazy_module("qcow2py.qcow2.snapshots")
 
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
@@ -74,7 +77,7 @@ def run_compare(args) -> int:
             return _fail("compare", f"Could not open '{args.filename2}': {e}", 2)
         with b:
             try:
-                result = compare_nodes(a, b, strict=args.strict)
+                result = comparing.compare_nodes(a, b, strict=args.strict)
             except (Qcow2Error, OSError) as e:
                 return _fail("compare", f"Error while reading: {e}", 4)
     finally:
@@ -107,7 +110,7 @@ class _Progress:
 def run_commit(args) -> int:
     progress = _Progress(args.progress and not args.quiet)
     try:
-        commit(args.filename, base=args.base, drop=args.drop, progress=progress,
+        committing.commit(args.filename, base=args.base, drop=args.drop, progress=progress,
                format=args.f)
     except FileNotFoundError as e:
         return _fail("commit", f"Could not open '{args.filename}': {e.strerror}")
@@ -126,7 +129,7 @@ def run_rebase(args) -> int:
         args.backing = ""
     progress = _Progress(args.progress and not args.quiet)
     try:
-        rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
+        rebasing.rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
                format=args.f, progress=progress)
     except FileNotFoundError as e:
         return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
@@ -179,7 +182,7 @@ def run_measure(args) -> int:
             except ValueError:
                 return _fail("measure", "Invalid image size specified. Must be between 0 "
                                         "and 9223372036854775807.")
-        result = measure(size, args.filename, format=args.O, source_format=args.f, **opts)
+        result = measuring.measure(size, args.filename, format=args.O, source_format=args.f, **opts)
     except FileNotFoundError as e:
         return _fail("measure", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
@@ -224,7 +227,7 @@ def run_snapshot(args) -> int:
                 snaps = [s.info() for s in getattr(img, "snapshots", [])]
                 if snaps:
                     _say(args, "Snapshot list:")
-                    for row in snapshot_rows(snaps):
+                    for row in snapshot_ops.snapshot_rows(snaps):
                         _say(args, row)
                 return 0
             what, name = acts[0]
@@ -248,7 +251,7 @@ def run_amend(args) -> int:
     if not args.o:
         return _fail("amend", "Must specify options (-o)")
     try:
-        amend(args.filename, format=args.f, **measure_options(args.o, keep_size=True))
+        amending.amend(args.filename, format=args.f, **measure_options(args.o, keep_size=True))
     except FileNotFoundError as e:
         return _fail("amend", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:

@@ -22,11 +22,10 @@ OFLAG_ZERO = 1 << 0
 OFLAG_COPIED = 1 << 63
 #: L2 entry: the cluster is compressed (the rest is a compressed descriptor)
 OFLAG_COMPRESSED = 1 << 62
-#: the same bits as numpy scalars, for masks over arrays of entries
-U64_OFFSET_MASK = np.uint64(L2E_OFFSET_MASK)
-U64_COPIED = np.uint64(OFLAG_COPIED)
-U64_COMPRESSED = np.uint64(OFLAG_COMPRESSED)
-U64_ZERO = np.uint64(OFLAG_ZERO)
+#: the same bits as numpy scalars, for masks over arrays of entries: U64_OFFSET_MASK,
+#: U64_COPIED, U64_COMPRESSED, U64_ZERO (made on first use, see __getattr__ below)
+_U64 = {"U64_OFFSET_MASK": L2E_OFFSET_MASK, "U64_COPIED": OFLAG_COPIED,
+        "U64_COMPRESSED": OFLAG_COMPRESSED, "U64_ZERO": OFLAG_ZERO}
 #: extended L2: the subcluster bitmap (second 64-bit word), allocated bits low, zero bits high
 SUBCLUSTERS = 32
 
@@ -64,3 +63,12 @@ def compressed_entry(host: int, nsectors: int, cluster_bits: int) -> int:
     """The L2 entry of a compressed cluster at byte ``host`` spanning ``nsectors``
     512-byte sectors (counted from the sector that holds ``host``)."""
     return OFLAG_COMPRESSED | ((nsectors - 1) << csize_shift(cluster_bits)) | host
+
+
+def __getattr__(name: str):
+    """The ``U64_*`` numpy scalars, made when first imported (by the writer), so that
+    reading a header (``qcow2py info``) does not import numpy."""
+    if name in _U64:
+        value = globals()[name] = np.uint64(_U64[name])
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,10 +23,13 @@ from ..image import backing_display_name
 from ..io.storage import Storage
 from ..native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC
 from .bitmaps import Bitmap, load_bits
-from .check import check_image
 from .decompress import pool as decompress_pool, read_and_decompress
 from .mapping import Qcow2Mapping
-from .snapshots import check_l1_bounds, find
+from ..lazyimport import lazy_module
+
+#: imported on first use (qcow2py info reads neither)
+checking = lazy_module("qcow2py.qcow2.check")
+snapshot_ops = lazy_module("qcow2py.qcow2.snapshots")
 
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 _MAX_HEADER_READ = 1 << 21
@@ -92,8 +95,8 @@ class Qcow2Image(Qcow2Mapping):
         its L1 table (read-only) and its virtual size.  Only on images opened "r"."""
         if not self.read_only:
             raise ValueError("a snapshot is read through an image opened read-only ('r')")
-        snap = find(self, name)
-        check_l1_bounds(self, snap.l1_table_offset, snap.l1_size)
+        snap = snapshot_ops.find(self, name)
+        snapshot_ops.check_l1_bounds(self, snap.l1_table_offset, snap.l1_size)
         self._l1 = self._read_l1(snap.l1_table_offset, snap.l1_size)
         self.forget_tables()
         if snap.disk_size is not None:
@@ -282,7 +285,7 @@ class Qcow2Image(Qcow2Mapping):
         """``qemu-img check`` of this image (repairs need the image opened "r+")."""
         if repair is not None:
             raise ValueError("repairing needs the image opened with mode 'r+'")
-        return check_image(self)
+        return checking.check_image(self)
 
     def has_allocations(self) -> bool:
         """Whether any L1 entry points at an L2 table (a fresh image has none)."""
