@@ -23,7 +23,7 @@ read/write)`` requests against
 Files are mapped to the disk by a :class:`Layout` (each file contiguous from a
 start address).  :func:`parse_strace` reads the requests of a process out of
 an ``strace -f -y`` log (see :data:`STRACE_ARGS`); qcow2py's own requests come
-from :class:`qcow2py.io.storage.TraceLog`.
+from :class:`qcow2py.io.wrappers.TraceLog`.
 
 What the model leaves out (on purpose): the host's own time between requests
 (think time is zero: a request is issued the moment the previous one completes,

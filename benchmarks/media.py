@@ -8,7 +8,7 @@ an NVMe SSD):
 
 * **qcow2py guest** / **qcow2py host**: ``BlockCopy`` (order ``guest`` or
   ``host``) to a new qcow2 target, the source opened with a
-  :class:`qcow2py.io.storage.TraceLog` on every file of its chain (the traced
+  :class:`qcow2py.io.wrappers.TraceLog` on every file of its chain (the traced
   storages have no file descriptor, so the copy takes its Python I/O path, one
   batch at a time, and every request goes through the log);
 * **qcow2py-copy host, strace**: the real command (``qcow2py-copy --order

@@ -59,7 +59,7 @@ def test_sdist_ships_what_the_tests_need(sdist, tmp_path):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
         tf.extractall(tmp_path, filter="data") if hasattr(tarfile, "data_filter") \
             else tf.extractall(tmp_path)
-    for need in ("tests/conftest.py", "tests/qemu.py", "tests/data/example.qcow2",
+    for need in ("tests/images.py", "tests/qemu.py", "tests/data/example.qcow2",
                  "tests/data/example-base.qcow2", "LICENSE", "qcow2py/py.typed",
                  "csrc/qcow2py_native.c", "build_ffi.py", "setup.py"):
         assert need in names, need

@@ -132,15 +132,15 @@ def _serve(args) -> int:
         if args.fleece:
             pull.start(args.fleece, bitmap=args.fleece_bitmap, ram_cache=args.ram_cache,
                        snapshot_name=args.snapshot_name)
+        if args.control:            # listening first: once the export's socket
+            control = Control(server, server.stop_soon)     # exists, so does this one
+            if pull is not None:
+                control.commands.update(pull.commands())
+            server.add_unix_service(args.control, control.handle)
         if args.socket:
             server.listen_unix(args.socket)
         else:
             server.listen_tcp(args.bind, args.port)
-        if args.control:
-            control = Control(server, server.stop_soon)
-            if pull is not None:
-                control.commands.update(pull.commands())
-            server.add_unix_service(args.control, control.handle)
 
         def ready() -> None:
             if args.pid_file:
