@@ -16,6 +16,7 @@ def test_native_module_is_built():
     assert native.HAVE_NATIVE
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=300), st.integers(0, 299))
 def test_is_zero_twins(data, pos):
     assert backend_c.is_zero(data) == backend_pure.is_zero(data) == (data.count(0) == len(data))

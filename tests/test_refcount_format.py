@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from qcow2py.format import refcount
 from qcow2py.format.header import Header
@@ -11,6 +11,7 @@ from qemu import create, qemu_io
 
 @pytest.mark.parametrize("order", range(7))
 @given(seed=st.integers(0, 2**32 - 1), edge=st.booleans())
+@settings(deadline=None)       # wall time on a loaded 2-core CI machine is not the property
 def test_round_trip(order, seed, edge):
     bits = 1 << order
     n = 4096 * 8 // bits

@@ -61,10 +61,17 @@ def qemu_io_holding(path: Path, *extra: str) -> QemuHolder:
                       lambda out: b"qemu-io>" in out)
 
 
+def _write_locked(path: Path) -> bool:
+    """QEMU's own view: another process holds the image's write permission."""
+    p = qemu_img("info", path, check=False)
+    return p.returncode != 0 and 'Failed to get shared "write" lock' in p.stderr
+
+
 def qemu_nbd_holding(path: Path, sock: Path) -> QemuHolder:
-    """``qemu-nbd --persistent`` serving the image read-write on a unix socket."""
+    """``qemu-nbd --persistent`` serving the image read-write on a unix socket; ready
+    once QEMU itself sees the write lock (the socket may appear before the lock)."""
     return QemuHolder(["qemu-nbd", "--persistent", "-f", "qcow2", "-k", str(sock), str(path)],
-                      lambda out: sock.exists(), stop_by_eof=False)
+                      lambda out: sock.exists() and _write_locked(path), stop_by_eof=False)
 
 
 def qemu_io_write(path: Path) -> subprocess.CompletedProcess:
