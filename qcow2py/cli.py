@@ -88,18 +88,15 @@ def _cmd_map(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .check import check_image
-    from .qcow2 import Qcow2Image
-    mode = "r+" if args.repair else "r"
-    with open_image(args.filename, mode, format=args.f, repair=bool(args.repair)) as img:
-        if not isinstance(img, Qcow2Image):
-            print("qcow2py: This image format does not support checks", file=sys.stderr)
-            return 63
-        try:
-            res = img.check(repair=args.repair) if args.repair else check_image(img)
-        except Qcow2Error as e:
-            print(f"qcow2py: Check failed: {e}", file=sys.stderr)
-            return 1
+    from .check import NotQcow2, check_path
+    try:
+        res = check_path(args.filename, args.f, args.repair)
+    except NotQcow2:
+        print("qcow2py: This image format does not support checks", file=sys.stderr)
+        return 63
+    except Qcow2Error as e:
+        print(f"qcow2py: Check failed: {e}", file=sys.stderr)
+        return 1
     if args.output == "json":
         sys.stdout.write(qemu_json(res.to_json_dict()) + "\n")
     else:

@@ -63,6 +63,7 @@ from . import bitmaps, locking, native
 from .bitmaps import Bitmap, load_bits
 from .errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
                      UnsupportedFeatureError)
+from .format.header import Header
 from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                             INCOMPAT_DIRTY)
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
@@ -92,6 +93,11 @@ class WritableQcow2Image(Qcow2Image):
             if fd is not None and ctx.lock:
                 locking.lock_for_write(fd, filename)
                 self._locked_fd = fd
+            if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
+                # refcounts may lag after a crash with lazy refcounts: repair first
+                # (on the file alone, before any writer state exists)
+                self._repair_dirty()
+                h = self.header
         except BaseException:
             self.close()
             raise
@@ -118,13 +124,6 @@ class WritableQcow2Image(Qcow2Image):
             # a program that does not know a feature must clear its autoclear bit (spec)
             h.autoclear_features &= AUTOCLEAR_KNOWN
             self._write_header()
-        if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
-            # refcounts may lag after a crash with lazy refcounts: rebuild them first
-            result = self.check(repair="all")
-            if result.corruptions or result.check_errors:
-                self.close()
-                raise CorruptImageError(f"{self.filename}: could not repair dirty image "
-                                        f"({result.corruptions} corruptions left)")
         self._bitmaps_attached = False      # this writer keeps the bitmaps up to date
         self._bitmaps_dirty = False         # they must be stored on close
         self._tracking: List[Bitmap] = []   # the enabled, consistent ones
@@ -227,12 +226,45 @@ class WritableQcow2Image(Qcow2Image):
 
     def check(self, repair: Optional[str] = None):
         """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all"."""
-        from .check import check_image, repair_image
-        if repair is None:
-            with self._lock:
-                self._flush_metadata()
-                return check_image(self)
-        return repair_image(self, repair)
+        from .repair import check_storage, repair_storage
+        with self._lock:
+            self._flush_metadata()
+            if repair is None:
+                return check_storage(self.storage, self.filename)
+            try:
+                return repair_storage(self.storage, self.filename, repair)
+            finally:
+                self._reload_metadata()
+
+    def _repair_dirty(self) -> None:
+        from .repair import repair_storage
+        result = repair_storage(self.storage, self.filename, "all")
+        if result.corruptions or result.check_errors:
+            raise CorruptImageError(f"{self.filename}: could not repair dirty image "
+                                    f"({result.corruptions} corruptions left)")
+        self._reread_header()
+
+    def _reread_header(self) -> None:
+        self._file_size = self.storage.size()
+        self.header = Header.parse(self.storage.pread(0, self.cluster_size), self._file_size)
+
+    def _reload_metadata(self) -> None:
+        """After a repair on the file: drop every cached table and read them anew."""
+        self._reread_header()
+        h = self.header
+        self.refcounts = RefcountManager(self.storage, h)
+        raw = self.storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+        self._l1_raw = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l1 = (self._l1_raw & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+        self._l2.clear()
+        self._dirty_l2.clear()
+        self._dirty_l1 = False
+        self._metadata_map = None
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._last_cluster = (-1, b"")
+        self._marked_dirty = False
 
     def _mark_corrupt(self, why: str) -> None:
         try:

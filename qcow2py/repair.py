@@ -1,0 +1,198 @@
+"""``check -r leaks|all`` at the storage level, in QEMU's order and crash-safe.
+
+Works on the file through :class:`~qcow2py.storage.Storage` only (so it runs
+before any writer state exists, and never needs one):
+
+1. (``all``) preallocated clusters at unaligned offsets become zero clusters;
+2. refcounts: when the structures are broken (an entry with reserved bits, an
+   unaligned or out-of-file block, a block referenced twice, a referenced
+   cluster without a refcount) they are rebuilt from scratch *after the end
+   of the file*, and only then does the header point at them; otherwise the
+   wrong counts are rewritten in place (``leaks``: only counts too high);
+3. COPIED flags: L2 tables first, then the L1 table;
+4. the dirty and corrupt bits are cleared when nothing is left to fix.
+
+Every step is followed by fsync, so an interruption leaves an image that is
+at worst leaking clusters (data before refcounts before L2 before L1 before
+header).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .checkwalk import CheckFailed, CheckView, L2Fixes, Walk
+from .errors import CorruptImageError
+from .format import refcount as rc
+from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES
+from .storage import Storage
+
+_REFTABLE_FIELDS = 48           # refcount_table_offset (u64), refcount_table_clusters (u32)
+_INCOMPAT_FIELD = 72
+
+
+def check_storage(storage: Storage, filename: str):
+    """Check the qcow2 file in ``storage`` (read only); a CheckResult."""
+    from .check import CheckResult
+    res = CheckResult(filename=filename)
+    w = Walk(CheckView(storage, filename), res)
+    w.run()
+    w.compare()
+    w.check_copied(repair=False)
+    w.finish()
+    return res
+
+
+def repair_storage(storage: Storage, filename: str, mode: str):
+    """Repair like ``qemu-img check -r MODE``; returns the check made afterwards
+    (with ``leaks_fixed``/``corruptions_fixed`` set).  Raises
+    :class:`~qcow2py.checkwalk.CheckFailed` where qemu-img reports "Check failed"."""
+    from .check import CheckResult
+    if mode not in ("leaks", "all"):
+        raise ValueError(f"repair mode must be 'leaks' or 'all', not {mode!r}")
+    fix_all = mode == "all"
+    first = CheckResult(filename=filename)
+    view = CheckView(storage, filename)
+    w = Walk(view, first, fix=fix_all)
+    w.run()
+    if w.l2_fixes:
+        _write_l2_fixes(view, w.l2_fixes)
+        storage.fsync()
+    w.compare()
+    if w.rebuild or (fix_all and w.outside_blocks):
+        if not fix_all:
+            raise CheckFailed("ERROR need to rebuild refcount structures: they must be "
+                              "rebuilt with check -r all")
+        view = CheckView(storage, filename)
+        refs = Walk(view, CheckResult(filename=filename), count_refcount_structures=False)
+        refs.run()
+        _rebuild(view, refs.refs)
+    else:
+        fixes = [(i, b) for i, a, b in first.mismatches if a > b or (fix_all and a < b)]
+        if fixes:
+            _set_refcounts(view, w, fixes)
+    # COPIED flags, against the refcounts as they are now
+    mid = CheckResult(filename=filename)
+    view = CheckView(storage, filename)
+    w = Walk(view, mid)
+    w.run()
+    w.compare()
+    if fix_all or not (mid.corruptions or mid.leaks or mid.check_errors):
+        w.check_copied(repair=True)
+        _write_l2_fixes(view, w.l2_fixes)
+        storage.fsync()
+        for i, want in sorted(w.l1_fixes.items()):
+            e = int(view.l1[i])
+            e = e | (1 << 63) if want else e & ~(1 << 63)
+            storage.pwrite(struct.pack(">Q", e), view.header.l1_table_offset + 8 * i)
+        storage.fsync()
+    final = check_storage(storage, filename)
+    if not (final.corruptions or final.check_errors):
+        _clear_problem_bits(storage)
+    final.leaks_fixed = max(0, first.leaks - final.leaks)
+    final.corruptions_fixed = max(0, first.corruptions - final.corruptions)
+    return final
+
+
+def _metadata_clusters(view: CheckView) -> set:
+    """Clusters an L2 write must never touch (QEMU's overlap check, cached mode)."""
+    h, cs = view.header, view.cs
+    out = {0}
+    for off, n in ((h.l1_table_offset, h.l1_size * 8),
+                   (h.refcount_table_offset, h.refcount_table_clusters * cs),
+                   (h.snapshots_offset, view.snapshots_size)):
+        if n > 0:
+            out.update(range(off // cs, (off + n - 1) // cs + 1))
+    t = view.reftable_raw & np.uint64(rc.REFT_OFFSET_MASK)
+    out.update((t[t != 0] // np.uint64(cs)).astype(np.int64).tolist())
+    return out
+
+
+def _write_l2_fixes(view: CheckView, fixes: Dict[int, L2Fixes]) -> None:
+    cs, ext = view.cs, view.header.extended_l2
+    forbidden = _metadata_clusters(view)
+    for off, fx in sorted(fixes.items()):
+        if not (fx.zero or fx.copied) or off % cs or off + cs > view.file_size \
+                or off // cs in forbidden:
+            continue                # QEMU refuses such a write (overlap check) too
+        words = np.frombuffer(view.pread(off, cs), dtype=">u8").astype(np.uint64)
+        step = 2 if ext else 1
+        for i in fx.zero:
+            if ext:
+                words[2 * i], words[2 * i + 1] = 0, np.uint64(0xFFFFFFFF00000000)
+            else:
+                words[i] = 1
+        for i, want in fx.copied.items():
+            e = int(words[step * i])
+            words[step * i] = (e | (1 << 63)) if want else (e & ~(1 << 63))
+        view.storage.pwrite(words.astype(">u8").tobytes(), off)
+
+
+def _set_refcounts(view: CheckView, w: Walk, fixes) -> None:
+    """Rewrite the counts of clusters in place (their refcount blocks exist)."""
+    per = view.per_block
+    byblock: Dict[int, list] = {}
+    for i, want in fixes:
+        byblock.setdefault(i // per, []).append((i % per, want))
+    for b, items in sorted(byblock.items()):
+        off = int(view.reftable_raw[b]) & rc.REFT_OFFSET_MASK
+        if not off or off % view.cs:
+            continue
+        blk = rc.decode_block(view.pread(off, view.cs), view.refcount_order).copy()
+        for j, want in items:
+            blk[j] = want
+        view.storage.pwrite(rc.encode_block(blk, view.refcount_order), off)
+    view.storage.fsync()
+
+
+def _layout(nonzero_blocks: np.ndarray, start: int, per: int, cs: int) -> Tuple[np.ndarray, int]:
+    """Block indices to allocate and reftable clusters, when the new structures
+    (blocks, then table) occupy the clusters from ``start`` on."""
+    nblocks, tclusters = 0, 0
+    while True:
+        total = nblocks + tclusters
+        tail = np.arange(start // per, (start + max(total, 1) - 1) // per + 1, dtype=np.int64)
+        blocks = np.union1d(nonzero_blocks, tail)
+        t = -(-(int(blocks[-1]) + 1) * 8 // cs)
+        if blocks.size == nblocks and t == tclusters:
+            return blocks, tclusters
+        nblocks, tclusters = blocks.size, t
+
+
+def _rebuild(view: CheckView, refs: np.ndarray) -> None:
+    """New refcount blocks and table after the end of the file, then the header."""
+    cs, per, st = view.cs, view.per_block, view.storage
+    refs = np.minimum(refs, view.refcount_max).astype(np.uint64)
+    used = np.flatnonzero(refs)
+    start = max(view.nb_clusters, int(used[-1]) + 1 if used.size else 1)
+    blocks, tclusters = _layout(np.unique(used // per), start, per, cs)
+    if tclusters * cs > MAX_REFTABLE_BYTES:
+        raise CorruptImageError("cannot rebuild the refcount structures: the refcount "
+                                "table would be too large")
+    full = np.zeros((int(blocks[-1]) + 1) * per, dtype=np.uint64)
+    full[:refs.size] = refs
+    full[start:start + blocks.size + tclusters] = 1
+    table = np.zeros(tclusters * cs // 8, dtype=np.uint64)
+    for k, b in enumerate(blocks.tolist()):
+        off = (start + k) * cs
+        table[b] = off
+        st.pwrite(rc.encode_block(full[b * per:(b + 1) * per], view.refcount_order), off)
+    table_off = (start + blocks.size) * cs
+    st.pwrite(table.astype(">u8").tobytes(), table_off)
+    st.fsync()
+    st.pwrite(struct.pack(">QI", table_off, tclusters), _REFTABLE_FIELDS)
+    st.fsync()
+
+
+def _clear_problem_bits(storage: Storage) -> None:
+    raw = storage.pread(0, 80)
+    if int.from_bytes(raw[4:8], "big") < 3:
+        return
+    inc = int.from_bytes(raw[_INCOMPAT_FIELD:_INCOMPAT_FIELD + 8], "big")
+    if inc & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT):
+        storage.pwrite(struct.pack(">Q", inc & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)),
+                       _INCOMPAT_FIELD)
+        storage.fsync()
