@@ -106,7 +106,10 @@ def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = Non
     st = FileStorage(path, writable=bool(repair))
     locked = None
     try:
-        if fmt not in (None, "qcow2") or st.pread(0, 4) != b"QFI\xfb":
+        head = st.pread(0, 8)
+        # QEMU probes qcow2 by the magic and a version >= 2, qcow by version 1
+        if fmt not in (None, "qcow2") or head[:4] != b"QFI\xfb" or \
+                (fmt is None and int.from_bytes(head[4:8], "big") == 0):
             if fmt in (None, "qcow2", "raw"):
                 raise NotQcow2(f"{path}: This image format does not support checks")
             raise FormatError(f"unknown image format {fmt!r} (qcow2 or raw)")

@@ -16,6 +16,7 @@ of the file is counted apart as a corruption, exactly as QEMU does.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -26,6 +27,7 @@ from .format import refcount as rc
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header
 from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
+from .bitmaps import entry_problem
 from .storage import Storage
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -38,6 +40,9 @@ COMPRESSED = 1 << 62
 MAX_L1_ENTRIES = (32 << 20) // 8
 BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
+_REQUEST_MAX = ((1 << 31) - 1) >> 9 << 9
+#: QEMU fails (EIO) any request reaching past this offset
+MAX_IO_OFFSET = ((1 << 63) - 1) // _REQUEST_MAX * _REQUEST_MAX
 
 _U = np.uint64
 
@@ -65,7 +70,7 @@ class CheckView:
         bits = int.from_bytes(first[20:24], "big")
         cs = 1 << bits if 9 <= bits <= 21 else 4096
         buf = storage.pread(0, cs) if cs > 4096 else first[:cs]
-        self.header = h = Header.parse(buf, None)
+        self.header = h = Header.parse(buf, None, lenient=True)
         self.cs = h.cluster_size
         self.bits = h.cluster_bits
         self.refcount_order = h.refcount_order
@@ -74,6 +79,11 @@ class CheckView:
         self.nb_clusters = -(-self.file_size // self.cs)
         # QEMU counts the virtual size in whole 512-byte sectors
         self.total_clusters = -(-(h.size // 512 * 512) // self.cs)
+        for what, off, n in (("L1 table", h.l1_table_offset, h.l1_size * 8),
+                             ("refcount table", h.refcount_table_offset,
+                              h.refcount_table_clusters * self.cs)):
+            if not self.can_read(off, n):
+                raise FormatError(f"Could not read the {what} at {off:#x}: I/O error")
         self.l1 = self._table(h.l1_table_offset, h.l1_size * 8)
         self.reftable_raw = self._table(h.refcount_table_offset,
                                         h.refcount_table_clusters * self.cs)
@@ -84,6 +94,12 @@ class CheckView:
         self.bitmaps: List[BitmapEntry] = self._read_bitmaps()
         if h.has_data_file:
             self._find_data_file()
+        if h.backing_file is not None and h.backing_file.split("\0", 1)[0]:
+            self._open_backing()
+
+    def can_read(self, offset: int, length: int) -> bool:
+        """Whether QEMU would issue this read at all (else it fails with EIO)."""
+        return 0 <= offset and offset + length <= MAX_IO_OFFSET
 
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; past the end of the file: zeros."""
@@ -99,18 +115,19 @@ class CheckView:
         if not h.nb_snapshots:
             return
         bound = snapshot_table_bytes_upper_bound(h.nb_snapshots)
-        length = min(bound, max(0, self.file_size - h.snapshots_offset) + 40 * h.nb_snapshots)
+        raw = self.pread(h.snapshots_offset, bound)       # zeros past the end of the file
         try:
-            self.snapshots = parse_snapshot_table(self.pread(h.snapshots_offset, length),
-                                                  h.nb_snapshots)
+            self.snapshots = parse_snapshot_table(raw, h.nb_snapshots)
         except FormatError as e:
             self.snapshot_error = str(e)
             return
-        size = 0
-        for s in self.snapshots:
-            entry = 40 + len(s.extra_data) + len(s.id.encode()) + len(s.name.encode())
-            size += entry + (-entry % 8)
-        self.snapshots_size = size
+        pos = 0
+        for _ in self.snapshots:
+            id_len, name_len = struct.unpack_from(">HH", raw, pos + 12)
+            extra = struct.unpack_from(">I", raw, pos + 36)[0]
+            pos += 40 + extra + id_len + name_len
+            pos += -pos % 8
+        self.snapshots_size = pos
 
     def _read_bitmaps(self) -> List[BitmapEntry]:
         h = self.header
@@ -122,12 +139,37 @@ class CheckView:
             raise FormatError("bitmaps extension: invalid bitmap directory")
         entries = parse_bitmap_directory(self.pread(ext.directory_offset, ext.directory_size),
                                          ext.nb_bitmaps)
-        for e in entries:
-            if e.table_size > BME_MAX_TABLE_SIZE or e.table_size * self.cs > BME_MAX_PHYS_SIZE \
-                    or e.table_offset == 0 or e.table_offset % self.cs:
-                raise FormatError(f"bitmap {e.name!r}: invalid bitmap table "
-                                  f"(offset {e.table_offset:#x}, {e.table_size} entries)")
+        for e in entries:           # QEMU loads every bitmap's table when it opens
+            err = entry_problem(e, h.size, self.cs, 1 << 62)   # past EOF: counted by check
+            if err is not None:
+                raise err
+            if not self.can_read(e.table_offset, e.table_size * 8):
+                raise FormatError(f"Could not read bitmap_table table from image for "
+                                  f"bitmap '{e.name}': I/O error")
+            t = self._table(e.table_offset, e.table_size * 8)
+            offs = t & _U(L2E_OFFSET_MASK)
+            if ((t & _U(BME_RESERVED_MASK)) != 0).any() or \
+                    ((offs != 0) & (((t & _U(1)) != 0) | ((offs & _U(self.cs - 1)) != 0))).any():
+                raise FormatError(f"Could not read bitmap_table table from image for "
+                                  f"bitmap '{e.name}': Invalid argument")
         return entries
+
+    def _open_backing(self) -> None:
+        """qemu-img check opens the backing chain: an image whose backing file
+        cannot be opened fails the same way (exit 1)."""
+        from .backing import DEFAULT_POLICY
+        from .image import open as open_image
+        h = self.header
+        if h.backing_format is not None and h.backing_format not in ("qcow2", "raw"):
+            raise BackingChainError(f"Could not open backing file: unknown driver "
+                                    f"{h.backing_format!r}")
+        name = h.backing_file.split("\0", 1)[0]        # QEMU reads a C string
+        path = DEFAULT_POLICY.resolve(name, self.storage.name or self.filename)
+        try:
+            open_image(path, format=h.backing_format if h.backing_format in ("qcow2", "raw")
+                       else None).close()
+        except FileNotFoundError:
+            raise BackingChainError(f"Could not open backing file {path!r}") from None
 
     def _find_data_file(self) -> None:
         name = self.header.data_file
@@ -169,6 +211,12 @@ class Walk:
 
     def inc(self, offset: int, size: int, what: str = "") -> None:
         """QEMU's qcow2_inc_refcounts_imrt for one region."""
+        if size <= 0:
+            return
+        if offset + size - self.v.file_size >= self.v.cs:
+            self.corrupt(f"ERROR: counting reference for region exceeding the end of the file "
+                         f"by one cluster or more: offset {offset:#x} size {size:#x}")
+            return
         self.inc_many(np.array([offset], dtype=np.int64), np.array([size], dtype=np.int64))
 
     def inc_many(self, offsets: np.ndarray, sizes, weight: int = 1) -> None:
@@ -216,6 +264,11 @@ class Walk:
         if v.snapshot_error is not None:
             res.check_errors += 1
             res.note(f"Failed to read the snapshot table: {v.snapshot_error}")
+        if h.version >= 3:
+            for i, sn in enumerate(v.snapshots):
+                if len(sn.extra_data) < 16:
+                    self.corrupt(f"{'Repairing' if self.fix else 'ERROR'} snapshot table "
+                                 f"entry {i} is incomplete")
         if h.has_data_file and h.nb_snapshots:
             self.corrupt(f"ERROR {h.nb_snapshots} snapshots in image with data file")
         for sn in v.snapshots:
@@ -228,6 +281,10 @@ class Walk:
                 self.corrupt(f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: "
                              f"L1 table is too large; snapshot table entry corrupted")
                 continue
+            if not v.can_read(sn.l1_table_offset, sn.l1_size * 8):
+                self.inc(sn.l1_table_offset, sn.l1_size * 8)
+                res.check_errors += 1
+                raise CheckFailed("ERROR: I/O error in check_refcounts_l1")
             self.walk_l1(sn.l1_table_offset, sn.l1_size, active=False)
         self.inc(h.snapshots_offset, v.snapshots_size, "snapshot table")
         if self.count_structures:
@@ -360,6 +417,9 @@ class Walk:
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory")
         for bm in v.bitmaps:
             self.inc(bm.table_offset, bm.table_size * 8, "bitmap table")
+            if not v.can_read(bm.table_offset, bm.table_size * 8):
+                self.corrupt(f"ERROR bitmap {bm.name!r}: cannot read the bitmap table")
+                break
             t = v._table(bm.table_offset, bm.table_size * 8)
             offs = t & _U(L2E_OFFSET_MASK)
             bad = ((t & _U(BME_RESERVED_MASK)) != 0) | \
@@ -405,7 +465,7 @@ class Walk:
         v = self.v
         t = v.reftable_raw
         e = int(t[bi]) & rc.REFT_OFFSET_MASK if bi < t.size else 0
-        if e % v.cs:
+        if e % v.cs or e + v.cs > MAX_IO_OFFSET:
             out = None
         elif e == 0:
             out = np.zeros(v.per_block, dtype=np.uint64)

@@ -165,7 +165,7 @@ def _layout(nonzero_blocks: np.ndarray, start: int, per: int, cs: int) -> Tuple[
 def _rebuild(view: CheckView, refs: np.ndarray) -> None:
     """New refcount blocks and table after the end of the file, then the header."""
     cs, per, st = view.cs, view.per_block, view.storage
-    refs = np.minimum(refs, view.refcount_max).astype(np.uint64)
+    refs = np.minimum(refs, min(view.refcount_max, 1 << 62)).astype(np.uint64)
     used = np.flatnonzero(refs)
     start = max(view.nb_clusters, int(used[-1]) + 1 if used.size else 1)
     blocks, tclusters = _layout(np.unique(used // per), start, per, cs)
