@@ -458,8 +458,9 @@ class Walk:
                 self.rebuild = True
 
     # ------------------------------------------------------------ stored refcounts
-    def _block(self, bi: int) -> Optional[np.ndarray]:
-        """Refcount block ``bi`` decoded; None when its table entry is unaligned (EIO)."""
+    def _block(self, bi: int) -> Optional[bytes]:
+        """Refcount block ``bi`` as stored; None when QEMU cannot read it (EIO:
+        unaligned table entry, or an offset past what a request may reach)."""
         if bi in self._blocks:
             return self._blocks[bi]
         v = self.v
@@ -468,13 +469,21 @@ class Walk:
         if e % v.cs or e + v.cs > MAX_IO_OFFSET:
             out = None
         elif e == 0:
-            out = np.zeros(v.per_block, dtype=np.uint64)
+            out = b""
         else:
-            out = rc.decode_block(v.pread(e, v.cs), v.refcount_order)
-        if len(self._blocks) > 256:
+            out = v.pread(e, v.cs)
+        if len(self._blocks) > 64:
             self._blocks.clear()
         self._blocks[bi] = out
         return out
+
+    def _decode(self, raw: bytes, count: int) -> np.ndarray:
+        """The first ``count`` refcounts of a stored block (decoding no more)."""
+        if not raw:
+            return np.zeros(count, dtype=np.uint64)
+        bits = 1 << self.v.refcount_order
+        nbytes = -(-count * bits // 8)
+        return rc.decode_block(raw[:nbytes], self.v.refcount_order)[:count]
 
     def refcounts_of(self, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of host clusters ``idx`` (values, readable mask)."""
@@ -484,11 +493,12 @@ class Walk:
         bi = idx // self.v.per_block
         for b in np.unique(bi).tolist():
             sel = bi == b
-            blk = self._block(b)
-            if blk is None:
+            raw = self._block(b)
+            if raw is None:
                 ok[sel] = False
-            else:
-                vals[sel] = blk[idx[sel] - b * self.v.per_block]
+                continue
+            within = idx[sel] - b * self.v.per_block
+            vals[sel] = self._decode(raw, int(within.max()) + 1)[within]
         return vals, ok
 
     def compare(self) -> None:
@@ -500,13 +510,13 @@ class Walk:
         per = v.per_block
         for b in range(-(-n // per)):
             lo, hi = b * per, min(n, (b + 1) * per)
-            blk = self._block(b)
-            if blk is None:
+            raw = self._block(b)
+            if raw is None:
                 known[lo:hi] = False
                 res.check_errors += hi - lo
                 res.note(f"Can't get refcount for clusters {lo}..{hi - 1}: Input/output error")
             else:
-                stored[lo:hi] = blk[:hi - lo]
+                stored[lo:hi] = self._decode(raw, hi - lo)
         self.stored, self.known = stored, known
         comp = self.refs[:n].astype(np.uint64)
         used = known & ((stored > 0) | (comp > 0))

@@ -141,11 +141,23 @@ def _set_refcounts(view: CheckView, w: Walk, fixes) -> None:
         off = int(view.reftable_raw[b]) & rc.REFT_OFFSET_MASK
         if not off or off % view.cs:
             continue
-        blk = rc.decode_block(view.pread(off, view.cs), view.refcount_order).copy()
+        raw = bytearray(view.pread(off, view.cs))
         for j, want in items:
-            blk[j] = want
-        view.storage.pwrite(rc.encode_block(blk, view.refcount_order), off)
+            _put_entry(raw, view.refcount_order, j, want)
+        view.storage.pwrite(bytes(raw), off)
     view.storage.fsync()
+
+
+def _put_entry(raw: bytearray, order: int, j: int, value: int) -> None:
+    """Store refcount ``value`` as entry ``j`` of a refcount block, in place."""
+    bits = 1 << order
+    if bits >= 8:
+        n = bits // 8
+        raw[j * n:(j + 1) * n] = value.to_bytes(n, "big")
+    else:
+        byte, shift = divmod(j * bits, 8)
+        mask = ((1 << bits) - 1) << shift
+        raw[byte] = (raw[byte] & ~mask) | ((value << shift) & mask)
 
 
 def _layout(nonzero_blocks: np.ndarray, start: int, per: int, cs: int) -> Tuple[np.ndarray, int]:
@@ -172,14 +184,20 @@ def _rebuild(view: CheckView, refs: np.ndarray) -> None:
     if tclusters * cs > MAX_REFTABLE_BYTES:
         raise CorruptImageError("cannot rebuild the refcount structures: the refcount "
                                 "table would be too large")
-    full = np.zeros((int(blocks[-1]) + 1) * per, dtype=np.uint64)
-    full[:refs.size] = refs
-    full[start:start + blocks.size + tclusters] = 1
+    end = start + blocks.size + tclusters
     table = np.zeros(tclusters * cs // 8, dtype=np.uint64)
     for k, b in enumerate(blocks.tolist()):
         off = (start + k) * cs
         table[b] = off
-        st.pwrite(rc.encode_block(full[b * per:(b + 1) * per], view.refcount_order), off)
+        lo, hi = b * per, min((b + 1) * per, max(refs.size, end))
+        vals = np.zeros(-(-(hi - lo) // 8) * 8, dtype=np.uint64)   # whole bytes at any width
+        part = refs[lo:min(hi, refs.size)]
+        vals[:part.size] = part
+        a, z = max(start, lo), min(end, hi)
+        if a < z:
+            vals[a - lo:z - lo] = 1                 # the new blocks and table themselves
+        data = rc.encode_block(vals, view.refcount_order)
+        st.pwrite(data + bytes(cs - len(data)), off)
     table_off = (start + blocks.size) * cs
     st.pwrite(table.astype(">u8").tobytes(), table_off)
     st.fsync()
