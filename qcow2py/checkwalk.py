@@ -90,6 +90,8 @@ class CheckView:
         self.snapshots: List[Snapshot] = []
         self.snapshots_size = 0
         self.snapshot_error: Optional[str] = None
+        #: each snapshot table entry as stored (without its padding)
+        self.snapshot_raw: List[bytes] = []
         self._read_snapshots()
         self.bitmaps: List[BitmapEntry] = self._read_bitmaps()
         if h.has_data_file:
@@ -125,8 +127,9 @@ class CheckView:
         for _ in self.snapshots:
             id_len, name_len = struct.unpack_from(">HH", raw, pos + 12)
             extra = struct.unpack_from(">I", raw, pos + 36)[0]
-            pos += 40 + extra + id_len + name_len
-            pos += -pos % 8
+            end = pos + 40 + extra + id_len + name_len
+            self.snapshot_raw.append(raw[pos:end])
+            pos = end + (-end % 8)
         self.snapshots_size = pos
 
     def _read_bitmaps(self) -> List[BitmapEntry]:

@@ -97,11 +97,13 @@ def _cmd_check(args) -> int:
     except Qcow2Error as e:
         print(f"qcow2py: Check failed: {e}", file=sys.stderr)
         return 1
+    for m in res.messages:                  # qemu-img prints them in both formats
+        print(m, file=sys.stderr)
+    if res.messages_dropped:
+        print(f"({res.messages_dropped} more messages left out)", file=sys.stderr)
     if args.output == "json":
         sys.stdout.write(qemu_json(res.to_json_dict()) + "\n")
     else:
-        for m in res.messages:
-            print(m, file=sys.stderr)
         out = []
         if res.leaks_fixed or res.corruptions_fixed:
             out.append(f"The following inconsistencies were found and repaired:\n\n"

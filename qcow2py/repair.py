@@ -32,6 +32,7 @@ from .storage import Storage
 
 _REFTABLE_FIELDS = 48           # refcount_table_offset (u64), refcount_table_clusters (u32)
 _INCOMPAT_FIELD = 72
+_SNAPSHOT_FIELDS = 60           # nb_snapshots (u32), snapshots_offset (u64)
 
 
 def check_storage(storage: Storage, filename: str):
@@ -56,6 +57,8 @@ def repair_storage(storage: Storage, filename: str, mode: str):
     fix_all = mode == "all"
     first = CheckResult(filename=filename)
     view = CheckView(storage, filename)
+    if fix_all and _fix_snapshot_table(view):
+        view = CheckView(storage, filename)
     w = Walk(view, first, fix=fix_all)
     w.run()
     if w.l2_fixes:
@@ -95,6 +98,35 @@ def repair_storage(storage: Storage, filename: str, mode: str):
     final.leaks_fixed = max(0, first.leaks - final.leaks)
     final.corruptions_fixed = max(0, first.corruptions - final.corruptions)
     return final
+
+
+def _fix_snapshot_table(view: CheckView) -> bool:
+    """v3 entries without the 16 bytes of extra data (VM state size, disk size)
+    get them, in a new table written after the end of the file; the header
+    then points at it.  The refcount pass that follows counts the new table
+    (and rebuilds the refcounts, since it has none yet).  True if rewritten."""
+    h = view.header
+    if h.version < 3 or not view.snapshot_raw or \
+            all(len(s.extra_data) >= 16 for s in view.snapshots):
+        return False
+    out = bytearray()
+    for raw, sn in zip(view.snapshot_raw, view.snapshots):
+        extra = sn.extra_data
+        if len(extra) < 16:
+            vmss = struct.unpack_from(">Q", extra)[0] if len(extra) >= 8 else \
+                struct.unpack_from(">I", raw, 32)[0]
+            extra = struct.pack(">QQ", vmss, h.size // 512 * 512)
+        names = raw[40 + len(sn.extra_data):]
+        head = bytearray(raw[:40])
+        struct.pack_into(">I", head, 36, len(extra))
+        out += head + extra + names
+        out += bytes(-len(out) % 8)
+    start = -(-view.file_size // view.cs) * view.cs
+    view.storage.pwrite(bytes(out) + bytes(-len(out) % view.cs), start)
+    view.storage.fsync()
+    view.storage.pwrite(struct.pack(">IQ", len(view.snapshots), start), _SNAPSHOT_FIELDS)
+    view.storage.fsync()
+    return True
 
 
 def _metadata_clusters(view: CheckView) -> set:
