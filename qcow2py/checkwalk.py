@@ -25,7 +25,7 @@ import numpy as np
 from .errors import BackingChainError, FormatError
 from .format import refcount as rc
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
-from .format.header import AUTOCLEAR_BITMAPS, Header
+from .format.header import AUTOCLEAR_BITMAPS, MAX_SNAPSHOTS, Header
 from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
 from .bitmaps import entry_problem
 from .storage import Storage
@@ -39,6 +39,7 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 MAX_L1_ENTRIES = (32 << 20) // 8
 BME_MAX_TABLE_SIZE = 0x8000000
+MAX_SNAPSHOT_EXTRA = 1024
 BME_MAX_PHYS_SIZE = 0x20000000
 _REQUEST_MAX = ((1 << 31) - 1) >> 9 << 9
 #: QEMU fails (EIO) any request reaching past this offset
@@ -62,7 +63,7 @@ class L2Fixes:
 class CheckView:
     """The metadata of one qcow2 file, read leniently for check and repair."""
 
-    def __init__(self, storage: Storage, filename: str) -> None:
+    def __init__(self, storage: Storage, filename: str, repairing: bool = False) -> None:
         self.storage = storage
         self.filename = filename
         self.file_size = storage.size()
@@ -90,9 +91,18 @@ class CheckView:
         self.snapshots: List[Snapshot] = []
         self.snapshots_size = 0
         self.snapshot_error: Optional[str] = None
-        #: each snapshot table entry as stored (without its padding)
-        self.snapshot_raw: List[bytes] = []
-        self._read_snapshots()
+        #: each snapshot table entry: (40-byte header, extra data kept, id + name)
+        self.snapshot_parts: List[Tuple[bytes, bytes, bytes]] = []
+        self.snapshots_dropped_extra = 0
+        self.repairing = repairing
+        #: snapshots past QEMU's limit (check -r all drops them; check fails on them)
+        self.overhanging = max(0, h.nb_snapshots - MAX_SNAPSHOTS)
+        if self.overhanging and not repairing:
+            raise FormatError(f"too many snapshots ({h.nb_snapshots}; at most "
+                              f"{MAX_SNAPSHOTS}): check -r all drops the "
+                              f"{self.overhanging} overhanging ones")
+        if not self.overhanging:
+            self._read_snapshots()
         self.bitmaps: List[BitmapEntry] = self._read_bitmaps()
         if h.has_data_file:
             self._find_data_file()
@@ -113,24 +123,47 @@ class CheckView:
         return np.frombuffer(self.pread(offset, nbytes), dtype=">u8").astype(np.uint64)
 
     def _read_snapshots(self) -> None:
+        """QEMU's qcow2_do_read_snapshots: past the end of the file reads zeros;
+        when repairing, extra data beyond 1 KiB is dropped (the entry kept)."""
         h = self.header
         if not h.nb_snapshots:
             return
         bound = snapshot_table_bytes_upper_bound(h.nb_snapshots)
         raw = self.pread(h.snapshots_offset, bound)       # zeros past the end of the file
-        try:
-            self.snapshots = parse_snapshot_table(raw, h.nb_snapshots)
-        except FormatError as e:
-            self.snapshot_error = str(e)
-            return
         pos = 0
-        for _ in self.snapshots:
-            id_len, name_len = struct.unpack_from(">HH", raw, pos + 12)
-            extra = struct.unpack_from(">I", raw, pos + 36)[0]
-            end = pos + 40 + extra + id_len + name_len
-            self.snapshot_raw.append(raw[pos:end])
-            pos = end + (-end % 8)
-        self.snapshots_size = pos
+        snaps, parts = [], []
+        for i in range(h.nb_snapshots):
+            if pos + 40 > len(raw):
+                self.snapshot_error = "Snapshot table is too big"
+                return
+            head = raw[pos:pos + 40]
+            id_len, name_len = struct.unpack_from(">HH", head, 12)
+            extra_len = struct.unpack_from(">I", head, 36)[0]
+            pos += 40
+            keep = extra_len
+            if extra_len > MAX_SNAPSHOT_EXTRA:
+                if not self.repairing:
+                    self.snapshot_error = (f"Too much extra metadata in snapshot table "
+                                           f"entry {i}")
+                    return
+                keep = 24                # the known fields; the rest is dropped
+                self.snapshots_dropped_extra += 1
+            extra = raw[pos:pos + keep]
+            pos += extra_len
+            names = raw[pos:pos + id_len + name_len]
+            pos += id_len + name_len
+            if pos > len(raw):
+                self.snapshot_error = "Snapshot table is too big"
+                return
+            pos += -pos % 8
+            entry = head[:36] + struct.pack(">I", len(extra)) + extra + names
+            try:
+                snaps += parse_snapshot_table(entry + bytes(-len(entry) % 8), 1)
+            except FormatError as e:
+                self.snapshot_error = str(e)
+                return
+            parts.append((head, extra, names))
+        self.snapshots, self.snapshot_parts, self.snapshots_size = snaps, parts, pos
 
     def _read_bitmaps(self) -> List[BitmapEntry]:
         h = self.header

@@ -56,7 +56,13 @@ def repair_storage(storage: Storage, filename: str, mode: str):
         raise ValueError(f"repair mode must be 'leaks' or 'all', not {mode!r}")
     fix_all = mode == "all"
     first = CheckResult(filename=filename)
-    view = CheckView(storage, filename)
+    view = CheckView(storage, filename, repairing=fix_all)
+    if view.overhanging:
+        # QEMU's answer to a snapshot count past its limit: keep the first 65536
+        storage.pwrite(struct.pack(">I", view.header.nb_snapshots - view.overhanging),
+                       _SNAPSHOT_FIELDS)
+        storage.fsync()
+        view = CheckView(storage, filename, repairing=fix_all)
     if fix_all and _fix_snapshot_table(view):
         view = CheckView(storage, filename)
     w = Walk(view, first, fix=fix_all)
@@ -106,25 +112,23 @@ def _fix_snapshot_table(view: CheckView) -> bool:
     then points at it.  The refcount pass that follows counts the new table
     (and rebuilds the refcounts, since it has none yet).  True if rewritten."""
     h = view.header
-    if h.version < 3 or not view.snapshot_raw or \
-            all(len(s.extra_data) >= 16 for s in view.snapshots):
+    incomplete = h.version >= 3 and any(len(e) < 16 for _, e, _ in view.snapshot_parts)
+    if not (incomplete or view.snapshots_dropped_extra):
         return False
     out = bytearray()
-    for raw, sn in zip(view.snapshot_raw, view.snapshots):
-        extra = sn.extra_data
-        if len(extra) < 16:
+    for head, extra, names in view.snapshot_parts:
+        if h.version >= 3 and len(extra) < 16:
             vmss = struct.unpack_from(">Q", extra)[0] if len(extra) >= 8 else \
-                struct.unpack_from(">I", raw, 32)[0]
+                struct.unpack_from(">I", head, 32)[0]
             extra = struct.pack(">QQ", vmss, h.size // 512 * 512)
-        names = raw[40 + len(sn.extra_data):]
-        head = bytearray(raw[:40])
+        head = bytearray(head)
         struct.pack_into(">I", head, 36, len(extra))
         out += head + extra + names
         out += bytes(-len(out) % 8)
     start = -(-view.file_size // view.cs) * view.cs
     view.storage.pwrite(bytes(out) + bytes(-len(out) % view.cs), start)
     view.storage.fsync()
-    view.storage.pwrite(struct.pack(">IQ", len(view.snapshots), start), _SNAPSHOT_FIELDS)
+    view.storage.pwrite(struct.pack(">IQ", len(view.snapshot_parts), start), _SNAPSHOT_FIELDS)
     view.storage.fsync()
     return True
 

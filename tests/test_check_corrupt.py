@@ -131,6 +131,7 @@ def run_jobs(jobs: List[dict]) -> List[dict]:
     for j in jobs:
         todo.put(j)
     out: List[dict] = []
+    errors: List[BaseException] = []
     lock = threading.Lock()
 
     def loop() -> None:
@@ -145,6 +146,8 @@ def run_jobs(jobs: List[dict]) -> List[dict]:
                 r["job"] = j
                 with lock:
                     out.append(r)
+        except BaseException as e:       # surfaces in the test, not lost in a thread
+            errors.append(e)
         finally:
             w.stop()
 
@@ -153,6 +156,8 @@ def run_jobs(jobs: List[dict]) -> List[dict]:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return out
 
 
@@ -179,6 +184,7 @@ def test_check_agrees_with_qemu(bases, name):
         jobs.append({"id": case["id"], "case": case, "path": p, "repaired": p + ".r"})
     t0 = time.monotonic()
     res = run_jobs(jobs)
+    assert len(res) == len(jobs)
     agree = sum(r["code"] == r["qcode"] for r in res)
     qclean = [r for r in res if r["q_clean"]]
     fixed = sum(r["ours_clean"] for r in qclean)

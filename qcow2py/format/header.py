@@ -259,18 +259,17 @@ class Header:
         self._check_table("refcount table", self.refcount_table_offset,
                           self.refcount_table_clusters * cs, file_size, required=True)
         # snapshots
-        if self.nb_snapshots > MAX_SNAPSHOTS:
+        lenient = getattr(self, "_lenient", False)
+        if self.nb_snapshots > MAX_SNAPSHOTS and not lenient:    # check -r all drops them
             raise FormatError(f"too many snapshots ({self.nb_snapshots}; at most "
                               f"{MAX_SNAPSHOTS})")
-        if self.snapshots_offset % cs:
-            raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} is not "
-                              f"cluster aligned")
-        if self.snapshots_offset % cs or \
-                self.snapshots_offset > (1 << 63) - 1 - 40 * self.nb_snapshots:
+        nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
+        # QEMU validates the snapshot table offset even without snapshots
+        if self.snapshots_offset % cs or self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
             raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} invalid")
-        if self.nb_snapshots:
+        if nb:
             # each entry is at least 40 bytes
-            self._check_table("snapshot table", self.snapshots_offset, 40 * self.nb_snapshots,
+            self._check_table("snapshot table", self.snapshots_offset, 40 * nb,
                               file_size, required=True)
         if self.compression_type not in COMPRESSION_NAMES:
             raise UnsupportedFeatureError(f"unknown compression type {self.compression_type}")
@@ -336,7 +335,10 @@ class Header:
                                       f"{self.crypt_method}, not 2 (LUKS)")
                 self.crypto = _CRYPTO_EXT.unpack_from(data)
             elif magic == EXT_DATA_FILE:
-                self.data_file = _decode_name(data, "data file")
+                if getattr(self, "_lenient", False):      # QEMU takes any bytes
+                    self.data_file = bytes(data).decode("utf-8", "replace")
+                else:
+                    self.data_file = _decode_name(data, "data file")
             else:
                 self.unknown_extensions.append((magic, bytes(data)))
         if self.backing_file_offset:
