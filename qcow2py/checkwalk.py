@@ -15,6 +15,7 @@ of the file is counted apart as a corruption, exactly as QEMU does.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ _REQUEST_MAX = ((1 << 31) - 1) >> 9 << 9
 MAX_IO_OFFSET = ((1 << 63) - 1) // _REQUEST_MAX * _REQUEST_MAX
 
 _U = np.uint64
+
+
+#: the last snapshot table parsed (a repair opens the same table several times)
+_snapshot_memo: dict = {}
 
 
 class CheckFailed(FormatError):
@@ -129,14 +134,32 @@ class CheckView:
         if not h.nb_snapshots:
             return
         bound = snapshot_table_bytes_upper_bound(h.nb_snapshots)
-        raw = self.pread(h.snapshots_offset, bound)       # zeros past the end of the file
+        raw = self.pread(h.snapshots_offset, min(bound, max(0, self.file_size -
+                                                           h.snapshots_offset)))
+
+        key = (hashlib.sha1(raw).digest(), len(raw), h.nb_snapshots, self.repairing)
+        if _snapshot_memo.get("key") == key:        # repairs re-read the same table
+            (self.snapshots, self.snapshot_parts, self.snapshots_size,
+             self.snapshots_dropped_extra, self.snapshot_error) = _snapshot_memo["value"]
+            return
+        try:
+            self._parse_snapshots(raw, bound)
+        finally:
+            _snapshot_memo["key"] = key
+            _snapshot_memo["value"] = (self.snapshots, self.snapshot_parts, self.snapshots_size,
+                                       self.snapshots_dropped_extra, self.snapshot_error)
+
+    def _parse_snapshots(self, raw: bytes, bound: int) -> None:
+        h = self.header
+
+        def get(at: int, n: int) -> bytes:          # zeros past the end of the file
+            chunk = raw[at:at + n]
+            return chunk + bytes(n - len(chunk))
+
         pos = 0
-        snaps, parts = [], []
+        parts = []
         for i in range(h.nb_snapshots):
-            if pos + 40 > len(raw):
-                self.snapshot_error = "Snapshot table is too big"
-                return
-            head = raw[pos:pos + 40]
+            head = get(pos, 40)
             id_len, name_len = struct.unpack_from(">HH", head, 12)
             extra_len = struct.unpack_from(">I", head, 36)[0]
             pos += 40
@@ -148,22 +171,25 @@ class CheckView:
                     return
                 keep = 24                # the known fields; the rest is dropped
                 self.snapshots_dropped_extra += 1
-            extra = raw[pos:pos + keep]
+            extra = get(pos, keep)
             pos += extra_len
-            names = raw[pos:pos + id_len + name_len]
+            names = get(pos, id_len + name_len)
             pos += id_len + name_len
-            if pos > len(raw):
+            if pos > bound:
                 self.snapshot_error = "Snapshot table is too big"
                 return
             pos += -pos % 8
-            entry = head[:36] + struct.pack(">I", len(extra)) + extra + names
-            try:
-                snaps += parse_snapshot_table(entry + bytes(-len(entry) % 8), 1)
-            except FormatError as e:
-                self.snapshot_error = str(e)
-                return
             parts.append((head, extra, names))
-        self.snapshots, self.snapshot_parts, self.snapshots_size = snaps, parts, pos
+        buf = bytearray()
+        for head, extra, names in parts:
+            buf += head[:36] + struct.pack(">I", len(extra)) + extra + names
+            buf += bytes(-len(buf) % 8)
+        try:
+            self.snapshots = parse_snapshot_table(bytes(buf), len(parts))
+        except FormatError as e:
+            self.snapshot_error = str(e)
+            return
+        self.snapshot_parts, self.snapshots_size = parts, pos
 
     def _read_bitmaps(self) -> List[BitmapEntry]:
         h = self.header
