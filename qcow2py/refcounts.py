@@ -32,6 +32,9 @@ from .storage import Storage
 _REFTABLE_FIELDS = 48
 
 
+_MAX_IO_OFFSET = (1 << 56) - 1      # QCOW_MAX_CLUSTER_OFFSET: no refcount block lies beyond
+
+
 class RefcountManager:
     """Reads, allocates and frees host clusters of one qcow2 file."""
 
@@ -63,6 +66,9 @@ class RefcountManager:
         off = int(self.reftable[bi])
         if off % self.cs:
             raise CorruptImageError(f"refcount block {bi} at {off:#x} is not cluster aligned")
+        if off < 0 or off + self.cs > _MAX_IO_OFFSET:       # QEMU: EIO
+            raise CorruptImageError(f"refcount block {bi} at {off:#x} lies beyond the largest "
+                                    f"offset a request can reach")
         blk = rc.decode_block(self.storage.pread(off, self.cs), self.order)
         self.blocks[bi] = blk
         return blk
