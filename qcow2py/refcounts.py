@@ -339,8 +339,9 @@ class RefcountManager:
         self.dirty_reftable = False
         self.layout_version += 1
         old = (old_offset >> cb) + np.arange(old_clusters, dtype=np.int64)
-        self._add(old, -1)
-        self.free_hint = min(self.free_hint, int(old[0]))
+        if old.size:                # a header may claim a table of 0 clusters
+            self._add(old, -1)
+            self.free_hint = min(self.free_hint, int(old[0]))
 
     # ------------------------------------------------------------ repairs
     def set_counts(self, clusters: np.ndarray, values: np.ndarray) -> None:

@@ -304,6 +304,8 @@ class WritableQcow2Image(Qcow2Image):
         """The L2 table for ``l1_index``, owned by the active L1 alone (allocated or COW'd)."""
         entry = self._l1_raw[l1_index]
         off = int(entry & np.uint64(L1E_OFFSET_MASK))
+        if off and l1_index not in self._l2:
+            self._check_l2_placement(off)
         if off and entry & _COPIED:
             return self._load_l2(l1_index)
         rc = self.refcounts
@@ -328,6 +330,23 @@ class WritableQcow2Image(Qcow2Image):
             rc.free_later(np.array([off >> self.cluster_bits]))
         self._forget_table(l1_index)
         return content
+
+    def _check_l2_placement(self, off: int) -> None:
+        """An L2 table about to be updated in place must not lie on other metadata
+        (QEMU's overlap check for QCOW2_OL_ACTIVE_L2 writes): refuse, mark corrupt."""
+        h, cs = self.header, self.cluster_size
+        c = off >> self.cluster_bits
+        spans = [(0, cs), (h.l1_table_offset, h.l1_size * 8),
+                 (h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        if h.nb_snapshots:
+            spans.append((h.snapshots_offset, 1))
+        if h.bitmaps is not None:
+            spans.append((h.bitmaps.directory_offset, h.bitmaps.directory_size))
+        hit = any(n > 0 and start >> self.cluster_bits <= c <= (start + n - 1) >> self.cluster_bits
+                  for start, n in spans)
+        rt = self.refcounts.reftable
+        if hit or bool(np.any((rt >> self.cluster_bits) == c) and c):
+            self._mark_corrupt(f"L2 table at {off:#x} overlaps other metadata")
 
     def _with_copied_from_refcounts(self, entries: np.ndarray) -> np.ndarray:
         hosts = (entries & _OFFSET_MASK).astype(np.int64)

@@ -206,3 +206,30 @@ def test_check_errors_are_qcow2_errors_only(tmp_path):
     with pytest.raises(Qcow2Error):
         check_path(str(p))
     assert _cli("check", str(p)).returncode == qemu_img("check", p, check=False).returncode
+
+
+def test_l2_table_on_the_refcount_table_refuses_writes(tmp_path):
+    """An L1 entry pointing at the refcount table: the write is refused with
+    CorruptImageError and the corrupt bit is set (QEMU: EIO, overlap check)."""
+    p = tmp_path / "a.qcow2"
+    h = _image(p)
+    _poke(p, h.l1_table_offset, U64.pack((1 << 63) | h.refcount_table_offset))
+    before = p.read_bytes()[h.refcount_table_offset:h.refcount_table_offset + 65536]
+    img = qcow2py.open(p, "r+")
+    with pytest.raises(CorruptImageError):
+        img.write(0, b"\x77" * 4096)
+    img.close()
+    raw = p.read_bytes()
+    assert raw[h.refcount_table_offset:h.refcount_table_offset + 65536] == before
+    assert Header.parse(raw[:65536]).incompatible_features & 2     # corrupt bit
+
+
+def test_zero_refcount_table_clusters_write_is_a_qcow2_error(tmp_path):
+    p = tmp_path / "a.qcow2"
+    _image(p)
+    _poke(p, 56, struct.pack(">I", 0))
+    try:
+        with qcow2py.open(p, "r+") as img:
+            img.write(3 << 20, b"\x01" * 65536)
+    except Qcow2Error:
+        pass
