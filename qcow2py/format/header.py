@@ -265,7 +265,10 @@ class Header:
                               f"{MAX_SNAPSHOTS})")
         nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
         # QEMU validates the snapshot table offset even without snapshots
-        if self.snapshots_offset % cs or self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
+        if self.snapshots_offset % cs:
+            raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} is not "
+                              f"cluster aligned")
+        if self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
             raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} invalid")
         if nb:
             # each entry is at least 40 bytes
