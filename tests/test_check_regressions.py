@@ -233,3 +233,15 @@ def test_zero_refcount_table_clusters_write_is_a_qcow2_error(tmp_path):
             img.write(3 << 20, b"\x01" * 65536)
     except Qcow2Error:
         pass
+
+
+def test_virtual_size_not_a_multiple_of_512_is_floored_as_qemu(tmp_path):
+    p = tmp_path / "a.qcow2"
+    _image(p)
+    _poke(p, 24, U64.pack((4 << 20) + 300))
+    info = json.loads(qemu_img("info", "--output=json", p).stdout)
+    with qcow2py.open(p) as img:
+        assert img.size == info["virtual-size"] == 4 << 20
+    with qcow2py.open(p, "r+") as img:
+        with pytest.raises(ValueError):
+            img.write(4 << 20, b"\x01" * 100)       # QEMU refuses it too (past the end)
