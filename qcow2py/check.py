@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
-
 from .checkwalk import CheckFailed
 from .errors import FormatError, Qcow2Error
 from .repair import check_storage, repair_storage
@@ -48,8 +46,6 @@ class CheckResult:
     corruptions_fixed: int = 0
     #: per-cluster (index, stored, computed) for every mismatch
     mismatches: List[tuple] = field(default_factory=list)
-    #: (l1_index, l2_index or -1, copied wanted) for every wrong COPIED flag
-    copied_fixes: List[tuple] = field(default_factory=list)
     #: messages left out past MAX_MESSAGES
     messages_dropped: int = 0
 
