@@ -84,6 +84,10 @@ class CheckView:
         self.snapshot_parts: List[Tuple[bytes, bytes, bytes]] = []
         self.snapshots_dropped_extra = 0
         self.repairing = repairing
+        #: a snapshot table offset QEMU refuses, without snapshots (check -r all clears it)
+        self.bad_snapshot_offset = h.snapshot_offset_problem() is not None
+        if self.bad_snapshot_offset and not repairing:
+            raise FormatError(h.snapshot_offset_problem())
         #: snapshots past QEMU's limit (check -r all drops them; check fails on them)
         self.overhanging = max(0, h.nb_snapshots - MAX_SNAPSHOTS)
         if self.overhanging and not repairing:

@@ -57,6 +57,10 @@ def repair_storage(storage: Storage, filename: str, mode: str):
     fix_all = mode == "all"
     first = CheckResult(filename=filename)
     view = CheckView(storage, filename, repairing=fix_all)
+    if view.bad_snapshot_offset:
+        storage.pwrite(struct.pack(">Q", 0), _SNAPSHOT_FIELDS + 4)   # no snapshots: no table
+        storage.fsync()
+        view = CheckView(storage, filename, repairing=fix_all)
     if view.overhanging:
         # QEMU's answer to a snapshot count past its limit: keep the first 65536
         storage.pwrite(struct.pack(">I", view.header.nb_snapshots - view.overhanging),

@@ -265,11 +265,8 @@ class Header:
                               f"{MAX_SNAPSHOTS})")
         nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
         # QEMU validates the snapshot table offset even without snapshots
-        if self.snapshots_offset % cs:
-            raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} is not "
-                              f"cluster aligned")
-        if self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
-            raise FormatError(f"snapshot table offset {self.snapshots_offset:#x} invalid")
+        if self.snapshot_offset_problem() and not (lenient and nb == 0):
+            raise FormatError(self.snapshot_offset_problem())
         if nb:
             # each entry is at least 40 bytes
             self._check_table("snapshot table", self.snapshots_offset, 40 * nb,
@@ -279,6 +276,16 @@ class Header:
         if bool(self.compression_type) != bool(self.incompatible_features & INCOMPAT_COMPRESSION):
             raise FormatError(f"compression_type field ({self.compression_type}) and "
                               f"incompatible bit 3 (compression type) disagree")
+
+    def snapshot_offset_problem(self) -> Optional[str]:
+        """Why QEMU refuses the snapshot table offset (it checks it even without
+        snapshots), or None."""
+        nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
+        if self.snapshots_offset % self.cluster_size:
+            return f"snapshot table offset {self.snapshots_offset:#x} is not cluster aligned"
+        if self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
+            return f"snapshot table offset {self.snapshots_offset:#x} invalid"
+        return None
 
     def _check_table(self, what: str, offset: int, length: int,
                      file_size: Optional[int], required: bool) -> None:
