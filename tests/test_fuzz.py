@@ -8,7 +8,9 @@ one, mutates its metadata -- header fields (interesting values: 0, all ones,
 L1/L2 entries, the refcount table, the snapshot table, snapshot L1 tables,
 the bitmap directory and bitmap tables, compressed streams, or truncates the
 file -- then opens it and runs info(), map() and reads the guest data in
-1 MiB chunks.
+1 MiB chunks; then ``check``, ``check -r all`` and an "r+" write workload on
+copies (fuzz_worker.check_case).  An image whose check is clean must stay
+clean by ``qemu-img check`` after our writes.
 
 A case passes when everything succeeds or a Qcow2Error subclass with a real
 message is raised.  Anything else fails: another exception, a worker killed
@@ -557,6 +559,16 @@ def test_fuzz_metadata(bases, name):
           f"max peak +{max(r['peak'] for r in results) >> 20} MiB")
     assert not bad, f"{len(bad)} of {len(results)} cases failed:\n\n" + \
         "\n\n".join(_describe(r) for r in bad[:8])
+    # writes never make an image that qemu-img finds clean corrupt (qemu-img's verdict)
+    broken = []
+    for r in results:
+        if r.get("written"):
+            p = qemu_img("check", r["written"], check=False)
+            if p.returncode in (1, 2):
+                broken.append(f"{_describe(r)}\n  qemu-img check after our writes: "
+                              f"{p.stderr[-500:]}")
+            os.unlink(r["written"])
+    assert not broken, "\n\n".join(broken[:5])
     # the fuzzer must exercise both outcomes, or it is not testing anything
     assert counts["ok"] > 1 and counts["rejected"] > 1, counts
 
