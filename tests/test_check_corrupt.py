@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import select
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from typing import List, Optional
 
 import pytest
 
-import test_fuzz
-from test_fuzz import BASE_NAMES, bases, make_case  # noqa: F401 - bases is a fixture
+from test_fuzz import BASE_NAMES, bases, make_case, read_line, run_pool  # noqa: F401 - bases is a fixture
 from fuzz_worker import apply_case
 from qemu import need
 
@@ -62,21 +57,10 @@ class _Worker:
             raise RuntimeError("check worker did not start")
 
     def _readline(self, timeout: float) -> Optional[bytes]:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return b""
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
+        line, self.buf = read_line(self.proc.stdout.fileno(), self.buf, timeout)
         return line
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
@@ -93,7 +77,7 @@ class _Worker:
         line = self._readline(CASE_TIMEOUT)
         if line:
             return json.loads(line)
-        self.stop()
+        self.close()
         what = "timeout" if line is None else "worker died"
         return {"id": job["id"], "code": "bad", "rcode": "bad",
                 "detail": f"{what} after {time.monotonic() - t0:.1f} s", "rdetail": "",
@@ -127,39 +111,12 @@ def _judge(job: dict, r: dict) -> dict:
 
 
 def run_jobs(jobs: List[dict]) -> List[dict]:
-    n = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-    todo: "queue.Queue[dict]" = queue.Queue()
-    for j in jobs:
-        todo.put(j)
-    out: List[dict] = []
-    errors: List[BaseException] = []
-    lock = threading.Lock()
+    def handle(w: _Worker, j: dict) -> dict:
+        r = _judge(j, w.run(j))
+        r["job"] = j
+        return r
 
-    def loop() -> None:
-        w = _Worker()
-        try:
-            while True:
-                try:
-                    j = todo.get_nowait()
-                except queue.Empty:
-                    return
-                r = _judge(j, w.run(j))
-                r["job"] = j
-                with lock:
-                    out.append(r)
-        except BaseException as e:       # surfaces in the test, not lost in a thread
-            errors.append(e)
-        finally:
-            w.stop()
-
-    threads = [threading.Thread(target=loop) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return run_pool(jobs, lambda _wid: _Worker(), handle)
 
 
 def _describe(r: dict) -> str:

@@ -18,7 +18,8 @@ import pytest
 
 import qcow2py
 from qcow2py.opener import check_path
-from qcow2py.errors import CorruptImageError, Qcow2Error
+from qcow2py.qcow2.check import check_path as driver_check_path
+from qcow2py.errors import BackingChainError, CorruptImageError, Qcow2Error
 from qcow2py.format.header import Header
 
 from qemu import create, need, qemu_img, qemu_io
@@ -245,3 +246,19 @@ def test_virtual_size_not_a_multiple_of_512_is_floored_as_qemu(tmp_path):
     with qcow2py.open(p, "r+") as img:
         with pytest.raises(ValueError):
             img.write(4 << 20, b"\x01" * 100)       # QEMU refuses it too (past the end)
+
+
+def test_missing_backing_file_fails_the_check(tmp_path):
+    """qemu-img check opens the backing chain: a missing backing file is "Check failed"
+    (exit 1).  The opener's policy opens it (qcow2py.check_path); the driver-level
+    check_path without ``open_backing`` leaves the chain alone."""
+    need("qemu-img")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    create(base, "4M")
+    create(top, "4M", backing=base.name, cwd=tmp_path)
+    assert check_path(str(top)).exit_code == 0
+    base.unlink()
+    assert _same_verdict(top).returncode == 1
+    with pytest.raises(BackingChainError):
+        check_path(str(top))
+    assert driver_check_path(str(top)).exit_code == 0
