@@ -54,7 +54,8 @@ def __dir__():
 
 
 __all__ = [
-    "open", "create", "CreateError", "check_path", "CheckResult", "ImageLockedError", "Image", "Run", "BackingPolicy",
+    "open", "create", "CreateError", "check_path", "CheckResult", "ImageLockedError", "Image",
+    "Run", "BackingPolicy",
     "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",

@@ -21,6 +21,7 @@ from .io.storage import FileStorage, Storage
 from .lazyimport import lazy_module
 from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
                            create_raw, qcow2_header, refuse_raw_options, write_fresh_qcow2)
+from .qcow2.checkresult import CheckResult
 from .qcow2.read import Qcow2Image
 from .raw import RawImage
 
@@ -267,9 +268,9 @@ def _probe_backing(path: str, fmt: Optional[str]) -> Tuple[str, int]:
 
 
 def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = None,
-               lock: bool = True, backing_policy: BackingPolicy = DEFAULT_POLICY):
-    """``qemu-img check [-r leaks|all] path`` (a
-    :class:`~qcow2py.qcow2.checkresult.CheckResult`): the file is opened leniently by
+               lock: bool = True,
+               backing_policy: BackingPolicy = DEFAULT_POLICY) -> CheckResult:
+    """``qemu-img check [-r leaks|all] path``: the file is opened leniently by
     :func:`qcow2py.qcow2.check.check_path`, and its backing chain through
     ``backing_policy``, since qemu-img check fails (exit 1) when it cannot open it."""
 
