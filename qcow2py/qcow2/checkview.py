@@ -129,16 +129,19 @@ class CheckView:
                                                            h.snapshots_offset)))
 
         key = (hashlib.sha1(raw).digest(), len(raw), h.nb_snapshots, self.repairing)
-        if _snapshot_memo.get("key") == key:        # repairs re-read the same table
+        # one (key, value) pair, swapped in one assignment: checks in other threads
+        # never see a key with another table's value
+        memo = _snapshot_memo.get("last")
+        if memo is not None and memo[0] == key:     # repairs re-read the same table
             (self.snapshots, self.snapshot_parts, self.snapshots_size,
-             self.snapshots_dropped_extra, self.snapshot_error) = _snapshot_memo["value"]
+             self.snapshots_dropped_extra, self.snapshot_error) = memo[1]
             return
         try:
             self._parse_snapshots(raw, bound)
         finally:
-            _snapshot_memo["key"] = key
-            _snapshot_memo["value"] = (self.snapshots, self.snapshot_parts, self.snapshots_size,
-                                       self.snapshots_dropped_extra, self.snapshot_error)
+            _snapshot_memo["last"] = (key, (self.snapshots, self.snapshot_parts,
+                                            self.snapshots_size, self.snapshots_dropped_extra,
+                                            self.snapshot_error))
 
     def _parse_snapshots(self, raw: bytes, bound: int) -> None:
         h = self.header
