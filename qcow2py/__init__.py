@@ -21,6 +21,7 @@ _LAZY = {
     "DEFAULT_POLICY": ".backing", "NO_BACKING": ".backing", "BackingPolicy": ".backing",
     "Image": ".image", "Run": ".image",
     "open": ".opener", "create": ".opener", "CreateError": ".opener",
+    "check_path": ".opener", "CheckResult": ".qcow2.checkresult",
     "BlockKind": ".node", "Extent": ".node", "Node": ".node",
     "Bitmap": ".qcow2.bitmaps",
     "ImageLockedError": ".io.locking",
@@ -53,7 +54,8 @@ def __dir__():
 
 
 __all__ = [
-    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
+    "open", "create", "CreateError", "check_path", "CheckResult", "ImageLockedError", "Image",
+    "Run", "BackingPolicy",
     "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",

@@ -21,11 +21,14 @@ from .io.storage import FileStorage, Storage
 from .lazyimport import lazy_module
 from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
                            create_raw, qcow2_header, refuse_raw_options, write_fresh_qcow2)
+from .qcow2.checkresult import CheckResult
 from .qcow2.read import Qcow2Image
 from .raw import RawImage
 
 #: the writable driver (imported when an image is opened "r+")
 writable_qcow2 = lazy_module("qcow2py.qcow2.image")
+#: qemu-img check on a path (imported by the check command)
+checking = lazy_module("qcow2py.qcow2.check")
 
 
 def probe_format(storage: Storage) -> str:
@@ -262,3 +265,20 @@ def _probe_backing(path: str, fmt: Optional[str]) -> Tuple[str, int]:
     except FileNotFoundError:     # as from open(): the chain is incomplete
         raise BackingChainError(f"Could not open '{path}': No such file or "
                                 f"directory") from None
+
+
+def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = None,
+               lock: bool = True,
+               backing_policy: BackingPolicy = DEFAULT_POLICY) -> CheckResult:
+    """``qemu-img check [-r leaks|all] path``: the file is opened leniently by
+    :func:`qcow2py.qcow2.check.check_path`, and its backing chain through
+    ``backing_policy``, since qemu-img check fails (exit 1) when it cannot open it."""
+
+    def open_backing(name: str, backing_fmt: Optional[str], parent_path: str) -> None:
+        resolved = backing_policy.resolve(name, parent_path)
+        try:
+            open(resolved, format=backing_fmt, backing_policy=backing_policy).close()
+        except FileNotFoundError:
+            raise BackingChainError(f"Could not open backing file {resolved!r}") from None
+
+    return checking.check_path(os.fspath(path), fmt, repair, lock, open_backing)

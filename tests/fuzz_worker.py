@@ -1,7 +1,8 @@
 """Worker process for tests/test_fuzz.py (not a test module).
 
 Reads one JSON case per line on stdin, builds the mutated image, then
-opens it and runs info(), map() and reads the guest data.  Prints one JSON
+opens it and runs info(), map() and reads the guest data; then check(),
+check -r all and an "r+" write workload (check_case).  Prints one JSON
 result per line.  The process runs under RLIMIT_AS (a huge allocation
 becomes a MemoryError, reported as a failure) and the parent kills it on a
 timeout; a segfault shows up as the process dying.
@@ -11,6 +12,7 @@ Usage: python fuzz_worker.py SCRATCH_DIR WORKER_ID HEADROOM_BYTES
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -103,6 +105,77 @@ def run_case(path: str, selftest: str = ""):
     return "ok", stage, ""
 
 
+def check_case(path: str, scratch: str, case_id: str):
+    """check, check -r all and an "r+" write workload on copies of the image.
+
+    Returns (status, stage, detail, written): status "bad" when anything but a
+    Qcow2Error escapes, or when an image our check (== qemu-img check's verdict,
+    see tests/test_check_corrupt.py) finds clean is corrupt after our writes;
+    ``written`` is the written copy of a clean image (the parent runs qemu-img
+    check on it), else None."""
+    import qcow2py
+    from qcow2py.opener import check_path
+    from qcow2py.qcow2.check import NotQcow2
+
+    def verdict(p, repair=None):
+        try:
+            return check_path(p, None, repair).exit_code
+        except NotQcow2:
+            return 63
+        except qcow2py.Qcow2Error:
+            return 1
+
+    stage = "check"
+    written = None
+    try:
+        before = verdict(path)
+        stage = "repair"
+        copy = os.path.join(scratch, f"repair-{case_id}.qcow2")
+        shutil.copyfile(path, copy)
+        verdict(copy, "all")
+        stage = "write"
+        shutil.copyfile(path, copy)
+        with open(copy, "rb") as f:
+            f.seek(20)
+            cluster_bits = int.from_bytes(f.read(4), "big")
+        if cluster_bits > 16:
+            # the writer decodes a whole refcount block into uint64 (128 MiB for a
+            # 2 MiB cluster of 1-bit refcounts): past PEAK_LIMIT, a known limit
+            return "ok", stage, "", None
+        try:
+            with qcow2py.open(copy, "r+", format="qcow2") as img:
+                img.write(0, b"\x5a" * min(65536, img.size))
+                if img.size > 1 << 20:
+                    img.write(img.size - 4096, b"\xa5" * 4096)
+                    img.write_zeroes(img.size // 2 & ~65535, 65536)
+                img.flush()
+        except qcow2py.Qcow2Error:
+            pass
+        except OSError as e:
+            # a data cluster the image places beyond what the file system allows
+            # (QEMU's write fails with the same EFBIG)
+            if e.errno != errno.EFBIG:
+                raise
+        if before == 0:
+            stage = "check after write"
+            after = verdict(copy)
+            if after in (1, 2):
+                return "bad", stage, f"clean image made corrupt by writes: check {after}", None
+            written = os.path.join(scratch, f"written-{case_id}.qcow2")
+            os.replace(copy, written)
+    except qcow2py.Qcow2Error:
+        pass
+    except BaseException as e:          # noqa: B902 - everything else is a bug
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return "bad", stage, "".join(traceback.format_exception(type(e), e, e.__traceback__)), \
+            None
+    finally:
+        if os.path.exists(os.path.join(scratch, f"repair-{case_id}.qcow2")):
+            os.unlink(os.path.join(scratch, f"repair-{case_id}.qcow2"))
+    return "ok", stage, "", written
+
+
 def apply_case(case: dict, path: str) -> None:
     shutil.copyfile(case["base"], path)
     with open(path, "r+b") as f:
@@ -131,6 +204,11 @@ def main() -> None:
         _reset_peak_rss()
         t0 = time.monotonic()
         status, stage, detail = run_case(path, case.get("selftest", ""))
+        written = None
+        if status != "bad" and not case.get("selftest") and case.get("check", True):
+            st2, stage2, detail2, written = check_case(path, scratch, case["id"])
+            if st2 == "bad":
+                status, stage, detail = st2, stage2, detail2
         elapsed = time.monotonic() - t0
         peak = _status_kib("VmHWM") * 1024 - rss0
         saved = None
@@ -139,7 +217,7 @@ def main() -> None:
             apply_case(case, saved)
         print(json.dumps({"id": case["id"], "status": status, "stage": stage,
                           "detail": detail[-3000:], "elapsed": elapsed, "peak": peak,
-                          "saved": saved}), flush=True)
+                          "saved": saved, "written": written}), flush=True)
 
 
 if __name__ == "__main__":

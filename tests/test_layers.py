@@ -39,23 +39,8 @@ LAYERS: List[Tuple[str, ...]] = [
 FACADE = {"qcow2py", "qcow2py.__main__", "qcow2py.copy", "qcow2py.copy.__main__"}
 
 #: underscore names another module may still use, with the reason; every entry
-#: is a debt.  check.py is being rewritten by issue #11 (lenient check/repair);
-#: its accesses to the qcow2 driver's private members go away with that rewrite.
-ALLOWED_PRIVATE: Dict[str, Set[str]] = {
-    # issue #11 (lenient check/repair, rewriting check.py in parallel): check.py keeps
-    # its pre-redesign use of the writable driver's internals until that rewrite lands
-    # on the driver's state and journal.  Remove each name as the rewrite drops it.
-    "qcow2py.qcow2.check": {
-        "_lock",                # WritableQcow2Image's metadata lock (repair holds it)
-        "_flush_metadata",      # alias of WritableQcow2Image.flush_metadata, kept for it
-        "_clear_problem_bits",  # clears corrupt + dirty after a full repair
-        "_l1_raw",              # the raw L1 table (repair fixes COPIED flags in it)
-        "_load_l2",             # raw L2 table load
-        "_touch_l2",            # marks an L2 table dirty
-        "_dirty_l1",            # marks the L1 table dirty after fixing COPIED flags
-        "_metadata_map",        # drops the overlap map (WriterState.metadata_moved does it)
-    },
-}
+#: is a debt (none left: issue #11's check works on the file, not the driver).
+ALLOWED_PRIVATE: Dict[str, Set[str]] = {}
 
 
 def _modules() -> Dict[str, str]:

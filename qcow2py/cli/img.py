@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import BitmapError, Qcow2Error
-from ..opener import create_file, open as open_image
+from ..opener import check_path, create_file, open as open_image
 from ..qcow2.read import Qcow2Image
 from ..report import map_human, map_json, qemu_json, snapshot_rows
 from ..version import __version__
@@ -98,21 +98,21 @@ def _cmd_map(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    mode = "r+" if args.repair else "r"
-    with open_image(args.filename, mode, format=args.f, repair=bool(args.repair)) as img:
-        if not isinstance(img, Qcow2Image):
-            print("qcow2py: This image format does not support checks", file=sys.stderr)
-            return 63
-        try:
-            res = img.check(repair=args.repair) if args.repair else checking.check_image(img)
-        except Qcow2Error as e:
-            print(f"qcow2py: Check failed: {e}", file=sys.stderr)
-            return 1
+    try:
+        res = check_path(args.filename, args.f, args.repair)
+    except checking.NotQcow2:
+        print("qcow2py: This image format does not support checks", file=sys.stderr)
+        return 63
+    except Qcow2Error as e:
+        print(f"qcow2py: Check failed: {e}", file=sys.stderr)
+        return 1
+    for m in res.messages:                  # qemu-img prints them in both formats
+        print(m, file=sys.stderr)
+    if res.messages_dropped:
+        print(f"({res.messages_dropped} more messages left out)", file=sys.stderr)
     if args.output == "json":
         sys.stdout.write(qemu_json(res.to_json_dict()) + "\n")
     else:
-        for m in res.messages:
-            print(m, file=sys.stderr)
         out = []
         if res.leaks_fixed or res.corruptions_fixed:
             out.append(f"The following inconsistencies were found and repaired:\n\n"

@@ -119,7 +119,7 @@ class BitmapsExtension:
 
     @classmethod
     def parse(cls, data: bytes) -> "BitmapsExtension":
-        if len(data) < _BITMAPS_EXT.size:
+        if len(data) != _BITMAPS_EXT.size:
             raise FormatError(f"bitmaps extension is too short ({len(data)} bytes, "
                               f"{_BITMAPS_EXT.size} needed)")
         nb, reserved, size, off = _BITMAPS_EXT.unpack_from(data)
@@ -215,11 +215,14 @@ class Header:
         return V3_MIN_HEADER_LENGTH
 
     @classmethod
-    def parse(cls, cluster0: bytes, file_size: Optional[int] = None) -> "Header":
+    def parse(cls, cluster0: bytes, file_size: Optional[int] = None,
+              lenient: bool = False) -> "Header":
         """Parse cluster 0 (or at least its first ``cluster_size`` bytes available).
 
         Raises :class:`FormatError` for malformed headers and
         :class:`UnsupportedFeatureError` for images qcow2py cannot read.
+        ``lenient`` (for check) accepts what QEMU opens but qcow2py refuses to
+        use: an L1 or snapshot table at offset 0.
         """
         buf = bytes(cluster0)
         if len(buf) < V2_HEADER_LENGTH:
@@ -247,7 +250,7 @@ class Header:
             if h.header_length > cluster_size:
                 raise FormatError(f"qcow2 header_length {h.header_length} exceeds the "
                                   f"cluster size ({cluster_size})")
-            if h.header_length % 8:
+            if h.header_length % 8 and not lenient:
                 raise FormatError(f"header_length {h.header_length} is not a multiple of 8")
             if len(buf) < h.header_length:
                 raise FormatError(f"file too short for its header_length ({len(buf)} bytes, "
@@ -256,6 +259,7 @@ class Header:
                 h.compression_type = buf[104]
             # padding and any fields a newer writer added, kept verbatim
             h.unknown_header_fields = buf[105:h.header_length]
+        h._lenient = lenient
         h._validate(file_size)
         h._parse_extensions(buf)
         h._validate_features()
@@ -294,7 +298,7 @@ class Header:
         self._check_table("L1 table", self.l1_table_offset, self.l1_size * 8, file_size,
                           required=self.l1_size > 0)
         # refcount table
-        if self.refcount_table_offset == 0:
+        if self.refcount_table_offset == 0 and not getattr(self, "_lenient", False):
             raise FormatError("image does not contain a reference count table")
         if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
             raise FormatError(f"refcount table too large ({self.refcount_table_clusters} "
@@ -302,12 +306,17 @@ class Header:
         self._check_table("refcount table", self.refcount_table_offset,
                           self.refcount_table_clusters * cs, file_size, required=True)
         # snapshots
-        if self.nb_snapshots > MAX_SNAPSHOTS:
+        lenient = getattr(self, "_lenient", False)
+        if self.nb_snapshots > MAX_SNAPSHOTS and not lenient:    # check -r all drops them
             raise FormatError(f"too many snapshots ({self.nb_snapshots}; at most "
                               f"{MAX_SNAPSHOTS})")
-        if self.nb_snapshots:
+        nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
+        # QEMU validates the snapshot table offset even without snapshots
+        if self.snapshot_offset_problem() and not (lenient and nb == 0):
+            raise FormatError(self.snapshot_offset_problem())
+        if nb:
             # each entry is at least 40 bytes
-            self._check_table("snapshot table", self.snapshots_offset, 40 * self.nb_snapshots,
+            self._check_table("snapshot table", self.snapshots_offset, 40 * nb,
                               file_size, required=True)
         if self.compression_type not in COMPRESSION_NAMES:
             raise UnsupportedFeatureError(f"unknown compression type {self.compression_type}")
@@ -315,13 +324,24 @@ class Header:
             raise FormatError(f"compression_type field ({self.compression_type}) and "
                               f"incompatible bit 3 (compression type) disagree")
 
+    def snapshot_offset_problem(self) -> Optional[str]:
+        """Why QEMU refuses the snapshot table offset (it checks it even without
+        snapshots), or None."""
+        nb = min(self.nb_snapshots, MAX_SNAPSHOTS)
+        if self.snapshots_offset % self.cluster_size:
+            return f"snapshot table offset {self.snapshots_offset:#x} is not cluster aligned"
+        if self.snapshots_offset > (1 << 63) - 1 - 40 * nb:
+            return f"snapshot table offset {self.snapshots_offset:#x} invalid"
+        return None
+
     def _check_table(self, what: str, offset: int, length: int,
                      file_size: Optional[int], required: bool) -> None:
         if offset % self.cluster_size:
             raise FormatError(f"{what} offset {offset:#x} is not cluster aligned")
-        if offset + length > MAX_OFFSET:
+        limit = (1 << 63) - 1 if getattr(self, "_lenient", False) else MAX_OFFSET
+        if offset + length > limit:
             raise FormatError(f"{what} at {offset:#x} lies beyond the maximum offset")
-        if required and offset == 0:
+        if required and offset == 0 and not getattr(self, "_lenient", False):
             raise FormatError(f"{what} offset is 0 (overlaps the header)")
         if file_size is not None and required and offset + length > file_size:
             raise FormatError(f"{what} at {offset:#x} (+{length}) extends past the end of "
@@ -334,30 +354,30 @@ class Header:
         end = min(end, len(buf))
         seen = set()
         while True:
+            if pos >= end and end == len(buf) < cs:
+                raise FormatError("header extensions run past the end of the file")
+            if pos >= end:
+                break
             if pos + 8 > end:
-                if pos >= end and end == len(buf) < cs:
-                    raise FormatError("header extensions run past the end of the file")
-                break          # no room for an end marker: QEMU stops here too
+                raise FormatError("Header extension too large")
             magic, length = _EXT_HDR.unpack_from(buf, pos)
             pos += 8
+            if length > end - pos:       # QEMU checks this before the end marker
+                raise FormatError(f"Header extension too large ({magic:#010x} of {length} "
+                                  f"bytes runs past the extension area)")
             if magic == EXT_END:
                 break
-            if length > end - pos:
-                raise FormatError(f"header extension {magic:#010x} of {length} bytes runs "
-                                  f"past the extension area")
             data = buf[pos:pos + length]
             pos += (length + 7) & ~7
-            if magic in seen and magic != EXT_END:
-                raise FormatError(f"header extension {magic:#010x} appears twice")
-            seen.add(magic)
+            seen.add(magic)             # QEMU takes a repeated extension too (last wins)
             if magic == EXT_BACKING_FORMAT:
+                if length >= 16:
+                    raise FormatError(f"ERROR: ext_backing_format: len={length} too large "
+                                      f"(>=16)")
                 self.backing_format = _decode_name(data, "backing format")
             elif magic == EXT_FEATURE_TABLE:
                 self.has_feature_table = True
-                if length % 48:
-                    raise FormatError(f"feature name table length {length} is not a "
-                                      f"multiple of 48")
-                for i in range(0, length, 48):
+                for i in range(0, length - length % 48, 48):     # QEMU: any length
                     t, bit = data[i], data[i + 1]
                     name = data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
                     self.feature_table.append((t, bit, name))
@@ -372,7 +392,10 @@ class Header:
                                       f"{self.crypt_method}, not 2 (LUKS)")
                 self.crypto = _CRYPTO_EXT.unpack_from(data)
             elif magic == EXT_DATA_FILE:
-                self.data_file = _decode_name(data, "data file")
+                if getattr(self, "_lenient", False):      # QEMU takes any bytes
+                    self.data_file = bytes(data).decode("utf-8", "replace")
+                else:
+                    self.data_file = _decode_name(data, "data file")
             else:
                 self.unknown_extensions.append((magic, bytes(data)))
         if self.backing_file_offset:
@@ -398,8 +421,7 @@ class Header:
         if self.has_data_file and self.backing_file_offset and self.data_file_raw:
             raise FormatError("a raw external data file cannot have a backing file")
         if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not self.has_data_file:
-            # QEMU ignores the bit without a data file; so do we (and clears it on write)
-            pass
+            raise FormatError("data-file-raw requires a data file")
 
     # ------------------------------------------------------------ encode
     def encode(self) -> bytes:

@@ -37,13 +37,15 @@ from ..lazyimport import numpy as np
 from bitarray import bitarray, frozenbitarray
 
 from ..errors import BitmapError, CorruptImageError, ImageClosedError
-from ..format.header import AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from ..format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+                             INCOMPAT_DIRTY, Header)
 from ..io import locking
 from ..io.rangelock import RangeLock
 from ..io.storage import FileStorage, Storage
 from . import bitmap_store
 from .bitmaps import Bitmap, load_bits
-from .check import check_image, repair_image
+from .checkresult import CheckResult
+from .repair import check_storage, repair_storage
 from .journal import Journal
 from .refcounts import RefcountManager
 from . import amend as amending, snapshots
@@ -63,6 +65,11 @@ class WritableQcow2Image(Resizing):
             if fd is not None and ctx.lock:
                 locking.lock_for_write(fd, filename)
                 self._locked_fd = fd
+            if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
+                # refcounts may lag after a crash with lazy refcounts: repair first,
+                # on the file alone, before any writer state exists
+                self._repair_dirty()
+                h = self.header
         except BaseException:
             self.close()
             raise
@@ -90,13 +97,6 @@ class WritableQcow2Image(Resizing):
             # a program that does not know a feature must clear its autoclear bit (spec)
             h.autoclear_features &= AUTOCLEAR_KNOWN
             self.journal.write_header()
-        if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
-            # refcounts may lag after a crash with lazy refcounts: rebuild them first
-            result = self.check(repair="all")
-            if result.corruptions or result.check_errors:
-                self.close()
-                raise CorruptImageError(f"{self.filename}: could not repair dirty image "
-                                        f"({result.corruptions} corruptions left)")
         self.bitmaps_attached = False       # this writer keeps the bitmaps up to date
         self.bitmaps_dirty = False          # they must be stored on close
         self._tracking: List[Bitmap] = []   # the enabled, consistent ones
@@ -190,17 +190,44 @@ class WritableQcow2Image(Resizing):
         (see :mod:`qcow2py.qcow2.amend`)."""
         amending.amend_image(self, **options)
 
-    def _clear_problem_bits(self) -> None:
-        """After a successful full repair (issue #11's check.py calls it)."""
-        self.journal.clear_problem_bits()
+    # ------------------------------------------------------------ check
+    def check(self, repair: Optional[str] = None) -> CheckResult:
+        """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all".
 
-    def check(self, repair: Optional[str] = None):
-        """``qemu-img check`` on this image; ``repair`` is None, "leaks" or "all"."""
-        if repair is None:
-            with self._lock:
-                self.flush_metadata()
-                return check_image(self)
-        return repair_image(self, repair)
+        Everything is flushed first; a repair works on the file (as ``check -r``
+        on a path does), then every cached table is read anew."""
+        with self._lock:
+            self.flush_metadata()
+            if repair is None:
+                return check_storage(self.storage, self.filename)
+            try:
+                return repair_storage(self.storage, self.filename, repair)
+            finally:
+                self._reload_after_repair()
+
+    def _repair_dirty(self) -> None:
+        result = repair_storage(self.storage, self.filename, "all")
+        if result.corruptions or result.check_errors:
+            raise CorruptImageError(f"{self.filename}: could not repair dirty image "
+                                    f"({result.corruptions} corruptions left)")
+        self._reread_header()
+        # the reader's view (opened before the repair) is read anew
+        self._l1 = self._read_l1()
+        self.forget_tables()
+        self.snapshots = self._read_snapshots()
+
+    def _reread_header(self) -> None:
+        self._file_size = self.storage.size()
+        self.header = Header.parse(self.storage.pread(0, self.cluster_size), self._file_size)
+
+    def _reload_after_repair(self) -> None:
+        """After a repair on the file: the header, the refcounts and every cached
+        table are read anew (nothing was dirty: the repair ran after a flush)."""
+        self._reread_header()
+        self.journal.header = self.header
+        self.journal.marked_dirty = False
+        self.refcounts = RefcountManager(self.journal)
+        self.reload_tables()
 
 
     def flush(self) -> None:

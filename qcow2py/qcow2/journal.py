@@ -25,6 +25,24 @@ The other orderings live here too: the header switch (whole header, synced),
 the dirty and corrupt bits, the refcount-table move (blocks, table, then the
 header fields), and the bitmaps' in-use protocol (autoclear bit cleared,
 directory rewritten, bit set again, each synced).
+
+Repair (``check -r``, :mod:`qcow2py.qcow2.repair`) works on the file without a
+writer, through a Journal of the leniently read header, and keeps this order,
+one :meth:`Journal.barrier` (or synced field write) after each step:
+
+a. header fields QEMU's open itself repairs: a refused snapshot table offset
+   (no snapshots) cleared, a snapshot count past the limit cut;
+b. a rewritten snapshot table, after the end of the file, then the header
+   fields pointing at it;
+c. unaligned preallocated L2 entries turned into zero clusters;
+d. refcounts: counts rewritten in place, or new blocks and table after the end
+   of the file and then :meth:`Journal.switch_reftable`;
+e. COPIED flags: the L2 tables, then the L1 table;
+f. the dirty and corrupt bits cleared (:meth:`Journal.clear_problem_bits`),
+   only when the check that follows finds nothing left to fix.
+
+Each step only adds references that are already counted or removes counts
+nothing durable uses, so an interruption leaves leaks at worst.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class Qcow2Image(Qcow2Mapping):
         if want > len(first):
             first = storage.pread(0, want)
         self.header = h = Header.parse(first[:cs], self._file_size)
-        self.size = h.size
+        self.size = h.size // 512 * 512     # QEMU counts whole sectors (floors the size)
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.unit_bits = h.subcluster_bits

@@ -31,6 +31,9 @@ from .journal import Journal
 #: header offset of refcount_table_offset (u64) + refcount_table_clusters (u32)
 
 
+_MAX_IO_OFFSET = (1 << 56) - 1      # QCOW_MAX_CLUSTER_OFFSET: no refcount block lies beyond
+
+
 class RefcountManager:
     """Reads, allocates and frees host clusters of one qcow2 file."""
 
@@ -64,6 +67,9 @@ class RefcountManager:
         off = int(self.reftable[bi])
         if off % self.cs:
             raise CorruptImageError(f"refcount block {bi} at {off:#x} is not cluster aligned")
+        if off < 0 or off + self.cs > _MAX_IO_OFFSET:       # QEMU: EIO
+            raise CorruptImageError(f"refcount block {bi} at {off:#x} lies beyond the largest "
+                                    f"offset a request can reach")
         blk = rc.decode_block(self.storage.pread(off, self.cs), self.order)
         self.blocks[bi] = blk
         return blk
@@ -330,8 +336,9 @@ class RefcountManager:
         self.dirty_reftable = False
         self.layout_version += 1
         old = (old_offset >> cb) + np.arange(old_clusters, dtype=np.int64)
-        self._add(old, -1)
-        self.free_hint = min(self.free_hint, int(old[0]))
+        if old.size:                # a header may claim a table of 0 clusters
+            self._add(old, -1)
+            self.free_hint = min(self.free_hint, int(old[0]))
 
     # ------------------------------------------------------------ repairs
     def set_counts(self, clusters: np.ndarray, values: np.ndarray) -> None:

@@ -58,6 +58,8 @@ class WriterState(Qcow2Image):
         """The L2 table for ``l1_index``, owned by the active L1 alone (allocated or COW'd)."""
         entry = self._l1_raw[l1_index]
         off = int(entry & np.uint64(L1E_OFFSET_MASK))
+        if off and l1_index not in self._l2:
+            self._check_l2_placement(off)
         if off and entry & _COPIED:
             return self._load_l2(l1_index)
         rc = self.refcounts
@@ -82,6 +84,23 @@ class WriterState(Qcow2Image):
             rc.free_later(np.array([off >> self.cluster_bits]))
         self._forget_table(l1_index)
         return content
+
+    def _check_l2_placement(self, off: int) -> None:
+        """An L2 table about to be updated in place must not lie on other metadata
+        (QEMU's overlap check for writes of active L2 tables): refuse, mark corrupt."""
+        h, cs, cb = self.header, self.cluster_size, self.cluster_bits
+        c = off >> cb
+        spans = [(0, cs), (h.l1_table_offset, h.l1_size * 8),
+                 (h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        if h.nb_snapshots:
+            spans.append((h.snapshots_offset, 1))
+        if h.bitmaps is not None:
+            spans.append((h.bitmaps.directory_offset, h.bitmaps.directory_size))
+        hit = any(n > 0 and start >> cb <= c <= (start + n - 1) >> cb for start, n in spans)
+        rt = self.refcounts.reftable
+        if hit or bool(np.any((rt >> cb) == c) and c):
+            self.journal.mark_corrupt(self.filename,
+                                      f"L2 table at {off:#x} overlaps other metadata")
 
     def _with_copied_from_refcounts(self, entries: np.ndarray) -> np.ndarray:
         hosts = (entries & _OFFSET_MASK).astype(np.int64)
@@ -257,9 +276,6 @@ class WriterState(Qcow2Image):
                             self._write_l1 if self._dirty_l1 else None,
                             None if self._external else self._file_size)
         self._metadata_map = None
-
-    # issue #11: check.py (being rewritten there) still calls the old name
-    _flush_metadata = flush_metadata
 
     def metadata_moved(self) -> None:
         """Metadata clusters changed outside the L1/L2 tables (bitmaps stored, refcount
