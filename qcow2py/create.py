@@ -209,7 +209,8 @@ def _qcow2_header(path, size, cluster_size, compat, refcount_bits, extended_l2,
             os.path.join(os.path.dirname(path), backing_file)
         if backing_format is None or size is None or check_backing:
             try:
-                with open_image(bpath, format=backing_format) as b:
+                # as qemu-img create: a backing file in use (a running VM) may be probed
+                with open_image(bpath, format=backing_format, force_share=True) as b:
                     backing_format = backing_format or b.format
                     if size is None:
                         size = b.size

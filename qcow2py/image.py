@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
+from . import locking
 from .backing import DEFAULT_POLICY, BackingPolicy
 from .buffers import finish, zero_fill, zeroed_bytes
 from .errors import BackingChainError, FormatError, ImageClosedError
@@ -265,8 +266,11 @@ class _OpenContext:
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
                  writable: bool = False, lock: bool = True, storage_wrapper=None,
-                 repair: bool = False, wrap_chain: bool = False):
+                 repair: bool = False, wrap_chain: bool = False, force_share: bool = False,
+                 share_backing_write: bool = False):
         self.policy = policy
+        self.force_share = force_share          # QEMU's force-share: lock nothing out
+        self.share_backing_write = share_backing_write
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
@@ -283,11 +287,18 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
          repair: bool = False, chain: bool = True, wrap_chain: bool = False,
-         snapshot: Optional[str] = None) -> Image:
+         snapshot: Optional[str] = None, force_share: bool = False,
+         share_backing_write: bool = False) -> Image:
     """Open an image file; the format is probed unless given.
 
-    ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
-    takes QEMU's write locks unless ``lock`` is False).  Backing and data
+    ``mode`` is "r" (read-only; the default) or "r+" (read-write).  Every file
+    of the chain takes QEMU's permission locks as qemu-img/qemu-io take them
+    (see :mod:`qcow2py.locking`), so an image a VM or qemu-nbd writes is refused
+    with :class:`~qcow2py.locking.ImageLockedError`, and QEMU refuses what
+    qcow2py uses; ``lock=False`` takes none.  ``force_share=True`` (qemu-img
+    ``-U``) opens read-only without keeping anybody from writing; with "r+" it
+    raises :class:`~qcow2py.locking.ForceShareError`.  ``share_backing_write``
+    lets the backing files change under this reader (a commit into them).  Backing and data
     files named inside the image are opened read-only through
     ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
@@ -309,8 +320,11 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
     if snapshot is not None and mode != "r":
         raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
+    if force_share and mode != "r":
+        raise locking.ForceShareError()
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
+                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain,
+                       force_share=force_share, share_backing_write=share_backing_write)
     ctx.chain = chain
     img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
     if snapshot is not None:
@@ -342,10 +356,13 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         if key in ctx.seen:
             raise BackingChainError(f"backing chain loops back to {display_name!r}")
         ctx.seen.add(key)
+        fd = storage.fileno()
         if ctx.storage_wrapper is not None and (ctx.depth == 0 or ctx.wrap_chain):
             storage = ctx.storage_wrapper(storage)
         if fmt is None:
             fmt = probe_format(storage)
+        if ctx.lock and fd is not None and fmt in ("qcow2", "raw"):
+            locking.acquire(fd, display_name, ctx_perms(ctx, fmt, writable))
         if fmt == "qcow2" and writable:
             from .writer import WritableQcow2Image
             img: Image = WritableQcow2Image(storage, display_name, ctx)
@@ -361,6 +378,16 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         storage.close()
         raise
     return img
+
+
+def ctx_perms(ctx: _OpenContext, fmt: str, writable: bool,
+              role: Optional[str] = None) -> "locking.Perms":
+    """The permissions one file of the chain being opened takes (see locking)."""
+    if role is None:
+        role = locking.TOP if ctx.depth == 0 else locking.BACKING
+    return locking.file_perms(fmt, role, writable=writable, force_share=ctx.force_share,
+                              no_io=not ctx.chain and not writable,
+                              share_backing_write=ctx.share_backing_write)
 
 
 def backing_display_name(parent_name: str, name: str) -> str:

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from .lazyimport import numpy as np
 from bitarray import frozenbitarray
 
-from . import native
+from . import locking, native
 from .bitmaps import Bitmap, load_bits
 from .decompress import pool as decompress_pool, read_and_decompress
 from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatError,
@@ -27,7 +27,7 @@ from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatEr
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
 from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
-from .image import Image, Run, open_backing, probe_format
+from .image import Image, Run, ctx_perms, open_backing, probe_format
 from .native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
 from .storage import FileStorage, Storage
 
@@ -212,10 +212,26 @@ class Qcow2Image(Image):
         if name is None:
             raise FormatError("image uses an external data file but does not name it")
         path = ctx.policy.resolve(name, self.storage.name, what="data file")
+        writable = ctx.writable and ctx.depth == 0
         try:
-            self.data_storage = FileStorage(path)
+            data = FileStorage(path, writable=writable)
         except FileNotFoundError:
             raise BackingChainError(f"external data file {path!r} not found") from None
+        try:
+            # a data file that is this image or a file of its chain would let guest
+            # writes overwrite metadata: refuse it, as a backing loop is refused
+            st = os.fstat(data.fileno())
+            if (st.st_dev, st.st_ino) in ctx.seen:
+                raise BackingChainError(f"external data file {path!r} is the image itself "
+                                        f"or a file already in its backing chain")
+            ctx.seen.add((st.st_dev, st.st_ino))
+            if ctx.lock:
+                locking.acquire(data.fileno(), path,
+                                ctx_perms(ctx, "raw", writable, role=locking.DATA))
+        except BaseException:
+            data.close()
+            raise
+        self.data_storage = data
         if getattr(ctx, "wrap_chain", False) and ctx.storage_wrapper is not None:
             self.data_storage = ctx.storage_wrapper(self.data_storage)
         self.data_file_path = path

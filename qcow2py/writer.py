@@ -59,7 +59,7 @@ import numpy as np
 
 from bitarray import bitarray, frozenbitarray
 
-from . import bitmaps, locking, native
+from . import bitmaps, native
 from .bitmaps import Bitmap, load_bits
 from .errors import (BitmapError, CorruptImageError, FormatError, ImageClosedError,
                      UnsupportedFeatureError)
@@ -87,21 +87,11 @@ class WritableQcow2Image(Qcow2Image):
         h = self.header
         try:
             self._refuse_unsupported(ctx.repair)
-            fd = storage.fileno()
-            self._locked_fd: Optional[int] = None
-            if fd is not None and ctx.lock:
-                locking.lock_for_write(fd, filename)
-                self._locked_fd = fd
         except BaseException:
             self.close()
             raise
         self._lock = threading.RLock()
         self._ranges = RangeLock()
-        if h.has_data_file and self.data_file_path is not None:
-            # guest data lives in the external file, at host offset == guest offset
-            ro = self.data_storage
-            self.data_storage = FileStorage(self.data_file_path, writable=True)
-            ro.close()
         self._external = h.has_data_file
         self.refcounts = RefcountManager(storage, h)
         raw = storage.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
@@ -1184,7 +1174,4 @@ class WritableQcow2Image(Qcow2Image):
                         self._set_incompat(INCOMPAT_DIRTY, False)
                         self._marked_dirty = False
         finally:
-            if getattr(self, "_locked_fd", None) is not None:
-                locking.unlock(self._locked_fd)
-                self._locked_fd = None
-            super()._close_layer()
+            super()._close_layer()      # closing the files drops their locks
