@@ -31,7 +31,7 @@ _LAZY = {
     "Image": ".image", "Run": ".image", "open": ".image",
     "BlockKind": ".node", "Extent": ".node", "Node": ".node",
     "Bitmap": ".bitmaps",
-    "ImageLockedError": ".locking",
+    "ImageLockedError": ".errors", "ForceShareError": ".errors",
     "BlockCopy": ".copy.blockcopy", "CopyStats": ".copy.blockcopy",
     "fleece": ".backup", "push": ".backup", "Fleecing": ".backup",
     "FleecingStats": ".backup", "PushResult": ".backup", "BackupCancelled": ".backup",
@@ -66,11 +66,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .image import Image, Run, open
     from .jobs.commit import CommitError, commit
     from .jobs.rebase import RebaseError, rebase
-    from .locking import ImageLockedError
+    from .errors import ForceShareError, ImageLockedError
     from .node import BlockKind, Extent, Node
 
 __all__ = [
-    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
+    "open", "create", "CreateError", "ImageLockedError", "ForceShareError", "Image", "Run", "BackingPolicy",
     "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",

@@ -48,3 +48,15 @@ class SnapshotAccessError(Qcow2Error, PermissionError):
     """A point-in-time snapshot read touched bytes the snapshot no longer holds
     (discarded after copy, outside its bitmap, or broken by a failed
     copy-before-write).  NBD answers it with EINVAL, as QEMU does."""
+
+
+class ImageLockedError(Qcow2Error):
+    """Another process (QEMU or qcow2py) holds a conflicting lock on the image
+    (see :mod:`qcow2py.locking`)."""
+
+
+class ForceShareError(Qcow2Error, ValueError):
+    """``force_share`` asked for an image opened read-write (qemu-img refuses it too)."""
+
+    def __init__(self, msg: str = "force-share=on can only be used with read-only images"):
+        super().__init__(msg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import Qcow2Error
+from .errors import ImageLockedError, Qcow2Error
 
 
 def _fail(cmd: str, msg: str, status: int = 1) -> int:
@@ -38,12 +38,12 @@ def run_compare(args) -> int:
     from .compare import compare_nodes
     from .image import open as open_image
     try:
-        a = open_image(args.filename1, format=args.f)
+        a = open_image(args.filename1, format=args.f, force_share=args.force_share)
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("compare", f"Could not open '{args.filename1}': {e}", 2)
     try:
         try:
-            b = open_image(args.filename2, format=args.F)
+            b = open_image(args.filename2, format=args.F, force_share=args.force_share)
         except (Qcow2Error, OSError, ValueError) as e:
             return _fail("compare", f"Could not open '{args.filename2}': {e}", 2)
         with b:
@@ -159,9 +159,12 @@ def run_measure(args) -> int:
             except ValueError:
                 return _fail("measure", "Invalid image size specified. Must be between 0 "
                                         "and 9223372036854775807.")
-        result = measure(size, args.filename, format=args.O, source_format=args.f, **opts)
+        result = measure(size, args.filename, format=args.O, source_format=args.f,
+                         force_share=args.force_share, **opts)
     except FileNotFoundError as e:
         return _fail("measure", f"Could not open '{args.filename}': {e.strerror}")
+    except ImageLockedError as e:
+        return _fail("measure", f"Could not open '{args.filename}': {e}")
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("measure", str(e))
     sys.stdout.write(qemu_json(result.to_json_dict()) + "\n" if args.output == "json"
@@ -203,7 +206,8 @@ def run_snapshot(args) -> int:
     if len(acts) + bool(args.list) > 1:
         return _fail("snapshot", "Cannot mix '-l', '-a', '-c', '-d'")
     try:
-        with open_image(args.filename, "r" if not acts else "r+") as img:
+        with open_image(args.filename, "r" if not acts else "r+",
+                        force_share=args.force_share) as img:
             if not acts:
                 snaps = [s.info() for s in getattr(img, "snapshots", [])]
                 if snaps:
@@ -222,6 +226,8 @@ def run_snapshot(args) -> int:
                 return _fail("snapshot", msg)
     except FileNotFoundError as e:
         return _fail("snapshot", f"Could not open '{args.filename}': {e.strerror}")
+    except ImageLockedError as e:
+        return _fail("snapshot", f"Could not open '{args.filename}': {e}")
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("snapshot", str(e))
     return 0
@@ -309,7 +315,8 @@ def add_parsers(sub) -> None:
                         "preallocation (others accepted and ignored)")
     e.add_argument("--size", metavar="N", help="virtual size of a new image")
     e.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
-    e.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    e.add_argument("-U", "--force-share", action="store_true",
+                   help="open the source without keeping others from writing it")
     e.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     e.add_argument("filename", nargs="?")
     e.set_defaults(func=run_measure)
@@ -335,7 +342,8 @@ def add_parsers(sub) -> None:
     n.add_argument("-a", dest="apply", metavar="SNAPSHOT", help="revert to a snapshot")
     n.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
     n.add_argument("-q", "--quiet", action="store_true")
-    n.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    n.add_argument("-U", "--force-share", action="store_true",
+                   help="list without keeping others from writing the image (-l only)")
     n.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     n.add_argument("filename")
     n.set_defaults(func=run_snapshot)

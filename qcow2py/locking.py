@@ -26,7 +26,9 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .errors import Qcow2Error
+from .errors import ForceShareError, ImageLockedError
+
+__all__ = ["ImageLockedError", "ForceShareError", "Perms", "file_perms", "acquire", "release"]
 
 PERM_BASE, SHARED_BASE = 100, 200
 #: permission bits (QEMU's BLK_PERM_*); bit i is lock byte 100+i / 200+i
@@ -39,17 +41,6 @@ _FLOCK = struct.Struct("hh4xqqi4x")       # struct flock on 64-bit Linux
 
 #: roles of a file in an open chain
 TOP, BACKING, DATA = "top", "backing", "data"
-
-
-class ImageLockedError(Qcow2Error):
-    """Another process (QEMU or qcow2py) holds a conflicting lock on the image."""
-
-
-class ForceShareError(Qcow2Error, ValueError):
-    """``force_share`` asked for an image opened read-write (qemu-img refuses it too)."""
-
-    def __init__(self) -> None:
-        super().__init__("force-share=on can only be used with read-only images")
 
 
 @dataclass(frozen=True)
