@@ -98,15 +98,15 @@ def test_force_share_with_a_writer_is_refused_as_qemu_img(tmp_path, capsys, argv
 
 
 def _racer(path, barrier, results, trials):
-    for _ in range(trials):
+    for trial in range(trials):
         barrier.wait()
         try:
             img = qcow2py.open(path, "r+")
         except qcow2py.ImageLockedError:
-            results.put(0)
+            results.put((trial, 0))
             barrier.wait()
             continue
-        results.put(1)
+        results.put((trial, 1))
         barrier.wait()                  # both have tried: now let go
         img.close()
 
@@ -123,7 +123,10 @@ def test_racing_writers_never_both_win(tmp_path):
              for _ in range(2)]
     for p in procs:
         p.start()
-    wins = [results.get(timeout=60) + results.get(timeout=60) for _ in range(trials)]
+    wins = [0] * trials              # the queue's order mixes trials: count by trial
+    for _ in range(2 * trials):
+        trial, won = results.get(timeout=60)
+        wins[trial] += won
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -183,3 +186,48 @@ def test_overlay_r_plus_locks_its_backing(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert p.returncode != 0 and 'Failed to get "write" lock' in p.stderr, p
         assert img.read(0, 4) == bytes(4)
+
+
+def test_every_interleaving_of_two_openers_leaves_one_winner(tmp_path, monkeypatch):
+    """Deterministic twin of the race above: the second writer opens completely at
+    each of the first one's lock calls in turn.  Testing before taking (the old
+    order) lets both win when the second one slips in between; taking first
+    never does."""
+    import fcntl as fcntl_module
+    from qcow2py import locking
+    path = str(tmp_path / "img.qcow2")
+    create(path, "1M")
+    real = fcntl_module.fcntl
+    calls = []
+
+    def count(fd, cmd, arg=0):
+        calls.append(cmd)
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(locking.fcntl, "fcntl", count)
+    qcow2py.open(path, "r+").close()
+    n = len(calls)
+    assert n >= 8
+    for k in range(n):
+        state = {"i": 0, "other": None, "other_error": None}
+
+        def hooked(fd, cmd, arg=0):
+            state["i"] += 1
+            if state["i"] == k + 1 and state["other"] is None:
+                state["other"] = "running"
+                try:
+                    state["other"] = qcow2py.open(path, "r+")
+                except qcow2py.ImageLockedError as e:
+                    state["other_error"] = e
+            return real(fd, cmd, arg)
+        monkeypatch.setattr(locking.fcntl, "fcntl", hooked)
+        try:
+            first = qcow2py.open(path, "r+")
+        except qcow2py.ImageLockedError:
+            first = None
+        finally:
+            monkeypatch.setattr(locking.fcntl, "fcntl", real)
+        other = state["other"] if state["other_error"] is None else None
+        winners = [x for x in (first, other) if x is not None and x != "running"]
+        for w in winners:
+            w.close()
+        assert len(winners) <= 1, f"both writers got the image when the second came at call {k}"
