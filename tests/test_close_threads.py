@@ -13,7 +13,6 @@ Seeded; the seed is in the failure message.  Bounded in time.
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 
@@ -22,17 +21,10 @@ import pytest
 import qcow2py
 from qcow2py.errors import ImageClosedError
 from qemu import create, qemu_img
+from test_write_threads import busy_switching  # noqa: F401  (autouse: threads switch often)
 
 MiB = 1 << 20
 CLUSTER = 65536
-
-
-@pytest.fixture(autouse=True)
-def busy_switching():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(old)
 
 
 @pytest.mark.parametrize("seed", range(1, 7))

@@ -231,3 +231,27 @@ def test_every_interleaving_of_two_openers_leaves_one_winner(tmp_path, monkeypat
         for w in winners:
             w.close()
         assert len(winners) <= 1, f"both writers got the image when the second came at call {k}"
+
+
+def test_qcow2py_nbd_force_share(tmp_path, capsys):
+    """qcow2py-nbd -r -U serves an image qemu-io writes; -U without -r is refused, and
+    without -U the read-only server is refused as qemu-nbd -r is."""
+    from nbdtest import nbd, qcow2py_nbd
+    from qcow2py.nbd import cli as nbd_cli
+    from test_write_locks import qemu_io_holding
+    need("nbdinfo")
+    img = tmp_path / "img.qcow2"
+    create(img, "1M")
+    qemu_io(img, "write -P 9 0 4k")
+    assert nbd_cli.main(["-U", "-k", str(tmp_path / "x.sock"), str(img)]) == 1
+    assert "force-share=on can only be used with read-only images" in capsys.readouterr().err
+    holder = qemu_io_holding(img)
+    try:
+        ref = qemu_img("info", "-U", img)                  # qemu-img -U reads it too
+        assert ref.returncode == 0
+        assert nbd_cli.main(["-r", "-k", str(tmp_path / "y.sock"), str(img)]) == 1
+        assert 'Failed to get shared "write" lock' in capsys.readouterr().err
+        with qcow2py_nbd(img, tmp_path, "-r", "-U") as served:
+            assert "1048576" in nbd("nbdinfo", "--size", served.uri())
+    finally:
+        holder.close()
