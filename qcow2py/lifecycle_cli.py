@@ -103,7 +103,7 @@ def run_rebase(args) -> int:
     progress = _Progress(args.progress and not args.quiet)
     try:
         rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
-               format=args.f, progress=progress)
+               format=args.f, progress=progress, force_share=args.force_share)
     except FileNotFoundError as e:
         return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
@@ -298,7 +298,9 @@ def add_parsers(sub) -> None:
     r.add_argument("-q", "--quiet", action="store_true")
     r.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
     r.add_argument("-T", dest="src_cache", help="accepted for compatibility, ignored")
-    r.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    r.add_argument("-U", "--force-share", action="store_true",
+                   help="read the old and new backing files without keeping others from "
+                        "writing them")
     r.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     r.add_argument("filename")
     r.set_defaults(func=run_rebase)

@@ -255,3 +255,27 @@ def test_qcow2py_nbd_force_share(tmp_path, capsys):
             assert "1048576" in nbd("nbdinfo", "--size", served.uri())
     finally:
         holder.close()
+
+
+def test_rebase_force_share_as_qemu_img(tmp_path, capsys):
+    """qemu-img rebase refuses a new backing file that a VM writes, unless -U."""
+    from test_write_locks import qemu_io_holding
+    new = tmp_path / "new.qcow2"
+    create(new, "1M")
+    for who in ("q", "o"):
+        create(tmp_path / f"old-{who}.qcow2", "1M")
+        create(tmp_path / f"top-{who}.qcow2", "1M", backing=tmp_path / f"old-{who}.qcow2")
+    holder = qemu_io_holding(new)
+    try:
+        for extra in ([], ["-U"]):
+            argv = ["rebase", *extra, "-b", str(new), "-F", "qcow2"]
+            p = qemu_img(*argv, tmp_path / "top-q.qcow2", check=False)
+            code, err = _ours([*argv, str(tmp_path / "top-o.qcow2")], capsys)
+            assert code == p.returncode == (0 if extra else 1), (extra, p.stderr, err)
+            if not extra:
+                assert 'Failed to get shared "write" lock' in p.stderr
+                assert 'Failed to get shared "write" lock' in err, err
+    finally:
+        holder.close()
+    with qcow2py.open(str(tmp_path / "top-o.qcow2")) as top:
+        assert top.backing.filename == str(new)
