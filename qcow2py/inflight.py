@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Callable, TypeVar
+from threading import get_ident
+from typing import Callable, Dict, TypeVar
 
 from .errors import ImageClosedError
 
@@ -25,35 +26,41 @@ class RequestGate:
     """A counter of requests in flight that can be shut and drained."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._depth: Dict[int, int] = {}   # thread id -> requests it has inside
         self._active = 0
         self._shut = False
         self._claimed = False              # one close() does the closing
-        self._mine = threading.local()     # this thread's nesting depth
 
     def enter(self, name: str) -> None:
-        depth = getattr(self._mine, "depth", 0)
-        with self._cond:
-            if self._shut and depth == 0:
+        me = get_ident()
+        with self._lock:
+            depth = self._depth.get(me, 0)
+            if self._shut and not depth:
                 raise ImageClosedError(f"image {name!r} is closed")
+            self._depth[me] = depth + 1
             self._active += 1
-        self._mine.depth = depth + 1
 
     def exit(self) -> None:
-        self._mine.depth -= 1
-        with self._cond:
+        me = get_ident()
+        with self._lock:
+            depth = self._depth[me] - 1
+            if depth:
+                self._depth[me] = depth
+            else:
+                del self._depth[me]
             self._active -= 1
-            if self._active <= 1:
-                self._cond.notify_all()
+            if self._shut:
+                self._drained.notify_all()
 
     def shut_and_drain(self) -> bool:
         """Refuse new requests, then wait for those of other threads to finish;
         True for the first caller only (the one that closes)."""
-        own = getattr(self._mine, "depth", 0)
-        with self._cond:
+        with self._lock:
             self._shut = True
-            while self._active > own:
-                self._cond.wait()
+            while self._active > self._depth.get(get_ident(), 0):
+                self._drained.wait()
             first, self._claimed = not self._claimed, True
             return first
 
