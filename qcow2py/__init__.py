@@ -70,8 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .node import BlockKind, Extent, Node
 
 __all__ = [
-    "open", "create", "CreateError", "ImageLockedError", "ForceShareError", "Image", "Run", "BackingPolicy",
-    "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
+    "open", "create", "CreateError", "ImageLockedError", "ForceShareError", "Image", "Run",
+    "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",

@@ -277,6 +277,7 @@ for _name in Image._REQUESTS:
         setattr(Image, _name, gated(Image.__dict__[_name]))
 del _name
 
+
 def probe_format(storage: Storage) -> str:
     """``"qcow2"`` if the storage starts with the qcow2 magic, else ``"raw"``."""
     return "qcow2" if storage.pread(0, 4) == QCOW2_MAGIC else "raw"
@@ -315,13 +316,14 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     ``mode`` is "r" (read-only; the default) or "r+" (read-write).  Every file
     of the chain takes QEMU's permission locks as qemu-img/qemu-io take them
     (see :mod:`qcow2py.locking`), so an image a VM or qemu-nbd writes is refused
-    with :class:`~qcow2py.locking.ImageLockedError`, and QEMU refuses what
+    with :class:`~qcow2py.errors.ImageLockedError`, and QEMU refuses what
     qcow2py uses; ``lock=False`` takes none.  ``force_share=True`` (qemu-img
     ``-U``) opens read-only without keeping anybody from writing; with "r+" it
-    raises :class:`~qcow2py.locking.ForceShareError`.  ``share_backing_write``
-    lets the backing files change under this reader (a commit into them).  Backing and data
-    files named inside the image are opened read-only through
-    ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
+    raises :class:`~qcow2py.errors.ForceShareError`.  ``share_backing_write``
+    lets the backing files change under this reader (a commit into them).
+    Backing and data files named inside the image are opened through
+    ``backing_policy`` (backing files read-only; the data file read-write with
+    "r+"); one that is the image itself or already in the chain is refused.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
     :class:`~qcow2py.storage.Storage` (to trace requests, journal writes for
     crash tests, or feed a disk model); with ``wrap_chain=True`` it wraps every

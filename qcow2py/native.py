@@ -402,15 +402,14 @@ def bitmap_runs_native(bits, start: int = 0, end=None,
     if a >= b:
         z = np.zeros(0, dtype=np.int64)
         return z, z.copy()
+    shift = 0
     if not mv.readonly:
         # the count and fill passes must see the same bits, even if another thread
-        # sets some meanwhile: scan a private copy of the range's bytes
-        lo = a // 8
-        mv, n, a, b = memoryview(bytes(mv[lo:(b + 7) // 8])), min(n, -(-b // 8) * 8) - lo * 8, \
-            a - lo * 8, b - lo * 8
-        shift = lo * 8
-    else:
-        shift = 0
+        # sets some meanwhile: scan a private copy of the bytes of the range
+        first, last = a // 8, -(-b // 8)
+        mv = memoryview(bytes(mv[first:last]))
+        shift = first * 8
+        n, a, b = min(n, last * 8) - shift, a - shift, b - shift
     buf = _ffi.from_buffer(mv)
     count = int(_lib.qp_bitmap_runs(buf, n, a, b, _ffi.NULL, _ffi.NULL, 0))
     starts = np.empty(count, dtype=np.int64)

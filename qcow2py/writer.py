@@ -68,7 +68,7 @@ from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COR
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
 from .rangelock import RangeLock
 from .refcounts import RefcountManager
-from .storage import FileStorage, Storage
+from .storage import Storage
 
 _COPIED = np.uint64(1 << 63)
 _COMPRESSED = np.uint64(1 << 62)
