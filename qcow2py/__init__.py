@@ -23,7 +23,7 @@ _LAZY = {
     "open": ".opener", "create": ".opener", "CreateError": ".opener",
     "BlockKind": ".node", "Extent": ".node", "Node": ".node",
     "Bitmap": ".qcow2.bitmaps",
-    "ImageLockedError": ".io.locking",
+    "ImageLockedError": ".errors", "ForceShareError": ".errors",
     "BlockCopy": ".jobs.blockcopy", "CopyStats": ".jobs.blockcopy",
     "fleece": ".backup", "push": ".backup", "Fleecing": ".backup",
     "FleecingStats": ".backup", "PushResult": ".backup", "BackupCancelled": ".backup",
@@ -53,8 +53,8 @@ def __dir__():
 
 
 __all__ = [
-    "open", "create", "CreateError", "ImageLockedError", "Image", "Run", "BackingPolicy",
-    "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
+    "open", "create", "CreateError", "ImageLockedError", "ForceShareError", "Image", "Run",
+    "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",
