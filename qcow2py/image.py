@@ -321,6 +321,7 @@ for _name in Image._REQUESTS:
         setattr(Image, _name, gated(Image.__dict__[_name]))
 del _name
 
+
 def _map_entry(e: Extent) -> dict:
     out = {"start": e.offset, "length": e.length, "depth": e.depth, "present": e.present,
            "zero": e.zero, "data": e.data}
