@@ -51,7 +51,12 @@ class QemuHolder:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.terminate()
-                self.proc.wait(timeout=10)
+                try:
+                    # a loaded machine (2 cores, parallel suites) can take seconds here
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
         for f in (self.proc.stdin, self.proc.stdout):
             if not f.closed:
                 f.close()
