@@ -24,7 +24,7 @@ _LAZY = {
     "check_path": ".opener", "CheckResult": ".qcow2.checkresult",
     "BlockKind": ".node", "Extent": ".node", "Node": ".node",
     "Bitmap": ".qcow2.bitmaps",
-    "ImageLockedError": ".io.locking",
+    "ImageLockedError": ".errors", "ForceShareError": ".errors",
     "BlockCopy": ".jobs.blockcopy", "CopyStats": ".jobs.blockcopy",
     "fleece": ".backup", "push": ".backup", "Fleecing": ".backup",
     "FleecingStats": ".backup", "PushResult": ".backup", "BackupCancelled": ".backup",
@@ -54,9 +54,9 @@ def __dir__():
 
 
 __all__ = [
-    "open", "create", "CreateError", "check_path", "CheckResult", "ImageLockedError", "Image",
-    "Run", "BackingPolicy",
-    "DEFAULT_POLICY", "NO_BACKING", "BlockCopy", "CopyStats",
+    "open", "create", "CreateError", "check_path", "CheckResult", "ImageLockedError",
+    "ForceShareError", "Image", "Run", "BackingPolicy", "DEFAULT_POLICY", "NO_BACKING",
+    "BlockCopy", "CopyStats",
     "Qcow2Error", "FormatError", "UnsupportedFeatureError", "CorruptImageError",
     "BackingChainError", "ImageClosedError", "BitmapError", "Bitmap", "SnapshotAccessError",
     "Node", "Extent", "BlockKind", "__version__",

@@ -56,3 +56,15 @@ class ResizeError(Qcow2Error, ValueError):
 
 class AmendError(Qcow2Error, ValueError):
     """An amendment qemu-img refuses (with its message)."""
+
+
+class ImageLockedError(Qcow2Error):
+    """Another process (QEMU or qcow2py) holds a conflicting lock on the image
+    (see :mod:`qcow2py.io.locking`)."""
+
+
+class ForceShareError(Qcow2Error, ValueError):
+    """``force_share`` asked for an image opened read-write (qemu-img refuses it too)."""
+
+    def __init__(self, msg: str = "force-share=on can only be used with read-only images"):
+        super().__init__(msg)

@@ -17,6 +17,7 @@ from .buffers import finish, zero_fill, zeroed_bytes
 from .errors import (AmendError, BackingChainError, ImageClosedError, ResizeError,
                      UnsupportedFeatureError)
 from .fileobj import ImageFile, as_file
+from .io.inflight import RequestGate, gated
 from .lazyimport import numpy as np
 from .node import BlockKind, Extent, Node, merge_extents
 from .io.storage import Storage
@@ -55,8 +56,19 @@ class Image(Node):
     #: was therefore not opened: metadata (``info``) only, reads and ``map`` refuse
     detached: bool = False
 
+    #: the public requests ``close()`` waits for (see :mod:`qcow2py.io.inflight`)
+    _REQUESTS = ("read", "read_into", "block_status", "write", "write_zeroes", "discard",
+                 "flush", "write_compressed")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls._REQUESTS:
+            if name in cls.__dict__:
+                setattr(cls, name, gated(cls.__dict__[name]))
+
     def __init__(self) -> None:
         self._closed = False
+        self._gate = RequestGate()
 
     # -- lifecycle ----------------------------------------------------------
     def __enter__(self) -> "Image":
@@ -66,9 +78,13 @@ class Image(Node):
         self.close()
 
     def close(self) -> None:
-        """Close this image and its backing chain."""
+        """Close this image and its backing chain, once the requests other threads
+        have in flight are done (new ones raise :class:`ImageClosedError`)."""
         if self._closed:
             return
+        gate = self.__dict__.get("_gate")
+        if gate is not None and not gate.shut_and_drain():
+            return                        # another thread is closing it
         self._closed = True
         if self.backing is not None:
             self.backing.close()
@@ -298,6 +314,12 @@ class Image(Node):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.filename!r} size={self.size}>"
+
+
+for _name in Image._REQUESTS:
+    if _name in Image.__dict__:
+        setattr(Image, _name, gated(Image.__dict__[_name]))
+del _name
 
 
 def _map_entry(e: Extent) -> dict:

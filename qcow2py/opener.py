@@ -14,9 +14,10 @@ import os
 from typing import Callable, Optional, Set, Tuple
 
 from .backing import DEFAULT_POLICY, BackingPolicy
-from .errors import BackingChainError, FormatError
+from .errors import BackingChainError, ForceShareError, FormatError
 from .format.header import has_magic
 from .image import Image, backing_display_name
+from .io import locking
 from .io.storage import FileStorage, Storage
 from .lazyimport import lazy_module
 from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
@@ -41,8 +42,11 @@ class OpenContext:
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
                  writable: bool = False, lock: bool = True, storage_wrapper=None,
-                 repair: bool = False, wrap_chain: bool = False):
+                 repair: bool = False, wrap_chain: bool = False, force_share: bool = False,
+                 share_backing_write: bool = False):
         self.policy = policy
+        self.force_share = force_share          # QEMU's force-share: lock nothing out
+        self.share_backing_write = share_backing_write   # backing files may change under us
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
@@ -59,15 +63,46 @@ class OpenContext:
         return open_backing(parent, name, fmt, self)
 
     def open_data_file(self, parent: Image, name: str) -> Tuple[Storage, str]:
-        """Open the external data file ``name`` of ``parent``: (storage, resolved path)."""
+        """Open the external data file ``name`` of ``parent``: (storage, resolved path).
+
+        It is opened read-write when ``parent`` is the writable top image (guest
+        data lives there, at host offset == guest offset), takes QEMU's data-file
+        locks, and is refused when it is the image itself or a file already in
+        the chain (guest writes would overwrite metadata)."""
         path = self.policy.resolve(name, parent.storage.name, what="data file")
+        writable = self.writable and self.depth == 0
         try:
-            storage: Storage = FileStorage(path)
+            storage: Storage = FileStorage(path, writable=writable)
         except FileNotFoundError:
             raise BackingChainError(f"external data file {path!r} not found") from None
+        try:
+            self.add_to_chain(storage.fileno(), f"external data file {path!r} is the image "
+                                                f"itself or a file already in its backing chain")
+            if self.lock:
+                locking.acquire(storage.fileno(), path,
+                                self.perms("raw", writable, role=locking.DATA))
+        except BaseException:
+            storage.close()
+            raise
         if self.wrap_chain and self.storage_wrapper is not None:
             storage = self.storage_wrapper(storage)
         return storage, path
+
+    def perms(self, fmt: str, writable: bool, role: Optional[str] = None) -> locking.Perms:
+        """The permissions one file of the chain being opened takes (see io.locking)."""
+        if role is None:
+            role = locking.TOP if self.depth == 0 else locking.BACKING
+        return locking.file_perms(fmt, role, writable=writable, force_share=self.force_share,
+                                  no_io=not self.chain and not writable,
+                                  share_backing_write=self.share_backing_write)
+
+    def add_to_chain(self, fd: int, loop_message: str) -> None:
+        """Record the file ``fd`` as part of this chain; a file seen twice is a loop."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen:
+            raise BackingChainError(loop_message)
+        self.seen.add(key)
 
 
 def open(path: str, mode: str = "r", *, format: Optional[str] = None,
@@ -75,13 +110,22 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
          repair: bool = False, chain: bool = True, wrap_chain: bool = False,
-         snapshot: Optional[str] = None) -> Image:
+         snapshot: Optional[str] = None, force_share: bool = False,
+         share_backing_write: bool = False) -> Image:
     """Open an image file; the format is probed unless given.
 
-    ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
-    takes QEMU's write locks unless ``lock`` is False).  Backing and data
-    files named inside the image are opened read-only through
-    ``backing_policy``.  ``l2_cache_bytes`` bounds the memory of decoded L2
+    ``mode`` is "r" (read-only; the default) or "r+" (read-write).  Every file
+    of the chain takes QEMU's permission locks as qemu-img/qemu-io take them
+    (see :mod:`qcow2py.io.locking`), so an image a VM or qemu-nbd writes is
+    refused with :class:`~qcow2py.errors.ImageLockedError`, and QEMU refuses
+    what qcow2py uses; ``lock=False`` takes none.  ``force_share=True``
+    (qemu-img ``-U``) opens read-only without keeping anybody from writing;
+    with "r+" it raises :class:`~qcow2py.errors.ForceShareError`.
+    ``share_backing_write`` lets the backing files change under this reader (a
+    commit into them).  Backing and data files named inside the image are
+    opened through ``backing_policy`` (backing files read-only; the data file
+    read-write with "r+"); one that is the image itself or already in the
+    chain is refused.  ``l2_cache_bytes`` bounds the memory of decoded L2
     tables (per image).  ``storage_wrapper`` wraps the top image's
     :class:`~qcow2py.io.storage.Storage` (to trace requests, journal writes for
     crash tests, or feed a disk model); with ``wrap_chain=True`` it wraps every
@@ -101,8 +145,11 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
         raise ValueError(f"unsupported mode {mode!r} (use 'r' or 'r+')")
     if snapshot is not None and mode != "r":
         raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
+    if force_share and mode != "r":
+        raise ForceShareError()
     ctx = OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
+                      storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain,
+                      force_share=force_share, share_backing_write=share_backing_write)
     ctx.chain = chain
     img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
     if snapshot is not None:
@@ -129,15 +176,15 @@ def _open_layer(path: str, fmt: Optional[str], ctx: OpenContext,
             raise BackingChainError(f"backing file {display_name!r} not found") from e
         raise
     try:
-        st = os.fstat(storage.fileno())
-        key = (st.st_dev, st.st_ino)
-        if key in ctx.seen:
-            raise BackingChainError(f"backing chain loops back to {display_name!r}")
-        ctx.seen.add(key)
+        fd = storage.fileno()
+        ctx.add_to_chain(fd, f"backing chain loops back to {display_name!r}")
         if ctx.storage_wrapper is not None and (ctx.depth == 0 or ctx.wrap_chain):
             storage = ctx.storage_wrapper(storage)
         if fmt is None:
             fmt = probe_format(storage)
+        if ctx.lock and fmt in ("qcow2", "raw"):
+            # after the probe, as QEMU: the format decides which bytes are taken
+            locking.acquire(fd, display_name, ctx.perms(fmt, writable))
         if fmt == "qcow2" and writable:
             img: Image = writable_qcow2.WritableQcow2Image(storage, display_name, ctx)
         elif fmt == "qcow2":
@@ -260,7 +307,8 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
 def _probe_backing(path: str, fmt: Optional[str]) -> Tuple[str, int]:
     """(format, size) of a new image's backing file, opened alone and read-only."""
     try:
-        with open(path, format=fmt) as b:
+        # as qemu-img create: a backing file in use (a running VM) may be probed
+        with open(path, format=fmt, force_share=True) as b:
             return b.format, b.size
     except FileNotFoundError:     # as from open(): the chain is incomplete
         raise BackingChainError(f"Could not open '{path}': No such file or "
@@ -269,7 +317,8 @@ def _probe_backing(path: str, fmt: Optional[str]) -> Tuple[str, int]:
 
 def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = None,
                lock: bool = True,
-               backing_policy: BackingPolicy = DEFAULT_POLICY) -> CheckResult:
+               backing_policy: BackingPolicy = DEFAULT_POLICY,
+               force_share: bool = False) -> CheckResult:
     """``qemu-img check [-r leaks|all] path``: the file is opened leniently by
     :func:`qcow2py.qcow2.check.check_path`, and its backing chain through
     ``backing_policy``, since qemu-img check fails (exit 1) when it cannot open it."""
@@ -277,8 +326,9 @@ def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = Non
     def open_backing(name: str, backing_fmt: Optional[str], parent_path: str) -> None:
         resolved = backing_policy.resolve(name, parent_path)
         try:
-            open(resolved, format=backing_fmt, backing_policy=backing_policy).close()
+            open(resolved, format=backing_fmt, backing_policy=backing_policy, lock=lock,
+                 force_share=force_share).close()
         except FileNotFoundError:
             raise BackingChainError(f"Could not open backing file {resolved!r}") from None
 
-    return checking.check_path(os.fspath(path), fmt, repair, lock, open_backing)
+    return checking.check_path(os.fspath(path), fmt, repair, lock, open_backing, force_share)

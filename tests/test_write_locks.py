@@ -1,9 +1,11 @@
 """qcow2py's write locks against QEMU's (and its own).
 
-qcow2py takes QEMU's OFD byte-range locks when it opens an image "r+", so a
-QEMU process and qcow2py (or two qcow2py writers) never write one image at
-once, and ``qemu-img info`` without ``-U`` refuses an image qcow2py writes,
-as it refuses one a VM writes.  Read-only opens take no lock.
+qcow2py takes QEMU's OFD byte-range locks on every open, so a QEMU process
+and qcow2py (or two qcow2py writers) never write one image at once, and
+``qemu-img info`` without ``-U`` refuses an image qcow2py writes, as it
+refuses one a VM writes.  A read-only open does not share "write" (as
+qemu-img's): it is refused while QEMU writes, unless ``force_share``.
+The full matrix against QEMU is tests/test_locks_matrix.py.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ class QemuHolder:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.terminate()
-                self.proc.wait(timeout=10)
+                try:
+                    # a loaded machine (2 cores, parallel suites) can take seconds here
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
         for f in (self.proc.stdin, self.proc.stdout):
             if not f.closed:
                 f.close()
@@ -93,8 +100,10 @@ def test_qemu_io_writer_locks_out_qcow2py(image):
     try:
         with pytest.raises(qcow2py.ImageLockedError, match="lock"):
             qcow2py.open(str(image), "r+")
-        # reading takes no lock: it works while QEMU writes
-        with qcow2py.open(str(image)) as img:
+        # reading is refused as qemu-img refuses it; force_share (-U) reads anyway
+        with pytest.raises(qcow2py.ImageLockedError, match='shared "write" lock'):
+            qcow2py.open(str(image))
+        with qcow2py.open(str(image), force_share=True) as img:
             assert img.read(0, 512) == b"\x01" * 512
     finally:
         holder.close()
@@ -118,7 +127,9 @@ def test_qemu_nbd_locks_out_qcow2py(image, tmp_path):
     try:
         with pytest.raises(qcow2py.ImageLockedError):
             qcow2py.open(str(image), "r+")
-        with qcow2py.open(str(image)) as img:
+        with pytest.raises(qcow2py.ImageLockedError):
+            qcow2py.open(str(image))
+        with qcow2py.open(str(image), force_share=True) as img:
             assert img.read(0, 512) == b"\x01" * 512
     finally:
         holder.close()
@@ -186,17 +197,30 @@ def test_two_qcow2py_writers(image):
         second.close()
 
 
-def test_read_only_open_takes_no_lock(image):
+def test_readers_share_with_readers_not_writers(image):
+    """Read-only opens lock as qemu-img's: many readers at once, no writer under them;
+    force_share readers keep nobody out."""
     readers = [qcow2py.open(str(image)) for _ in range(2)]
     try:
-        p = qemu_io_write(image)                       # QEMU may write meanwhile
-        assert p.returncode == 0 and "wrote 512/512" in p.stdout, p
+        p = qemu_io_write(image)
+        assert p.returncode != 0 and 'Failed to get "write" lock' in p.stderr, p
         assert qemu_img("info", image, check=False).returncode == 0
-        with qcow2py.open(str(image), "r+") as w:      # and so may a qcow2py writer
-            w.write(4096, b"\x09" * 512)
+        assert qemu_img("check", image, check=False).returncode == 0
+        with pytest.raises(qcow2py.ImageLockedError, match='Failed to get "write" lock'):
+            qcow2py.open(str(image), "r+")
     finally:
         for r in readers:
             r.close()
+    shared = qcow2py.open(str(image), force_share=True)
+    try:
+        with qcow2py.open(str(image), "r+") as w:
+            w.write(4096, b"\x09" * 512)
+        p = qemu_io_write(image)
+        assert p.returncode == 0 and "wrote 512/512" in p.stdout, p
+    finally:
+        shared.close()
+    with pytest.raises(qcow2py.ForceShareError, match="force-share=on can only be used"):
+        qcow2py.open(str(image), "r+", force_share=True)
     assert qemu_img("check", image, check=False).returncode == 0
 
 

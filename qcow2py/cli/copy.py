@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
                    help="copy an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME")
     p.add_argument("-T", dest="src_cache", help="source cache mode (accepted, ignored)")
-    p.add_argument("-U", "--force-share", action="store_true", help="accepted for compatibility")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open the source without keeping others from writing it")
     p.add_argument("--order", choices=ORDERS, default="auto",
                    help="read order: host (front to back per file), guest, or auto")
     p.add_argument("--bitmap", help="copy only clusters dirty in this persistent bitmap of "
@@ -135,7 +136,8 @@ def _main(argv: Optional[List[str]]) -> int:
         if snap is not None:
             snap = snap.split("=", 1)[1] if snap.startswith(("snapshot.name=",
                                                                "snapshot.id=")) else snap
-        with refusals.open_source(args.source, args.src_fmt, snapshot=snap) as src:
+        with refusals.open_source(args.source, args.src_fmt, snapshot=snap,
+                                  force_share=args.force_share) as src:
             if args.bitmaps or args.bitmap:
                 if not hasattr(src, "find_bitmap"):
                     return _fail("Source lacks bitmap support")

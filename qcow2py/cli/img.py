@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..errors import BitmapError, Qcow2Error
+from ..errors import BitmapError, ForceShareError, ImageLockedError, Qcow2Error
 from ..opener import check_path, create_file, open as open_image
 from ..qcow2.read import Qcow2Image
 from ..report import map_human, map_json, qemu_json, snapshot_rows
@@ -72,7 +72,8 @@ def _info_human(info: dict) -> str:
 def _cmd_info(args) -> int:
     # like qemu-img, plain info opens the image alone: its backing and data files
     # may be missing (or named by a protocol qcow2py refuses) without harm
-    with open_image(args.filename, format=args.f, chain=args.backing_chain) as img:
+    with open_image(args.filename, format=args.f, chain=args.backing_chain,
+                    force_share=args.force_share) as img:
         if args.backing_chain:
             infos = img.info(backing_chain=True)
             if args.output == "json":
@@ -87,7 +88,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_map(args) -> int:
-    with open_image(args.filename, format=args.f) as img:
+    with open_image(args.filename, format=args.f, force_share=args.force_share) as img:
         start = args.start_offset
         entries = img.map(start, args.max_length)
         if args.output == "json":
@@ -99,10 +100,12 @@ def _cmd_map(args) -> int:
 
 def _cmd_check(args) -> int:
     try:
-        res = check_path(args.filename, args.f, args.repair)
+        res = check_path(args.filename, args.f, args.repair, force_share=args.force_share)
     except checking.NotQcow2:
         print("qcow2py: This image format does not support checks", file=sys.stderr)
         return 63
+    except (ImageLockedError, ForceShareError):
+        raise                               # main() words them as qemu-img
     except Qcow2Error as e:
         print(f"qcow2py: Check failed: {e}", file=sys.stderr)
         return 1
@@ -401,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
     i.add_argument("--output", choices=["human", "json"], default="human")
     i.add_argument("--backing-chain", action="store_true")
-    i.add_argument("-U", "--force-share", action="store_true", help="accepted for "
-                   "compatibility (qcow2py takes no read lock)")
+    i.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE_HELP)
     i.add_argument("filename")
     i.set_defaults(func=_cmd_info)
 
@@ -411,14 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", choices=["human", "json"], default="human")
     m.add_argument("--start-offset", type=int, default=0)
     m.add_argument("--max-length", type=int, default=None)
-    m.add_argument("-U", "--force-share", action="store_true")
+    m.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE_HELP)
     m.add_argument("filename")
     m.set_defaults(func=_cmd_map)
 
     c = sub.add_parser("check", help="check refcounts and metadata (qemu-img check)")
     c.add_argument("-f", metavar="FMT", choices=["qcow2", "raw"], help="image format")
     c.add_argument("--output", choices=["human", "json"], default="human")
-    c.add_argument("-U", "--force-share", action="store_true")
+    c.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE_HELP)
     c.add_argument("-q", "--quiet", action="store_true")
     c.add_argument("-r", dest="repair", choices=["leaks", "all"],
                    help="repair leaks, or all errors (rebuilding refcounts if needed)")
@@ -450,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: -U of every command that reads an image (qemu-img's)
+_FORCE_SHARE_HELP = ("open the image read-only without keeping others from writing it "
+                     "(the image may be in use)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -461,6 +468,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with quiet_broken_pipe():         # "| head -1": silent, as qemu-img
             return args.func(args)
+    except (ImageLockedError, ForceShareError) as e:      # qemu-img's words
+        print(f"qcow2py: Could not open '{getattr(args, 'filename', '')}': {e}", file=sys.stderr)
+        return 1
     except (Qcow2Error, OSError, ValueError) as e:
         name = getattr(args, "filename", "")
         print(f"qcow2py: {name}: {e}" if name else f"qcow2py: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import Qcow2Error, ResizeError
+from ..errors import ImageLockedError, Qcow2Error, ResizeError
 from ..lazyimport import lazy_module
 from ..opener import open as open_image
 from ..report import qemu_json, snapshot_rows
@@ -66,12 +66,12 @@ def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_compare(args) -> int:
     """Exit 0 identical, 1 different, 2 an image could not be opened, 4 a read failed."""
     try:
-        a = open_image(args.filename1, format=args.f)
+        a = open_image(args.filename1, format=args.f, force_share=args.force_share)
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("compare", f"Could not open '{args.filename1}': {e}", 2)
     try:
         try:
-            b = open_image(args.filename2, format=args.F)
+            b = open_image(args.filename2, format=args.F, force_share=args.force_share)
         except (Qcow2Error, OSError, ValueError) as e:
             return _fail("compare", f"Could not open '{args.filename2}': {e}", 2)
         with b:
@@ -129,7 +129,7 @@ def run_rebase(args) -> int:
     progress = _Progress(args.progress and not args.quiet)
     try:
         rebasing.rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
-               format=args.f, progress=progress)
+                        format=args.f, progress=progress, force_share=args.force_share)
     except FileNotFoundError as e:
         return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
@@ -181,9 +181,12 @@ def run_measure(args) -> int:
             except ValueError:
                 return _fail("measure", "Invalid image size specified. Must be between 0 "
                                         "and 9223372036854775807.")
-        result = measuring.measure(size, args.filename, format=args.O, source_format=args.f, **opts)
+        result = measuring.measure(size, args.filename, format=args.O, source_format=args.f,
+                                   force_share=args.force_share, **opts)
     except FileNotFoundError as e:
         return _fail("measure", f"Could not open '{args.filename}': {e.strerror}")
+    except ImageLockedError as e:
+        return _fail("measure", f"Could not open '{args.filename}': {e}")
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("measure", str(e))
     sys.stdout.write(qemu_json(result.to_json_dict()) + "\n" if args.output == "json"
@@ -221,7 +224,8 @@ def run_snapshot(args) -> int:
     if len(acts) + bool(args.list) > 1:
         return _fail("snapshot", "Cannot mix '-l', '-a', '-c', '-d'")
     try:
-        with open_image(args.filename, "r" if not acts else "r+") as img:
+        with open_image(args.filename, "r" if not acts else "r+",
+                        force_share=args.force_share) as img:
             if not acts:
                 snaps = [s.info() for s in getattr(img, "snapshots", [])]
                 if snaps:
@@ -240,6 +244,8 @@ def run_snapshot(args) -> int:
                 return _fail("snapshot", msg)
     except FileNotFoundError as e:
         return _fail("snapshot", f"Could not open '{args.filename}': {e.strerror}")
+    except ImageLockedError as e:
+        return _fail("snapshot", f"Could not open '{args.filename}': {e}")
     except (Qcow2Error, OSError, ValueError) as e:
         return _fail("snapshot", str(e))
     return 0
@@ -309,7 +315,9 @@ def add_parsers(sub) -> None:
     r.add_argument("-q", "--quiet", action="store_true")
     r.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
     r.add_argument("-T", dest="src_cache", help="accepted for compatibility, ignored")
-    r.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    r.add_argument("-U", "--force-share", action="store_true",
+                   help="read the old and new backing files without keeping others from "
+                        "writing them")
     r.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     r.add_argument("filename")
     r.set_defaults(func=run_rebase)
@@ -326,7 +334,8 @@ def add_parsers(sub) -> None:
                         "preallocation (others accepted and ignored)")
     e.add_argument("--size", metavar="N", help="virtual size of a new image")
     e.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
-    e.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    e.add_argument("-U", "--force-share", action="store_true",
+                   help="open the source without keeping others from writing it")
     e.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     e.add_argument("filename", nargs="?")
     e.set_defaults(func=run_measure)
@@ -352,7 +361,8 @@ def add_parsers(sub) -> None:
     n.add_argument("-a", dest="apply", metavar="SNAPSHOT", help="revert to a snapshot")
     n.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
     n.add_argument("-q", "--quiet", action="store_true")
-    n.add_argument("-U", "--force-share", action="store_true", help="accepted, ignored")
+    n.add_argument("-U", "--force-share", action="store_true",
+                   help="list without keeping others from writing the image (-l only)")
     n.add_argument("--object", action="append", help="accepted for compatibility, ignored")
     n.add_argument("filename")
     n.set_defaults(func=run_snapshot)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from ..errors import BackingChainError
+from ..errors import BackingChainError, ImageLockedError
 from ..image import Image
 from ..opener import CreateError, open as open_image
 
@@ -28,15 +28,17 @@ def before_create(args, opts: dict) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def open_source(path: str, fmt: Optional[str],
-                snapshot: Optional[str] = None) -> Iterator[Image]:
+def open_source(path: str, fmt: Optional[str], snapshot: Optional[str] = None,
+                force_share: bool = False) -> Iterator[Image]:
     """Open the source (or its internal ``snapshot``); a missing file is reported
     as qemu-img reports it."""
     try:
-        img = open_image(path, format=fmt, snapshot=snapshot)
+        img = open_image(path, format=fmt, snapshot=snapshot, force_share=force_share)
     except FileNotFoundError:
         raise CreateError(f"Could not open '{path}': Could not open '{path}': No such file "
                           f"or directory") from None
+    except ImageLockedError as e:
+        raise ImageLockedError(f"Could not open '{path}': {e}") from None
     with img:
         yield img
 

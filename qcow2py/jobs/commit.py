@@ -134,8 +134,9 @@ def commit(top: PathLike, *, base: Optional[PathLike] = None, drop: bool = False
         keep = drop or depth > 1 or base is not None
         base_layer = ro.chain()[depth]
         base_path, base_fmt = base_layer.storage.name, base_layer.format
+    # the base changes under this reader (we write it): its backing files share write
     img = open_image(top, "r" if keep else "r+", format=format,
-                     storage_wrapper=None if keep else storage_wrapper)
+                     storage_wrapper=None if keep else storage_wrapper, share_backing_write=True)
     try:
         data, zeros = plan_commit(img, depth)
         total = sum(e.length for e in data) + sum(e.length for e in zeros)

@@ -116,7 +116,8 @@ def bitmaps_size(node: Node, cluster_size: int) -> int:
 def measure(size: Optional[int] = None, source: Union[None, str, "os.PathLike[str]", Node] = None,
             *, format: str = "qcow2", source_format: Optional[str] = None,
             cluster_size: int = 65536, refcount_bits: int = 16, extended_l2: bool = False,
-            compat: str = "1.1", preallocation: str = "off", **ignored) -> MeasureResult:
+            compat: str = "1.1", preallocation: str = "off", force_share: bool = False,
+            **ignored) -> MeasureResult:
     """``qemu-img measure``: the size of a new ``format`` image of ``size`` bytes, or
     holding a copy of ``source`` (a path or an open node).  Other create options
     (``lazy_refcounts``, ``backing_file``, ``data_file``...) do not change it."""
@@ -133,7 +134,7 @@ def measure(size: Optional[int] = None, source: Union[None, str, "os.PathLike[st
         raise MeasureError(f"Invalid parameter '{preallocation}'")
     node, opened = source, None
     if source is not None and not isinstance(source, Node):
-        node = opened = open_image(source, format=source_format)
+        node = opened = open_image(source, format=source_format, force_share=force_share)
     try:
         vsize = node.size if node is not None else int(size)
         if format == "raw":

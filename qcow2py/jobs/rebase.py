@@ -113,7 +113,8 @@ def _sector_runs(old: memoryview, new: memoryview) -> List[Tuple[int, int]]:
 
 def rebase(img_path: PathLike, backing_file: str, *, backing_format: Optional[str] = None,
            unsafe: bool = False, format: Optional[str] = None,
-           progress: Optional[Callable[[int, int], None]] = None) -> RebaseStats:
+           progress: Optional[Callable[[int, int], None]] = None,
+           force_share: bool = False) -> RebaseStats:
     """Make ``backing_file`` (``""``: none) the backing file of the image at ``img_path``.
 
     Safe mode (the default) copies what the new backing file would change, so
@@ -130,13 +131,15 @@ def rebase(img_path: PathLike, backing_file: str, *, backing_format: Optional[st
         with open_image(path, "r+", format=format, chain=False) as img:
             _set_backing(img, backing_file, backing_format)
         return stats
-    img = open_image(path, "r+", format=format)
+    # -U (force_share): the old and new backing files are read without keeping
+    # others from writing them, as qemu-img rebase -U; the image itself is written
+    img = open_image(path, "r+", format=format, share_backing_write=force_share)
     try:
         new = None
         if backing_file:
             where = _backing_path(path, backing_file)
             try:
-                new = open_image(where, format=backing_format)
+                new = open_image(where, format=backing_format, force_share=force_share)
             except (Qcow2Error, OSError) as e:
                 raise RebaseError(f"Could not open new backing file '{backing_file}': "
                                   f"{getattr(e, 'strerror', None) or e}") from e

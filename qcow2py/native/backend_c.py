@@ -105,6 +105,14 @@ def bitmap_runs(bits, start: int = 0, end=None,
     if a >= b:
         z = np.zeros(0, dtype=np.int64)
         return z, z.copy()
+    shift = 0
+    if not mv.readonly:
+        # the count and fill passes must see the same bits, even if another thread
+        # sets some meanwhile: scan a private copy of the bytes of the range
+        first, last = a // 8, -(-b // 8)
+        mv = memoryview(bytes(mv[first:last]))
+        shift = first * 8
+        n, a, b = min(n, last * 8) - shift, a - shift, b - shift
     buf = _ffi.from_buffer(mv)
     count = int(_lib.qp_bitmap_runs(buf, n, a, b, _ffi.NULL, _ffi.NULL, 0))
     starts = np.empty(count, dtype=np.int64)
@@ -112,7 +120,10 @@ def bitmap_runs(bits, start: int = 0, end=None,
     if count:
         got = _lib.qp_bitmap_runs(buf, n, a, b, _ffi.from_buffer("int64_t[]", starts),
                                   _ffi.from_buffer("int64_t[]", lens), count)
-        assert got == count
+        if got != count:
+            raise RuntimeError("bitmap changed during a scan of a private copy")
+        if shift:
+            starts += shift
     return starts, lens
 
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "base:allocation and qemu:dirty-bitmap:NAME meta contexts, multi-conn)."))
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="with -r: do not keep others from writing the image (qemu-nbd's)")
     p.add_argument("-x", "--export-name", default="", metavar="NAME",
                    help='export name (default "")')
     p.add_argument("-B", "--bitmap", action="append", default=[], metavar="BITMAP",
@@ -111,7 +113,8 @@ def _serve(args) -> int:
         raise ValueError("-e needs at least 1 connection")
     _check_fleece_args(args)
     tls = _tls(args)
-    img = open_image(args.image, "r" if args.read_only else "r+", format=args.format)
+    img = open_image(args.image, "r" if args.read_only else "r+", format=args.format,
+                     force_share=args.force_share)
     pull: Optional[PullBackup] = None
     try:
         bitmaps = []

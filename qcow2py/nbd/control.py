@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 from .server import Server
 
@@ -44,7 +44,7 @@ class Control:
             "bitmap-remove": self.bitmap_remove,
             "bitmap-clear": self.bitmap_clear,
             "bitmap-disable": self.bitmap_disable,
-            "quit": self.quit,
+            "quit": lambda a: {},    # handle() stops the server once the reply is out
         }
 
     # -- commands (run on a worker thread) --------------------------------------
@@ -100,34 +100,36 @@ class Control:
         self._image(args).find_bitmap(self._name(args)).disable()
         return {}
 
-    def quit(self, args: dict):
-        self.on_quit()
-        return {}
-
     # -- the line protocol -------------------------------------------------------
     async def execute(self, line: bytes) -> dict:
+        """The reply to one command line (``quit`` only answers: see :meth:`handle`)."""
+        return (await self._run(line))[0]
+
+    async def _run(self, line: bytes) -> Tuple[dict, bool]:
+        """(reply, whether the command was a successful ``quit``)."""
         try:
             msg = json.loads(line)
         except ValueError as e:
-            return _error("GenericError", f"JSON parse error: {e}")
+            return _error("GenericError", f"JSON parse error: {e}"), False
         if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
-            return _error("GenericError", "Expected a JSON object with 'execute'")
+            return _error("GenericError", "Expected a JSON object with 'execute'"), False
         args = msg.get("arguments", {})
         if not isinstance(args, dict):
-            return _error("GenericError", "'arguments' must be an object")
+            return _error("GenericError", "'arguments' must be an object"), False
         fn = self.commands.get(msg["execute"])
         if fn is None:
-            return _error("CommandNotFound", f"The command {msg['execute']} has not been found")
+            return _error("CommandNotFound",
+                          f"The command {msg['execute']} has not been found"), False
         try:
             result = await self.server.run_in_pool(fn, args)
         except CommandError as e:
-            return _error(e.cls, e.desc)
+            return _error(e.cls, e.desc), False
         except Exception as e:      # noqa: BLE001 - every refusal is an error reply
-            return _error("GenericError", str(e))
+            return _error("GenericError", str(e)), False
         out: Dict[str, Any] = {"return": result}
         if "id" in msg:
             out["id"] = msg["id"]
-        return out
+        return out, msg["execute"] == "quit"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control client: greeting, then a reply line per command line."""
@@ -141,8 +143,16 @@ class Control:
                     writer.write(_line(_error("GenericError", "command line too long")))
                     break
                 if line.strip():
-                    writer.write(_line(await self.execute(line)))
+                    reply, quitting = await self._run(line)
+                    writer.write(_line(reply))
                     await writer.drain()
+                    if quitting:
+                        # only now: stopping first could close this connection
+                        # before the reply has left it
+                        transport = writer.transport
+                        while transport.get_write_buffer_size() and not transport.is_closing():
+                            await asyncio.sleep(0.01)
+                        self.on_quit()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -182,6 +182,9 @@ class Bitmap:
         self._in_use = bool(entry is not None and entry.in_use)
         self._bits = bits
         self._load_lock = threading.Lock()
+        #: held while the bits change or are scanned, so a scan sees one state of them
+        #: (a writer's thread marks bits while another thread lists dirty extents)
+        self._bits_lock = threading.RLock()
         self._removed = False
 
     @classmethod
@@ -304,7 +307,8 @@ class Bitmap:
         if a >= b:
             z = np.zeros(0, dtype=np.int64)
             return z, z.copy()
-        s, n = native.bitmap_runs(bits, a // g, -(-b // g))
+        with self._bits_lock:
+            s, n = native.bitmap_runs(bits, a // g, -(-b // g))
         lo = np.maximum(s * g, a)
         hi = np.minimum((s + n) * g, b)
         return lo, hi - lo
@@ -324,11 +328,12 @@ class Bitmap:
             return 0
         g = self.granularity
         b0, b1 = a // g, -(-b // g)
-        total = native.bitmap_count(bits, b0, b1) * g
-        if bits[b0]:
-            total -= a - b0 * g
-        if bits[b1 - 1]:
-            total -= b1 * g - b
+        with self._bits_lock:
+            total = native.bitmap_count(bits, b0, b1) * g
+            if bits[b0]:
+                total -= a - b0 * g
+            if bits[b1 - 1]:
+                total -= b1 * g - b
         return total
 
     def next_dirty(self, offset: int = 0) -> Optional[int]:
@@ -346,7 +351,8 @@ class Bitmap:
         if offset >= self.size:
             return None
         g = self.granularity
-        i = native.bitmap_next(bits, offset // g, value)
+        with self._bits_lock:
+            i = native.bitmap_next(bits, offset // g, value)
         return None if i < 0 else max(offset, i * g)
 
     # ------------------------------------------------------------ changes (image opened "r+")
@@ -357,7 +363,9 @@ class Bitmap:
     def clear(self) -> None:
         """Clear every bit."""
         self.check_modifiable()
-        self.bits.setall(0)
+        bits = self.bits
+        with self._bits_lock:
+            bits.setall(0)
 
     def enable(self) -> None:
         """Track writes from now on (stored as QEMU's "auto" flag)."""
@@ -381,14 +389,20 @@ class Bitmap:
                               f"{self.size}, source size is {other.size}) and can't be merged")
         bits = self.bits
         if other.granularity == self.granularity:
-            native.bitmap_op(bits, other.bits, "or", out=bits)
+            with other._bits_lock:
+                src = other.bits.copy()        # one state of the source, then no lock on it
+            with self._bits_lock:
+                native.bitmap_op(bits, src, "or", out=bits)
             return
         g = self.granularity
         lo, n = other.dirty_extent_arrays()
-        for a, b in zip((lo // g).tolist(), (-(-(lo + n) // g)).tolist()):
-            bits[a:b] = 1
+        with self._bits_lock:
+            for a, b in zip((lo // g).tolist(), (-(-(lo + n) // g)).tolist()):
+                bits[a:b] = 1
 
     def mark(self, offset: int, length: int) -> None:
         """Mark guest bytes dirty (the writer calls this for every change)."""
         g = self.granularity
-        self.bits[offset // g:-(-(offset + length) // g)] = 1
+        bits = self.bits
+        with self._bits_lock:
+            bits[offset // g:-(-(offset + length) // g)] = 1

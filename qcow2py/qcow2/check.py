@@ -22,7 +22,7 @@ from typing import Optional
 
 from ..errors import FormatError, Qcow2Error
 from ..image import Image
-from ..io.locking import lock_for_write, unlock
+from ..io import locking
 from ..io.storage import FileStorage
 from .checkresult import CheckResult
 from .checkview import CheckFailed, OpenBacking
@@ -42,7 +42,8 @@ class NotQcow2(FormatError):
 
 
 def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = None,
-               lock: bool = True, open_backing: Optional[OpenBacking] = None) -> CheckResult:
+               lock: bool = True, open_backing: Optional[OpenBacking] = None,
+               force_share: bool = False) -> CheckResult:
     """``qemu-img check [-r repair] path``: opens the file itself, leniently.
 
     ``open_backing`` opens the backing file as qemu-img check does (it fails when the
@@ -59,15 +60,17 @@ def check_path(path: str, fmt: Optional[str] = None, repair: Optional[str] = Non
             if fmt in (None, "qcow2", "raw"):
                 raise NotQcow2(f"{path}: This image format does not support checks")
             raise FormatError(f"unknown image format {fmt!r} (qcow2 or raw)")
+        if lock and st.fileno() is not None:
+            # QEMU's permissions, as qemu-img check takes them (read-only unless -r)
+            locking.acquire(st.fileno(), path, locking.file_perms(
+                "qcow2", locking.TOP, writable=bool(repair), force_share=force_share))
+            locked = st.fileno()
         if repair:
-            if lock and st.fileno() is not None:
-                lock_for_write(st.fileno(), path)
-                locked = st.fileno()
             return repair_storage(st, path, repair, open_backing)
         return check_storage(st, path, open_backing)
     finally:
         if locked is not None:
-            unlock(locked)
+            locking.release(locked)
         st.close()
 
 

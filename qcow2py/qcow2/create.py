@@ -65,7 +65,7 @@ def claim(path: str) -> None:
         return
     try:
         locking.lock_for_write(fd, path)
-        locking.unlock(fd)
+        locking.release(fd)
     finally:
         os.close(fd)
 

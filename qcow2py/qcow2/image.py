@@ -39,9 +39,8 @@ from bitarray import bitarray, frozenbitarray
 from ..errors import BitmapError, CorruptImageError, ImageClosedError
 from ..format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
                              INCOMPAT_DIRTY, Header)
-from ..io import locking
 from ..io.rangelock import RangeLock
-from ..io.storage import FileStorage, Storage
+from ..io.storage import Storage
 from . import bitmap_store
 from .bitmaps import Bitmap, load_bits
 from .checkresult import CheckResult
@@ -60,11 +59,6 @@ class WritableQcow2Image(Resizing):
         h = self.header
         try:
             self._refuse_unsupported(ctx.repair)
-            fd = storage.fileno()
-            self._locked_fd: Optional[int] = None
-            if fd is not None and ctx.lock:
-                locking.lock_for_write(fd, filename)
-                self._locked_fd = fd
             if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
                 # refcounts may lag after a crash with lazy refcounts: repair first,
                 # on the file alone, before any writer state exists
@@ -78,11 +72,6 @@ class WritableQcow2Image(Resizing):
                                                      COMPAT_LAZY_REFCOUNTS))
         self._lock = threading.RLock()
         self._ranges = RangeLock()
-        if h.has_data_file and self.data_file_path is not None:
-            # guest data lives in the external file, at host offset == guest offset
-            ro = self.data_storage
-            self.data_storage = FileStorage(self.data_file_path, writable=True)
-            ro.close()
         self.journal.data_storage = self.data_storage
         self._external = h.has_data_file
         self.refcounts = RefcountManager(self.journal)
@@ -246,7 +235,4 @@ class WritableQcow2Image(Resizing):
                     self.flush_metadata()
                     self.journal.clear_dirty()
         finally:
-            if getattr(self, "_locked_fd", None) is not None:
-                locking.unlock(self._locked_fd)
-                self._locked_fd = None
-            super()._close_layer()
+            super()._close_layer()      # closing the files drops their locks

@@ -22,7 +22,7 @@ from typing import Optional
 
 from ...lazyimport import numpy as np
 
-from ...opener import create
+from ...opener import create_file, open as open_image
 from ...image import Image
 from ...io.wrappers import UnsafeStorage
 from .cache import CopyStore
@@ -166,9 +166,10 @@ def fleece(disk: Image, temp: str, *, bitmap: Optional[str] = None, ram_cache: i
         # the temp is disposable (a crash throws it away): it never waits for fsync
         storage = UnsafeStorage(storage)
         return storage if temp_storage_wrapper is None else temp_storage_wrapper(storage)
-    tmp = create(temp, disk.size, cluster_size=cluster_size,
-                 backing_file=os.path.abspath(disk.filename), backing_format=disk.format,
-                 storage_wrapper=wrap)
+    create_file(temp, disk.size, cluster_size=cluster_size,
+                backing_file=os.path.abspath(disk.filename), backing_format=disk.format)
+    # the temp's backing is the active disk, which this process keeps writing
+    tmp = open_image(temp, "r+", format="qcow2", storage_wrapper=wrap, share_backing_write=True)
     try:
         state = CopyState(disk.size, cluster_size, access)
         store = CopyStore(state, tmp, ram_cache)
