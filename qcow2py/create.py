@@ -41,17 +41,18 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
            compression_type: str = "zlib", backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, data_file: Optional[str] = None,
            data_file_raw: bool = False, preallocation: str = "off",
-           lock: bool = True, storage_wrapper=None) -> Image:
+           lock: bool = True, storage_wrapper=None, cache: str = "writeback") -> Image:
     """Create an image and return it opened "r+".
 
     Options and their checks follow ``qemu-img create -f qcow2 -o ...``.
     ``size`` may be omitted when a backing file gives it.  ``storage_wrapper``
-    is passed to :func:`qcow2py.open` (to trace or journal the new image).
+    and ``cache`` (qemu-img's cache mode of the opened image, e.g. "none" for
+    O_DIRECT) are passed to :func:`qcow2py.open`.
     """
     return _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
                    extended_l2, lazy_refcounts, compression_type, backing_file,
                    backing_format, data_file, data_file_raw, preallocation, lock,
-                   storage_wrapper, keep_open=True)
+                   storage_wrapper, keep_open=True, cache=cache)
 
 
 def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
@@ -74,7 +75,7 @@ def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
 
 def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
             lazy_refcounts, compression_type, backing_file, backing_format, data_file,
-            data_file_raw, preallocation, lock, storage_wrapper, keep_open):
+            data_file_raw, preallocation, lock, storage_wrapper, keep_open, cache="writeback"):
     if preallocation not in PREALLOCATION_MODES and format == "raw":
         raise CreateError(f"invalid parameter value: {preallocation}")
     if preallocation not in PREALLOCATION_MODES:
@@ -86,7 +87,7 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
                             data_file=data_file, data_file_raw=data_file_raw)
         if lock:
             _claim(path)
-        img = _create_raw(path, size, preallocation, storage_wrapper)
+        img = _create_raw(path, size, preallocation, storage_wrapper, cache)
         if not keep_open:
             img.close()
         return img
@@ -113,7 +114,8 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
         preallocation = "metadata"        # a raw data file must stay a valid raw image
     if not keep_open and preallocation == "off":
         return None
-    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
+    img = open_image(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper,
+                     cache=cache)
     if preallocation != "off":
         try:
             _preallocate(img, preallocation)
@@ -368,7 +370,7 @@ def _preallocate(img, mode: str) -> None:
 
 
 def _create_raw(path: str, size: Optional[int], preallocation: str,
-                storage_wrapper=None) -> Image:
+                storage_wrapper=None, cache: str = "writeback") -> Image:
     if size is None:
         raise CreateError("Image creation needs a size parameter")
     size = -(-int(size) // 512) * 512            # whole sectors, as qemu-img rounds
@@ -384,4 +386,4 @@ def _create_raw(path: str, size: Optional[int], preallocation: str,
         st.fsync()
     finally:
         st.close()
-    return open_image(path, "r+", format="raw", storage_wrapper=storage_wrapper)
+    return open_image(path, "r+", format="raw", storage_wrapper=storage_wrapper, cache=cache)

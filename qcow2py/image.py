@@ -265,8 +265,9 @@ class _OpenContext:
 
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
                  writable: bool = False, lock: bool = True, storage_wrapper=None,
-                 repair: bool = False, wrap_chain: bool = False):
+                 repair: bool = False, wrap_chain: bool = False, cache: str = "writeback"):
         self.policy = policy
+        self.cache = cache                       # qemu-img's cache mode, for every file
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
@@ -283,7 +284,7 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          l2_cache_bytes: Optional[int] = None, lock: bool = True,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
          repair: bool = False, chain: bool = True, wrap_chain: bool = False,
-         snapshot: Optional[str] = None) -> Image:
+         snapshot: Optional[str] = None, cache: str = "writeback") -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write; the image
@@ -299,6 +300,10 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     image so that ``check(repair=...)`` can fix it.
     ``snapshot`` (id or name) reads that internal snapshot instead of the
     active state, read-only (``qemu-img convert -l snapshot.name=...``).
+    ``cache`` is qemu-img's cache mode for every file of the chain:
+    "writeback" (page cache; flush() is fsync), "none" (O_DIRECT, see
+    :mod:`qcow2py.directio`), "directsync" (O_DIRECT + O_DSYNC),
+    "writethrough" (O_DSYNC), "unsafe" (flush() does nothing).
     ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
@@ -310,7 +315,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     if snapshot is not None and mode != "r":
         raise ValueError("snapshot= reads an internal snapshot: mode 'r' only")
     ctx = _OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
-                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain)
+                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain,
+                       cache=cache)
     ctx.chain = chain
     img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
     if snapshot is not None:
@@ -331,7 +337,7 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
                                 f"at {display_name!r}")
     writable = ctx.writable and ctx.depth == 0
     try:
-        storage = FileStorage(path, writable=writable)
+        storage = open_file_storage(path, writable, ctx.cache)
     except FileNotFoundError as e:
         if ctx.depth:
             raise BackingChainError(f"backing file {display_name!r} not found") from e
@@ -361,6 +367,15 @@ def _open_layer(path: str, fmt: Optional[str], ctx: _OpenContext,
         storage.close()
         raise
     return img
+
+
+def open_file_storage(path: str, writable: bool = False, cache: str = "writeback") -> Storage:
+    """The storage of one file of a chain in a cache mode (direct I/O imported only
+    when asked for, so plain opens stay light)."""
+    if cache == "writeback":
+        return FileStorage(path, writable=writable)
+    from .directio import open_storage
+    return open_storage(path, writable, cache)
 
 
 def backing_display_name(parent_name: str, name: str) -> str:

@@ -27,9 +27,9 @@ from .errors import (BackingChainError, BitmapError, CorruptImageError, FormatEr
 from .format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from .format.header import AUTOCLEAR_BITMAPS, Header, QEMU_HEADER_LENGTH
 from .format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
-from .image import Image, Run, open_backing, probe_format
+from .image import Image, Run, open_backing, open_file_storage, probe_format
 from .native import COMPRESSED, DATA, UNALLOCATED, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
-from .storage import FileStorage, Storage
+from .storage import Storage
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
@@ -213,7 +213,7 @@ class Qcow2Image(Image):
             raise FormatError("image uses an external data file but does not name it")
         path = ctx.policy.resolve(name, self.storage.name, what="data file")
         try:
-            self.data_storage = FileStorage(path)
+            self.data_storage = open_file_storage(path, False, getattr(ctx, "cache", "writeback"))
         except FileNotFoundError:
             raise BackingChainError(f"external data file {path!r} not found") from None
         if getattr(ctx, "wrap_chain", False) and ctx.storage_wrapper is not None:

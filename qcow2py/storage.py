@@ -32,6 +32,9 @@ class Storage(ABC):
 
     name: str = "<storage>"
     writable: bool = False
+    #: O_DIRECT request alignment (offset and length); 1: any request is fine.  Code that
+    #: hands ``fileno()`` to C must honour it (``DirectFileStorage`` splits for it).
+    alignment: int = 1
 
     # --- primitives -----------------------------------------------------
     @abstractmethod
@@ -96,10 +99,13 @@ class Storage(ABC):
 class FileStorage(Storage):
     """A file on the host, accessed with pread/pwrite on one descriptor."""
 
-    def __init__(self, path: str, writable: bool = False, create: bool = False):
+    def __init__(self, path: str, writable: bool = False, create: bool = False,
+                 dsync: bool = False):
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
+        if dsync:
+            flags |= os.O_DSYNC               # cache=writethrough: each write durable
         flags |= getattr(os, "O_CLOEXEC", 0)
         self.name = path
         self.writable = writable
@@ -327,6 +333,7 @@ class UnsafeStorage(Storage):
         self.inner = inner
         self.name = inner.name
         self.writable = inner.writable
+        self.alignment = inner.alignment
 
     def size(self) -> int:
         return self.inner.size()

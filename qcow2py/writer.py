@@ -68,7 +68,8 @@ from .format.header import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COR
 from .qcow2 import L1E_OFFSET_MASK, Qcow2Image
 from .rangelock import RangeLock
 from .refcounts import RefcountManager
-from .storage import FileStorage, Storage
+from .image import open_file_storage
+from .storage import Storage
 
 _COPIED = np.uint64(1 << 63)
 _COMPRESSED = np.uint64(1 << 62)
@@ -100,7 +101,8 @@ class WritableQcow2Image(Qcow2Image):
         if h.has_data_file and self.data_file_path is not None:
             # guest data lives in the external file, at host offset == guest offset
             ro = self.data_storage
-            self.data_storage = FileStorage(self.data_file_path, writable=True)
+            self.data_storage = open_file_storage(self.data_file_path, True,
+                                                  getattr(ctx, "cache", "writeback"))
             ro.close()
         self._external = h.has_data_file
         self.refcounts = RefcountManager(storage, h)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import native
 from ..decompress import decompress_into, read_and_decompress
+from ..directio import PAGE, aligned_empty
 from ..errors import Qcow2Error
 from ..image import Image
 from ..qcow2 import Qcow2Image
@@ -446,7 +447,10 @@ class BlockCopy:
         write_zeroes = bool(zero_chunk) and not self.target_is_zero
         order = np.argsort(dst, kind="stable")
         fd = dst_storage.fileno()
-        if fd is not None:
+        if hasattr(dst_storage, "write_batch"):       # O_DIRECT: it splits by alignment
+            return dst_storage.write_batch(pos, dst, length, order, buf, zero_chunk,
+                                           write_zeroes, mark_at[0], mark_at[1], local_mark)
+        if fd is not None and dst_storage.alignment == 1:
             return native.write_batch(pos, dst, length, order, fd, buf, zero_chunk,
                                       write_zeroes, mark_at[0], mark_at[1], local_mark)
         return native.write_batch_generic(_storage_writev(dst_storage), pos, dst, length, order,
@@ -478,8 +482,8 @@ class BlockCopy:
             i, (a, b) = job
             buf = getattr(local, "buf", None)
             if buf is None:
-                # np.empty: pages are committed only as data lands in them
-                buf = local.buf = np.empty(buf_len, dtype=np.uint8)
+                # page-aligned (O_DIRECT); pages are committed only as data lands in them
+                buf = local.buf = aligned_empty(buf_len)
                 local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
                 if local.mark is not None:
                     with marks_lock:
@@ -616,7 +620,8 @@ class BlockCopy:
             ci = np.flatnonzero(is_comp[sl])
             if ci.size:
                 layers = comp.layer[sl][ci]
-                out_pos = n_read + np.r_[0, np.cumsum(out_len[sl][ci])[:-1]]
+                # (from a page boundary: the clusters are then O_DIRECT-aligned pieces)
+                out_pos = -(-n_read // PAGE) * PAGE + np.r_[0, np.cumsum(out_len[sl][ci])[:-1]]
                 for li in np.unique(layers).tolist():
                     sel = layers == li
                     cs = chain[li].cluster_size
@@ -630,7 +635,7 @@ class BlockCopy:
             r[0], r[3] = n_read, requests
             return r, int(length.sum())
 
-        self._run_batches(bounds, 2 * half, workers, read, write, mark_buf)
+        self._run_batches(bounds, 2 * half + PAGE, workers, read, write, mark_buf)
 
 
 def _read_batch(storages, key: np.ndarray, host: np.ndarray, length: np.ndarray, buf):
