@@ -252,7 +252,9 @@ class DirectFileStorage(FileStorage):
             with self._size_lock:
                 old = os.fstat(fd).st_size
                 self._write_all([bounce], lo)
-                if hi > old and offset + total < hi:
+                # the last block overhung the end: cut the file back to what was asked,
+                # unless a write beyond it has extended the file meanwhile
+                if hi > old and offset + total < hi and os.fstat(fd).st_size == hi:
                     os.ftruncate(fd, max(old, offset + total))
 
     def _write_all(self, views: List[memoryview], offset: int) -> None:
