@@ -35,7 +35,7 @@ from .storage import FileStorage, Storage, UnsafeStorage
 from . import native
 
 __all__ = ["CACHE_MODES", "DirectIOUnsupportedError", "DirectFileStorage", "aligned_empty",
-           "dio_alignment", "open_storage", "cache_flags"]
+           "dio_alignment", "open_storage", "cache_flags", "probe_alignment"]
 
 #: qemu-img's cache modes: (O_DIRECT, O_DSYNC, flush honoured)
 CACHE_MODES: Dict[str, Tuple[bool, bool, bool]] = {
@@ -99,7 +99,7 @@ def _statx_dio(fd: int) -> Optional[Tuple[int, int]]:
     return off, max(mem, 1)
 
 
-def _probe(fd: int) -> Optional[int]:
+def probe_alignment(fd: int) -> Optional[int]:
     """The smallest of 512 and 4096 that an O_DIRECT read at 0 accepts (QEMU's probe);
     None when the file is too short for the read to prove anything."""
     if os.fstat(fd).st_size < 4096:
@@ -121,7 +121,7 @@ def dio_alignment(fd: int) -> Tuple[int, int]:
     got = _statx_dio(fd)
     if got is not None:
         return got
-    probed = _probe(fd) or 4096
+    probed = probe_alignment(fd) or 4096
     return probed, probed
 
 
@@ -241,9 +241,10 @@ class DirectFileStorage(FileStorage):
                 return
             bounce = memoryview(aligned_empty(hi - lo))
             a = self.alignment
-            if offset != lo:
+            head = offset != lo                   # the first block is partly kept
+            if head:
                 self._read_span(bounce[:a], lo)
-            if offset + total != hi and (offset != lo or hi - lo > a):
+            if offset + total != hi and not (head and hi - lo == a):   # (one block: read)
                 self._read_span(bounce[hi - lo - a:], hi - a)
             pos = offset - lo
             for v in views:
