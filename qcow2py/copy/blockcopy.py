@@ -450,7 +450,7 @@ class BlockCopy:
         if hasattr(dst_storage, "write_batch"):       # O_DIRECT: it splits by alignment
             return dst_storage.write_batch(pos, dst, length, order, buf, zero_chunk,
                                            write_zeroes, mark_at[0], mark_at[1], local_mark)
-        if fd is not None and dst_storage.alignment == 1:
+        if fd is not None and getattr(dst_storage, "alignment", 1) == 1:
             return native.write_batch(pos, dst, length, order, fd, buf, zero_chunk,
                                       write_zeroes, mark_at[0], mark_at[1], local_mark)
         return native.write_batch_generic(_storage_writev(dst_storage), pos, dst, length, order,
