@@ -305,3 +305,14 @@ def test_nbd_export_of_an_o_direct_image(d):
             c.close()
         finally:
             srv.close()
+
+
+def test_compressed_output_with_4k_alignment(d, align4k):
+    """-c -t none: compressed clusters land at byte offsets, every one a
+    read-modify-write of its block (in-process, so the forced alignment holds)."""
+    src = build("fragmented", d)
+    out = d / "c.qcow2"
+    assert copy_cli_mod.main(["-c", "-O", "qcow2", "-t", "none", "-T", "none", str(src),
+                              str(out)]) == 0
+    _check_copy(src, out, "qcow2")
+    assert align4k["rmw"] > 0
