@@ -286,7 +286,8 @@ class DirectFileStorage(FileStorage):
         base = _address(memoryview(buf).cast("B"))
         ok = (dst % a == 0) & (length % a == 0) & ((base + pos) % self.mem_alignment == 0)
         stats = [0, 0, 0, 0]
-        in_order = ok[order]
+        # (the pure twin joins pieces into unaligned bytes: everything through writev)
+        in_order = ok[order] if native.USE_NATIVE else np.zeros(len(order), dtype=bool)
         if in_order.any():
             sel = order[in_order]                 # already in write order
             got = native.write_batch(pos[sel], dst[sel], length[sel], _in_turn(sel),

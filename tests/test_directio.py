@@ -316,3 +316,18 @@ def test_compressed_output_with_4k_alignment(d, align4k):
                               str(out)]) == 0
     _check_copy(src, out, "qcow2")
     assert align4k["rmw"] > 0
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_existing_target_gets_zeros_written(d, pure):
+    """-n onto a target full of old data: zero chunks are written (from the C side's
+    zero buffer, which must be aligned too), in the C and the pure back-ends."""
+    src = build("fragmented", d)                   # has clusters of zero data
+    out = d / "old.raw"
+    create(out, "16M", fmt="raw")
+    qemu_io(out, "write -P 0xee 0 16M", fmt="raw")
+    env = dict(os.environ, QCOW2PY_PURE="1" if pure else "")
+    p = subprocess.run(["qcow2py-copy", "-n", "-O", "raw", "-t", "none", "-T", "none",
+                        str(src), str(out)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    _check_copy(src, out, "raw")
