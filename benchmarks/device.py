@@ -77,6 +77,7 @@ def time_copies(src: str, files: List[str], target_dir: str, rounds: int,
     copy statistics qcow2py-copy printed."""
     dst = os.path.join(target_dir, "device-copy.qcow2")
     times: Dict[str, List[float]] = {k: [] for k in COPIERS}
+    engine: Dict[str, List[float]] = {k: [] for k in COPIERS}    # the copy, process start excluded
     stats: Dict[str, Dict] = {}
     for r in range(rounds + 1):
         for label, cmd in COPIERS.items():
@@ -94,6 +95,8 @@ def time_copies(src: str, files: List[str], target_dir: str, rounds: int,
             if r == 0:
                 continue                   # warm-up of the programs, not counted
             times[label].append(elapsed)
+            if label in stats:
+                engine[label].append(stats[label]["seconds"])
             if r == 1 and compare:
                 c = subprocess.run(["qemu-img", "compare", "-q", src, dst])
                 if c.returncode:
@@ -101,7 +104,8 @@ def time_copies(src: str, files: List[str], target_dir: str, rounds: int,
     if os.path.exists(dst):
         os.unlink(dst)
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
-                **({"stats": stats[k]} if k in stats else {})} for k, v in times.items()}
+                **({"stats": stats[k], "engine_median": statistics.median(engine[k])}
+                   if engine[k] else {})} for k, v in times.items()}
 
 
 def measure_device(path: str, shapes: List[str], size: int, rounds: int,
@@ -131,7 +135,7 @@ def measure_device(path: str, shapes: List[str], size: int, rounds: int,
 def format_device_table(result: Dict) -> str:
     """The model's table form: one row per image and reader, wall times side by side."""
     head = ["image", "reader", "reads", "MiB", "device s (median)", "min s", "max s",
-            "÷ qemu-img"]
+            "÷ qemu-img", "copy s (--stats)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, s in result["shapes"].items():
         qemu = s["readers"]["qemu-img"]["median"]
@@ -141,7 +145,8 @@ def format_device_table(result: Dict) -> str:
                 shape, label, str(st.get("read_requests", "–")),
                 f"{st['bytes_read'] / 2**20:.0f}" if "bytes_read" in st else "–",
                 f"{r['median']:.2f}", f"{r['min']:.2f}", f"{r['max']:.2f}",
-                f"{r['median'] / qemu:.2f}"]) + " |")
+                f"{r['median'] / qemu:.2f}",
+                f"{r['engine_median']:.2f}" if "engine_median" in r else "–"]) + " |")
     return "\n".join(lines)
 
 
