@@ -40,7 +40,7 @@ from ..errors import BitmapError, CorruptImageError, ImageClosedError
 from ..format.header import AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from ..io import locking
 from ..io.rangelock import RangeLock
-from ..io.storage import FileStorage, Storage
+from ..io.storage import Storage
 from . import bitmap_store
 from .bitmaps import Bitmap, load_bits
 from .check import check_image, repair_image
@@ -74,7 +74,7 @@ class WritableQcow2Image(Resizing):
         if h.has_data_file and self.data_file_path is not None:
             # guest data lives in the external file, at host offset == guest offset
             ro = self.data_storage
-            self.data_storage = FileStorage(self.data_file_path, writable=True)
+            self.data_storage = ctx.reopen_data_file(self.data_file_path)
             ro.close()
         self.journal.data_storage = self.data_storage
         self._external = h.has_data_file
