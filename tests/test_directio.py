@@ -214,6 +214,43 @@ def test_unaligned_writes_from_threads(d, align4k):
     assert path.read_bytes() == bytes(want), f"seed {seed}"
 
 
+def test_tail_cut_back_spares_a_write_beyond_it(d, align4k, monkeypatch):
+    """A read-modify-write whose last block overhangs the end of the file cuts the
+    file back after writing; a copy batch written meanwhile (in C) past that block
+    must survive the cut.  The batch is started just before the cut and given time
+    to finish there if nothing holds it back."""
+    path = d / "grow.raw"
+    path.write_bytes(b"")
+    st = directio.DirectFileStorage(str(path), writable=True)
+    assert st.alignment == 4096
+    batch = directio.aligned_empty(8192)
+    batch[:] = 0x77
+    real_ftruncate = os.ftruncate
+    racing = []
+
+    def ftruncate(fd, size):
+        if not racing:
+            t = threading.Thread(target=st.write_batch,
+                                 args=(batch, np.array([0]), np.array([8192]),
+                                       np.array([8192]), np.array([0])))
+            racing.append(t)
+            t.start()
+            t.join(0.5)
+        real_ftruncate(fd, size)
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    try:
+        st.pwrite(b"\x11" * 1000, 0)               # block [0, 4096), cut back to 1000
+        assert racing, "the write overhung the end: it must cut the file back"
+        racing[0].join()
+    finally:
+        st.close()
+    data = path.read_bytes()
+    assert len(data) == 16384
+    assert data[:1000] == b"\x11" * 1000 and data[1000:8192] == bytes(7192)
+    assert data[8192:] == b"\x77" * 8192
+
+
 def test_refused_without_o_direct_as_qemu_img(d, monkeypatch, capsys):
     """The message and exit code of qemu-img 7.2 when the file system refuses O_DIRECT
     (simulated: open(2) answers EINVAL to O_DIRECT, as on such a file system)."""

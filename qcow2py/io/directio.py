@@ -25,7 +25,6 @@ import ctypes
 import errno
 import mmap
 import os
-import threading
 from typing import Dict, List, Optional, Tuple
 
 from .. import native
@@ -164,7 +163,10 @@ class DirectFileStorage(FileStorage):
             os.close(self._fd)
             raise
         self._ranges = RangeLock()
-        self._size_lock = threading.Lock()
+        # every write, truncate and fallocate holds this shared; a read-modify-write whose
+        # last block overhangs the end of the file holds it exclusively, so that nothing
+        # extends the file between its write and its cut back to the length asked for
+        self._growth = RangeLock()
 
     # -- helpers
     def _aligned(self, buf, offset: int) -> bool:
@@ -238,7 +240,8 @@ class DirectFileStorage(FileStorage):
         lo, hi = self._span(offset, total)
         with self._ranges.hold(lo, hi, True):
             if offset == lo and total == hi - lo and all(self._aligned(v, 0) for v in views):
-                self._write_all(views, offset)
+                with self._growing():
+                    self._write_all(views, offset)
                 return
             bounce = memoryview(aligned_empty(hi - lo))
             a = self.alignment
@@ -251,13 +254,27 @@ class DirectFileStorage(FileStorage):
             for v in views:
                 bounce[pos:pos + len(v)] = v
                 pos += len(v)
-            with self._size_lock:
+            overhang = offset + total < hi and hi > os.fstat(fd).st_size
+            with self._growing(exclusive=overhang):
                 old = os.fstat(fd).st_size
                 self._write_all([bounce], lo)
-                # the last block overhung the end: cut the file back to what was asked,
-                # unless a write beyond it has extended the file meanwhile
-                if hi > old and offset + total < hi and os.fstat(fd).st_size == hi:
+                # the last block overhung the end: cut the file back to what was asked
+                # (nothing else writes meanwhile: the growth lock is held exclusively)
+                if overhang and hi > old:
                     os.ftruncate(fd, max(old, offset + total))
+
+    def _growing(self, exclusive: bool = False):
+        """Hold the growth lock: shared for a write that cannot be cut back, exclusive
+        for one that may be."""
+        return self._growth.hold(0, 1, exclusive)
+
+    def truncate(self, size: int) -> None:
+        with self._growing():
+            super().truncate(size)
+
+    def fallocate(self, offset: int, length: int) -> None:
+        with self._growing():
+            super().fallocate(offset, length)
 
     def _write_all(self, views: List[memoryview], offset: int) -> None:
         fd = self._check()
@@ -292,9 +309,10 @@ class DirectFileStorage(FileStorage):
         in_order = ok[order] if native.USE_NATIVE else np.zeros(len(order), dtype=bool)
         if in_order.any():
             sel = order[in_order]                 # already in write order
-            got = native.write_batch(pos[sel], dst[sel], length[sel], _in_turn(sel),
-                                     self._check(), buf, zero_chunk, write_zeroes, mark_base,
-                                     mark_shift, mark)
+            with self._growing():
+                got = native.write_batch(pos[sel], dst[sel], length[sel], _in_turn(sel),
+                                         self._check(), buf, zero_chunk, write_zeroes,
+                                         mark_base, mark_shift, mark)
             stats = [x + int(y) for x, y in zip(stats, got)]
         if not in_order.all():
             sel = order[~in_order]
