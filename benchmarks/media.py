@@ -735,6 +735,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-compare", action="store_true",
                     help="do not check the traced copies with qemu-img compare (saves "
                          "reading the image and its copy once per reader on a large run)")
+    ap.add_argument("--device", metavar="PATH",
+                    help="real-device mode: build the images in a folder on PATH's disk and "
+                         "time qcow2py-copy (host and guest order) against qemu-img convert, "
+                         "both with -T none -t none (O_DIRECT), cold cache (benchmarks/device.py)")
+    ap.add_argument("--device-target", metavar="DIR",
+                    help="with --device: write the copies in DIR (default: next to the images)")
     args = ap.parse_args(argv)
     if args.chart_only:
         with open(args.chart_only) as f:
@@ -751,6 +757,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(shapes) - set(SHAPES)
     if unknown:
         ap.error(f"unknown images: {', '.join(sorted(unknown))}")
+    if args.device:
+        try:
+            from . import device
+        except ImportError:              # run as a file
+            from benchmarks import device
+        return device.run(args, size, shapes, args.out, args.name)
     name = args.name or ("media" if size == 256 << 20 else f"media-{size_label(size)}")
     t0 = time.monotonic()
     result = measure(shapes, size, args.rounds, not args.no_wall, args.one_at_a_time)

@@ -217,7 +217,8 @@ int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
                    int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
                    int64_t *stats)
 {
-    static const uint8_t zeros[65536];
+    /* page-aligned: zero runs may go to an O_DIRECT descriptor */
+    static const uint8_t zeros[65536] __attribute__((aligned(4096)));
     if (zero_chunk < 0 || mark_shift < 0 || mark_shift > 40)
         return -EINVAL;
     for (size_t i = 0; i < n; i++) {

@@ -30,6 +30,16 @@ from .raw import RawImage
 writable_qcow2 = lazy_module("qcow2py.qcow2.image")
 #: qemu-img check on a path (imported by the check command)
 checking = lazy_module("qcow2py.qcow2.check")
+#: cache modes other than the default (O_DIRECT, O_DSYNC, unsafe), imported when asked for
+directio = lazy_module("qcow2py.io.directio")
+
+
+def open_file_storage(path: str, writable: bool = False, cache: str = "writeback") -> Storage:
+    """The storage of one file of a chain in qemu-img's cache mode ``cache``
+    (the direct-I/O module is imported only when asked for: plain opens stay light)."""
+    if cache == "writeback":
+        return FileStorage(path, writable=writable)
+    return directio.open_storage(path, writable, cache)
 
 
 def probe_format(storage: Storage) -> str:
@@ -43,10 +53,11 @@ class OpenContext:
     def __init__(self, policy: BackingPolicy, l2_cache_bytes: Optional[int],
                  writable: bool = False, lock: bool = True, storage_wrapper=None,
                  repair: bool = False, wrap_chain: bool = False, force_share: bool = False,
-                 share_backing_write: bool = False):
+                 share_backing_write: bool = False, cache: str = "writeback"):
         self.policy = policy
         self.force_share = force_share          # QEMU's force-share: lock nothing out
         self.share_backing_write = share_backing_write   # backing files may change under us
+        self.cache = cache                       # qemu-img's cache mode, for every file
         self.l2_cache_bytes = l2_cache_bytes
         self.writable = writable          # applies to the top image only
         self.lock = lock
@@ -72,7 +83,7 @@ class OpenContext:
         path = self.policy.resolve(name, parent.storage.name, what="data file")
         writable = self.writable and self.depth == 0
         try:
-            storage: Storage = FileStorage(path, writable=writable)
+            storage: Storage = open_file_storage(path, writable, self.cache)
         except FileNotFoundError:
             raise BackingChainError(f"external data file {path!r} not found") from None
         try:
@@ -111,7 +122,7 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
          storage_wrapper: Optional[Callable[[Storage], Storage]] = None,
          repair: bool = False, chain: bool = True, wrap_chain: bool = False,
          snapshot: Optional[str] = None, force_share: bool = False,
-         share_backing_write: bool = False) -> Image:
+         share_backing_write: bool = False, cache: str = "writeback") -> Image:
     """Open an image file; the format is probed unless given.
 
     ``mode`` is "r" (read-only; the default) or "r+" (read-write).  Every file
@@ -135,6 +146,10 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
     image so that ``check(repair=...)`` can fix it.
     ``snapshot`` (id or name) reads that internal snapshot instead of the
     active state, read-only (``qemu-img convert -l snapshot.name=...``).
+    ``cache`` is qemu-img's cache mode for every file of the chain:
+    "writeback" (page cache; flush() is fsync), "none" (O_DIRECT, see
+    :mod:`qcow2py.io.directio`), "directsync" (O_DIRECT + O_DSYNC),
+    "writethrough" (O_DSYNC), "unsafe" (flush() does nothing).
     ``chain=False`` opens the image alone, as ``qemu-img info``
     does: a backing or external data file it names is neither opened nor
     needed, and the image is :attr:`~Image.detached` (``info()`` works; reads
@@ -149,7 +164,8 @@ def open(path: str, mode: str = "r", *, format: Optional[str] = None,
         raise ForceShareError()
     ctx = OpenContext(backing_policy, l2_cache_bytes, writable=mode == "r+", lock=lock,
                       storage_wrapper=storage_wrapper, repair=repair, wrap_chain=wrap_chain,
-                      force_share=force_share, share_backing_write=share_backing_write)
+                      force_share=force_share, share_backing_write=share_backing_write,
+                      cache=cache)
     ctx.chain = chain
     img = _open_layer(os.fspath(path), format, ctx, display_name=os.fspath(path))
     if snapshot is not None:
@@ -170,7 +186,7 @@ def _open_layer(path: str, fmt: Optional[str], ctx: OpenContext,
                                 f"at {display_name!r}")
     writable = ctx.writable and ctx.depth == 0
     try:
-        storage = FileStorage(path, writable=writable)
+        storage = open_file_storage(path, writable, ctx.cache)
     except FileNotFoundError as e:
         if ctx.depth:
             raise BackingChainError(f"backing file {display_name!r} not found") from e
@@ -218,17 +234,18 @@ def create(path: str, size: Optional[int] = None, *, format: str = "qcow2",
            compression_type: str = "zlib", backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, data_file: Optional[str] = None,
            data_file_raw: bool = False, preallocation: str = "off",
-           lock: bool = True, storage_wrapper=None) -> Image:
+           lock: bool = True, storage_wrapper=None, cache: str = "writeback") -> Image:
     """Create an image and return it opened "r+".
 
     Options and their checks follow ``qemu-img create -f qcow2 -o ...``.
     ``size`` may be omitted when a backing file gives it.  ``storage_wrapper``
-    is passed to :func:`qcow2py.open` (to trace or journal the new image).
+    and ``cache`` (qemu-img's cache mode of the opened image, e.g. "none" for
+    O_DIRECT) are passed to :func:`qcow2py.open`.
     """
     return _create(os.fspath(path), size, format, cluster_size, compat, refcount_bits,
                    extended_l2, lazy_refcounts, compression_type, backing_file,
                    backing_format, data_file, data_file_raw, preallocation, lock,
-                   storage_wrapper, keep_open=True)
+                   storage_wrapper, keep_open=True, cache=cache)
 
 
 def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
@@ -251,7 +268,8 @@ def create_file(path: str, size: Optional[int] = None, *, format: str = "qcow2",
 
 def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2,
             lazy_refcounts, compression_type, backing_file, backing_format, data_file,
-            data_file_raw, preallocation, lock, storage_wrapper, keep_open):
+            data_file_raw, preallocation, lock, storage_wrapper, keep_open,
+            cache="writeback"):
     if preallocation not in PREALLOCATION_MODES and format == "raw":
         raise CreateError(f"invalid parameter value: {preallocation}")
     if preallocation not in PREALLOCATION_MODES:
@@ -265,7 +283,7 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
         if lock:
             claim(path)
         create_raw(path, size, preallocation)
-        img = open(path, "r+", format="raw", storage_wrapper=storage_wrapper)
+        img = open(path, "r+", format="raw", storage_wrapper=storage_wrapper, cache=cache)
         if not keep_open:
             img.close()
         return img
@@ -290,7 +308,8 @@ def _create(path, size, format, cluster_size, compat, refcount_bits, extended_l2
         preallocation = "metadata"        # a raw data file must stay a valid raw image
     if not keep_open and preallocation == "off":
         return None
-    img = open(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper)
+    img = open(path, "r+", format="qcow2", lock=lock, storage_wrapper=storage_wrapper,
+               cache=cache)
     if preallocation != "off":
         try:
             img.preallocate(preallocation)

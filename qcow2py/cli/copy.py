@@ -9,13 +9,15 @@ import sys
 from typing import List, Optional
 
 from ..errors import Qcow2Error
-from ..io.wrappers import UnsafeStorage
 from ..jobs.blockcopy import BlockCopy, ORDERS
-from ..opener import CreateError, create, open as open_image
+from ..opener import CreateError, create
 from ..pipes import quiet_broken_pipe
 from ..version import __version__
 from . import refusals
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_size
+
+#: qemu-img's cache modes (-t, -T)
+CACHE_CHOICES = ["unsafe", "writeback", "none", "directsync", "writethrough"]
 
 #: the -o keys qcow2py-copy takes (the target's size is the source's)
 _CREATE_KINDS = {k: v for k, v in CREATE_OPTIONS["qcow2"].items() if k != "size"}
@@ -64,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "target in longer runs)")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("-t", dest="cache", default="unsafe",
-                   choices=["unsafe", "writeback", "none", "directsync", "writethrough"],
-                   help="target cache mode; 'unsafe' (the default, as qemu-img convert) "
-                        "skips fsync")
+    p.add_argument("-t", dest="cache", default="unsafe", choices=CACHE_CHOICES,
+                   help="target cache mode, as qemu-img: 'unsafe' (the default) skips fsync; "
+                        "'writeback' page cache + fsync at the end; 'none' O_DIRECT + fsync; "
+                        "'directsync' O_DIRECT + O_DSYNC; 'writethrough' O_DSYNC")
     p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT_PARAM",
                    help="copy an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME")
-    p.add_argument("-T", dest="src_cache", help="source cache mode (accepted, ignored)")
+    p.add_argument("-T", dest="src_cache", default="writeback", choices=CACHE_CHOICES,
+                   help="source cache mode: 'none' or 'directsync' read with O_DIRECT "
+                        "(bypassing the page cache), the others through it")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="open the source without keeping others from writing it")
     p.add_argument("--order", choices=ORDERS, default="auto",
@@ -125,7 +129,6 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.workers < 1 or args.workers > 16:
         return _fail("Invalid number of coroutines. Allowed number of coroutines is between "
                      "1 and 16")
-    wrapper = UnsafeStorage if args.cache == "unsafe" else None
     created = False
     try:
         opts = parse_create_options(args.options, args.out_fmt)
@@ -137,7 +140,7 @@ def _main(argv: Optional[List[str]]) -> int:
             snap = snap.split("=", 1)[1] if snap.startswith(("snapshot.name=",
                                                                "snapshot.id=")) else snap
         with refusals.open_source(args.source, args.src_fmt, snapshot=snap,
-                                  force_share=args.force_share) as src:
+                                  force_share=args.force_share, cache=args.src_cache) as src:
             if args.bitmaps or args.bitmap:
                 if not hasattr(src, "find_bitmap"):
                     return _fail("Source lacks bitmap support")
@@ -156,8 +159,7 @@ def _main(argv: Optional[List[str]]) -> int:
                 bm = src.find_bitmap(args.bitmap)
                 dirty = (bm.bits, bm.granularity)
             if args.no_create:
-                tgt = open_image(args.target, "r+", format=args.out_fmt,
-                                 storage_wrapper=wrapper)
+                tgt = refusals.open_target(args.target, args.out_fmt, args.cache)
                 if tgt.size < src.size:
                     tgt.close()
                     return _fail("output file is smaller than input file")
@@ -175,7 +177,7 @@ def _main(argv: Optional[List[str]]) -> int:
                     opts["backing_format"] = args.backing_fmt
                 with refusals.creating(args.target, args.out_fmt):
                     tgt = create(args.target, src.size, format=args.out_fmt,
-                                 storage_wrapper=wrapper, **opts)
+                                 cache=args.cache, **opts)
                 created = True
             if args.bitmaps and not (hasattr(tgt, "add_bitmap") and tgt.header.version >= 3):
                 tgt.close()

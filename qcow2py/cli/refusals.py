@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 from ..errors import BackingChainError, ImageLockedError
 from ..image import Image
+from ..io.directio import DirectIOUnsupportedError
 from ..opener import CreateError, open as open_image
 
 def before_create(args, opts: dict) -> Optional[str]:
@@ -29,11 +30,14 @@ def before_create(args, opts: dict) -> Optional[str]:
 
 @contextlib.contextmanager
 def open_source(path: str, fmt: Optional[str], snapshot: Optional[str] = None,
-                force_share: bool = False) -> Iterator[Image]:
-    """Open the source (or its internal ``snapshot``); a missing file is reported
-    as qemu-img reports it."""
+                force_share: bool = False, cache: str = "writeback") -> Iterator[Image]:
+    """Open the source (or its internal ``snapshot``) in a cache mode (``-T``); a
+    missing file, or O_DIRECT refused, is reported as qemu-img reports it."""
     try:
-        img = open_image(path, format=fmt, snapshot=snapshot, force_share=force_share)
+        img = open_image(path, format=fmt, snapshot=snapshot, force_share=force_share,
+                         cache=cache)
+    except DirectIOUnsupportedError as e:
+        raise CreateError(f"Could not open '{path}': {e.strerror}") from None
     except FileNotFoundError:
         raise CreateError(f"Could not open '{path}': Could not open '{path}': No such file "
                           f"or directory") from None
@@ -43,11 +47,21 @@ def open_source(path: str, fmt: Optional[str], snapshot: Optional[str] = None,
         yield img
 
 
+def open_target(path: str, fmt: str, cache: str) -> Image:
+    """Open an existing target (``-n``) in the cache mode of ``-t``."""
+    try:
+        return open_image(path, "r+", format=fmt, cache=cache)
+    except DirectIOUnsupportedError as e:
+        raise CreateError(f"Could not open '{path}': {e.strerror}") from None
+
+
 @contextlib.contextmanager
 def creating(target: str, fmt: str) -> Iterator[None]:
     """Creating the target: its refusals carry qemu-img convert's prefix."""
     try:
         yield
+    except DirectIOUnsupportedError as e:       # the target was created, then opened
+        raise CreateError(f"Could not open '{target}': {e.strerror}") from None
     except BackingChainError as e:
         raise CreateError(f"Could not open '{target}': Could not open backing file: "
                           f"{e}") from None

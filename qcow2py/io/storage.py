@@ -30,6 +30,9 @@ class Storage(ABC):
 
     name: str = "<storage>"
     writable: bool = False
+    #: O_DIRECT request alignment (offset and length); 1: any request is fine.  Code that
+    #: hands the descriptor to C must honour it (``DirectFileStorage`` splits for it).
+    alignment: int = 1
 
     # --- primitives -----------------------------------------------------
     @abstractmethod
@@ -120,10 +123,13 @@ class Storage(ABC):
 class FileStorage(Storage):
     """A file on the host, accessed with pread/pwrite on one descriptor."""
 
-    def __init__(self, path: str, writable: bool = False, create: bool = False):
+    def __init__(self, path: str, writable: bool = False, create: bool = False,
+                 dsync: bool = False):
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
+        if dsync:
+            flags |= os.O_DSYNC               # cache=writethrough: each write durable
         flags |= getattr(os, "O_CLOEXEC", 0)
         self.name = path
         self.writable = writable

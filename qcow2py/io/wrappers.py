@@ -29,6 +29,7 @@ class ForwardingStorage(Storage):
         self.inner = inner
         self.name = inner.name
         self.writable = inner.writable
+        self.alignment = inner.alignment
 
     def size(self) -> int:
         return self.inner.size()

@@ -93,7 +93,7 @@ def direct_reads(node) -> Optional[HostFiles]:
         data_path = getattr(layer, "data_file_path", None)
         storage = getattr(layer, "data_storage", layer.storage) if data_path else layer.storage
         fd = storage.fileno()
-        if fd is not None:
+        if fd is not None and storage.alignment == 1:     # O_DIRECT: through read_into
             fds[data_path or layer.filename] = fd
     return HostFiles(fds)
 

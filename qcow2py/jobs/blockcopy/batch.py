@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 
 from ...lazyimport import numpy as np
 
+from ...io.directio import PAGE, aligned_empty
 from ...qcow2.decompress import decompress_into
 from .plan import P_COMPRESSED, Plan
 
@@ -91,7 +92,12 @@ class DataBatches:
 
 class CompressedBatches:
     """Batches of compressed clusters (and plain extents among them): streams read,
-    inflated on every core into the space after them, pieces written to ``dst``."""
+    inflated on every core into the space after them (from the next page boundary,
+    so that whole clusters are O_DIRECT-aligned pieces: the buffer needs
+    :data:`SLACK` bytes beyond the streams and clusters), pieces written to ``dst``."""
+
+    #: room for the page alignment of the inflated clusters
+    SLACK = PAGE
 
     def __init__(self, chain, storages, comp: Plan, src_key, in_len, out_len, dst_off,
                  dst_storage, mark_at, zero_chunk: int, write_zeroes: bool, half: int) -> None:
@@ -116,7 +122,7 @@ class CompressedBatches:
         ci = np.flatnonzero(self.is_comp[sl])
         if ci.size:
             layers = comp.layer[sl][ci]
-            out_pos = n_read + np.r_[0, np.cumsum(self.out_len[sl][ci])[:-1]]
+            out_pos = -(-n_read // PAGE) * PAGE + np.r_[0, np.cumsum(self.out_len[sl][ci])[:-1]]
             for li in np.unique(layers).tolist():
                 sel = layers == li
                 cs = chain[li].cluster_size
@@ -156,8 +162,8 @@ def run_batches(batches, buf_len: int, workers: int, mark_buf: Optional[bytearra
         i, (a, b) = job
         buf = getattr(local, "buf", None)
         if buf is None:
-            # np.empty: pages are committed only as data lands in them
-            buf = local.buf = np.empty(buf_len, dtype=np.uint8)
+            # page-aligned (O_DIRECT); pages are committed only as data lands in them
+            buf = local.buf = aligned_empty(buf_len)
             local.mark = bytearray(len(mark_buf)) if mark_buf is not None else None
             if local.mark is not None:
                 with marks_lock:

@@ -467,5 +467,6 @@ class BlockCopy:
         batches = CompressedBatches(chain, storages, comp, src_key, in_len, out_len, dst_off,
                                     dst_storage, (mark_base, mark_shift), self.sparse_size,
                                     self._write_zeroes(), half)
-        run_batches(batches, 2 * half, workers, mark_buf, self.stats, self._advance)
+        run_batches(batches, 2 * half + batches.SLACK, workers, mark_buf, self.stats,
+                    self._advance)
 
