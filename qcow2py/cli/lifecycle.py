@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..errors import Qcow2Error, ResizeError
+from ..image import PREALLOCATION_MODES
 from ..lazyimport import lazy_module
 from ..opener import open as open_image
 from ..report import qemu_json
@@ -194,14 +195,14 @@ def run_measure(args) -> int:
 
 # ------------------------------------------------------------------ resize
 def run_resize(args) -> int:
-    if args.preallocation not in (None, "off"):
-        return _fail("resize", f"preallocation={args.preallocation} is not supported by "
-                               f"qcow2py resize (only off)")
+    prealloc = args.preallocation or "off"
+    if prealloc not in PREALLOCATION_MODES:
+        return _fail("resize", f"Invalid preallocation mode '{prealloc}'")
     try:
         with open_image(args.filename, "r+", format=args.f) as img:
             try:
                 new_size = parse_resize(args.size, img.size)
-                img.resize(new_size, shrink=args.shrink)
+                img.resize(new_size, shrink=args.shrink, preallocation=prealloc)
             except ResizeError as e:
                 rc = _fail("resize", str(e))
                 if "--shrink" in str(e):
@@ -334,10 +335,11 @@ def add_parsers(sub) -> None:
 
     z = _one_line(sub.add_parser(
         "resize", help="change the virtual size of an image (qemu-img resize)",
-        usage="qcow2py resize [-f FMT] [--preallocation=off] [-q] [--shrink] FILENAME "
+        usage="qcow2py resize [-f FMT] [--preallocation=PREALLOC] [-q] [--shrink] FILENAME "
               "[+ | -]SIZE   (a negative SIZE after --)"))
     z.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
-    z.add_argument("--preallocation", metavar="PREALLOC", help="only off is supported")
+    z.add_argument("--preallocation", metavar="PREALLOC",
+                   help="off, metadata, falloc or full (a grow only)")
     z.add_argument("--shrink", action="store_true", help="allow making the image smaller")
     z.add_argument("-q", "--quiet", action="store_true")
     z.add_argument("--object", action="append", help="accepted for compatibility, ignored")

@@ -74,13 +74,18 @@ class Resizing(BulkMapping):
             self.journal.marked_dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
 
     # ------------------------------------------------------------ size
-    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
+    def set_size(self, new_size: int, *, shrink: bool = False,
+                 preallocation: str = "off") -> None:
         """Change this layer's virtual size (the qcow2 part of
         :meth:`~qcow2py.image.Image.resize`, which also zero-fills what a longer
-        backing file would show)."""
+        backing file would show).  A grow with ``preallocation`` other than "off"
+        then maps the new clusters as ``qemu-img resize --preallocation`` does
+        (a partial cluster at the old end over a backing file is left to the
+        zero-fill, which copies its head from the backing file)."""
         with self._lock:
             self._check_open()
             new_size = self.check_resize(new_size, shrink)
+            grow_from = self.size
             h, cs, cb = self.header, self.cluster_size, self.cluster_bits
             per_l2 = cs // (16 if self.extended_l2 else 8)
             need = -(-new_size // (cs * per_l2))
@@ -110,6 +115,12 @@ class Resizing(BulkMapping):
                 self.refcounts.free_later(np.arange(first, first + -(-old_l1[1] * 8 // cs),
                                                     dtype=np.int64))
                 self.flush_metadata()
+            if preallocation != "off" and new_size > grow_from:
+                start = grow_from
+                if self.backing is not None:
+                    start = -(-start // cs) * cs
+                if start < new_size:
+                    self.preallocate(preallocation, start)
 
     def _drop_tail(self, new_size: int, need: int) -> None:
         """Release the clusters past ``new_size`` and the L2 tables past ``need`` entries."""
