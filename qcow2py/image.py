@@ -266,9 +266,6 @@ class Image(Node):
             raise ResizeError("Use the --shrink option to perform a shrink operation.")
         if self.format == "qcow2" and new_size % 512:
             raise ResizeError("The new size must be a multiple of 512")
-        if getattr(self, "bitmaps", None):
-            raise UnsupportedFeatureError(f"{self.filename}: resizing an image with "
-                                          f"persistent bitmaps is not supported by qcow2py yet")
         if new_size < self.size and getattr(self, "snapshots", None):
             raise ResizeError("Can't shrink an image which has snapshots")
         return new_size

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..lazyimport import numpy as np
+from bitarray import bitarray
 
 from ..format.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY
 from .bulk import BulkMapping
@@ -86,6 +87,9 @@ class Resizing(BulkMapping):
             self._check_open()
             new_size = self.check_resize(new_size, shrink)
             grow_from = self.size
+            # persistent bitmaps follow the size (stored on close); an inconsistent
+            # one refuses the resize, as QEMU refuses it
+            bitmap_bits = [b.bits for b in self.bitmaps]
             h, cs, cb = self.header, self.cluster_size, self.cluster_bits
             per_l2 = cs // (16 if self.extended_l2 else 8)
             need = -(-new_size // (cs * per_l2))
@@ -109,6 +113,8 @@ class Resizing(BulkMapping):
             h.size = new_size
             self.journal.write_header()     # the switch: one synced write of cluster 0
             self.size = new_size
+            for b, bits in zip(self.bitmaps, bitmap_bits):
+                _fit_bits(bits, b.nbits)
             self._metadata_map = None
             if old_l1 is not None and old_l1[1]:
                 first = old_l1[0] >> cb
@@ -146,3 +152,14 @@ class Resizing(BulkMapping):
         if tables:
             self._dirty_l1 = True
             self.flush_metadata()
+
+
+def _fit_bits(bits: bitarray, nbits: int) -> None:
+    """Cut or extend (with clear bits) a bitmap's bits in place to ``nbits``, as QEMU
+    truncates a dirty bitmap with the image."""
+    if len(bits) > nbits:
+        del bits[nbits:]
+    elif len(bits) < nbits:
+        grown = bitarray(nbits - len(bits), endian="little")
+        grown.setall(0)
+        bits.extend(grown)
