@@ -61,6 +61,7 @@ from ..format.snapshot import Snapshot
 _ENTRY = struct.Struct(">QIHHIIQII")
 _COPIED = np.uint64(1 << 63)
 _COMPRESSED = np.uint64(1 << 62)
+_ZERO = np.uint64(1)
 _OFFSET = np.uint64(0x00FFFFFFFFFFFE00)
 _L1_OFFSET = np.uint64(0x00FFFFFFFFFFFE00)
 
@@ -315,3 +316,62 @@ def apply_snapshot(img, name: str) -> None:
         img.write_header()
         img.size = snap.disk_size
     img.reload_tables()
+
+
+def check_downgrade(img) -> None:
+    """QEMU's refusal to downgrade (compat=0.10) an image whose snapshots a v2 reader
+    would misread: a snapshot of another disk size, or a VM state over 4 GiB."""
+    for s in img.snapshots:
+        if s.vm_state_size > 0xFFFFFFFF or (s.disk_size is not None and
+                                            s.disk_size != img.size):
+            raise SnapshotError("Internal snapshots prevent downgrade of image")
+
+
+def expand_zero_clusters(img) -> None:
+    """Rewrite the zero clusters of the snapshots' L2 tables in what qcow2 v2 can say
+    (a downgrade; the active L1's were rewritten through the write path already).
+
+    As QEMU does: without a backing file an unallocated zero cluster becomes an
+    unallocated one; otherwise it gets a new cluster of zeros (refcount: one per
+    reference to its L2 table); an allocated zero cluster keeps its cluster, zeroed.
+    The new clusters and their refcounts are durable before the tables are
+    rewritten in place (each table one write), so a crash leaves v3 tables that
+    still read as before, and at most leaked clusters.
+    """
+    cs, cb, rc = img.cluster_size, img.cluster_bits, img.refcounts
+    seen = set()
+    tables = []
+    for s in img.snapshots:
+        l1 = _read_l1(img, s.l1_table_offset, s.l1_size)
+        for off in (l1 & _L1_OFFSET).astype(np.int64).tolist():
+            if off and off not in seen:
+                seen.add(off)
+                ent = _l2_entries(img, img.storage.pread(off, cs)).copy()
+                zero = np.flatnonzero(((ent & _ZERO) != 0) & ((ent & _COMPRESSED) == 0))
+                if zero.size:
+                    tables.append((off, ent, zero))
+    if not tables:
+        return
+    backed = img.backing is not None
+    zeros = bytes(cs)
+    for off, ent, zero in tables:
+        users = rc.get(off >> cb)
+        host = (ent[zero] & _OFFSET).astype(np.int64)
+        plain = host == 0
+        for h in host[~plain].tolist():      # allocated zero clusters: zeroed in place
+            img.storage.pwrite(zeros, h)
+        if plain.any() and backed:           # new clusters, contiguous: one write
+            n = int(plain.sum())
+            first = rc.allocate(n)
+            host[plain] = first + np.arange(n, dtype=np.int64) * cs
+            for _ in range(users - 1):
+                rc.increment(host[plain] >> cb)
+            img.storage.pwrite(bytes(n * cs), first)
+        counts = rc.get_many(host >> cb) if host.size else host
+        new = host.astype(np.uint64)
+        new[(host != 0) & (counts == 1) & (users == 1)] |= _COPIED
+        ent[zero] = new
+    _durable_refcounts(img)                 # zeros and refcounts before the tables
+    for off, ent, _zero in tables:
+        img.storage.pwrite(ent.astype(">u8").tobytes(), off)
+    img.journal.barrier()
