@@ -2,8 +2,11 @@
 ``qemu-img amend`` on a copy: qemu-img 7.2 downgrades it (zero clusters of the
 active and of every snapshot's tables rewritten in what v2 can say) unless a
 snapshot has another disk size ("Internal snapshots prevent downgrade of image").
-Both results read the same, now and in every snapshot (``qemu-img convert -l``),
-ours is ``qemu-img check`` clean, and no L2 table of ours keeps a zero flag."""
+Both results read the same now; every snapshot of ours reads what it read before
+(``qemu-img convert -l``; qemu-img 7.2 zeroes a zero cluster's old host cluster in
+place, which changes the content of an older snapshot still reading data there, so
+its snapshots are not the oracle); ours is ``qemu-img check`` clean, and no L2 table
+of ours keeps a zero flag."""
 
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def test_twin_downgrade_with_snapshots(tmp_path, capsys, backed):
         qemu_img("snapshot", "-d", "s2", img)
         snaps.remove("s2")
     assert _zero_flags(img) > 0, f"seed {seed}: the image has no zero cluster to rewrite"
+    before = {s: _digest(img, s, tmp_path) for s in [None, *snaps]}
     for who in ("q", "m"):
         shutil.copytree(d, tmp_path / who)
     q, m = tmp_path / "q" / "img.qcow2", tmp_path / "m" / "img.qcow2"
@@ -82,8 +86,9 @@ def test_twin_downgrade_with_snapshots(tmp_path, capsys, backed):
     assert info_json(m)["format-specific"]["data"]["compat"] == "0.10"
     qemu_img("check", m)
     assert _zero_flags(m) == 0, f"seed {seed}"
+    assert _digest(q, None, tmp_path) == before[None], f"seed {seed}"
     for s in [None, *snaps]:
-        assert _digest(q, s, tmp_path) == _digest(m, s, tmp_path), f"seed {seed} snapshot {s}"
+        assert _digest(m, s, tmp_path) == before[s], f"seed {seed} snapshot {s}"
     assert [x["name"] for x in info_json(m)["snapshots"]] == snaps
 
 

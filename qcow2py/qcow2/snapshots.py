@@ -331,12 +331,14 @@ def expand_zero_clusters(img) -> None:
     """Rewrite the zero clusters of the snapshots' L2 tables in what qcow2 v2 can say
     (a downgrade; the active L1's were rewritten through the write path already).
 
-    As QEMU does: without a backing file an unallocated zero cluster becomes an
-    unallocated one; otherwise it gets a new cluster of zeros (refcount: one per
-    reference to its L2 table); an allocated zero cluster keeps its cluster, zeroed.
-    The new clusters and their refcounts are durable before the tables are
-    rewritten in place (each table one write), so a crash leaves v3 tables that
-    still read as before, and at most leaked clusters.
+    Without a backing file a zero cluster becomes unallocated; with one it gets a
+    new cluster of zeros (refcount: one per reference to its L2 table, as QEMU
+    counts it).  A zero cluster that kept its host cluster drops it rather than
+    zeroing it in place: another snapshot may still read data there (QEMU 7.2
+    zeroes it in place and so changes that snapshot's content).  The new clusters
+    and their refcounts are durable before the tables are rewritten in place
+    (each table one write); the dropped references are released after that, so a
+    crash leaves v3 tables that still read as before, and at most leaked clusters.
     """
     cs, cb, rc = img.cluster_size, img.cluster_bits, img.refcounts
     seen = set()
@@ -353,25 +355,27 @@ def expand_zero_clusters(img) -> None:
     if not tables:
         return
     backed = img.backing is not None
-    zeros = bytes(cs)
+    dropped = []
     for off, ent, zero in tables:
         users = rc.get(off >> cb)
-        host = (ent[zero] & _OFFSET).astype(np.int64)
-        plain = host == 0
-        for h in host[~plain].tolist():      # allocated zero clusters: zeroed in place
-            img.storage.pwrite(zeros, h)
-        if plain.any() and backed:           # new clusters, contiguous: one write
-            n = int(plain.sum())
-            first = rc.allocate(n)
-            host[plain] = first + np.arange(n, dtype=np.int64) * cs
+        kept = (ent[zero] & _OFFSET).astype(np.int64)
+        kept = kept[kept != 0] >> cb
+        if kept.size:
+            dropped.append(np.repeat(kept, users))
+        new = np.zeros(zero.size, dtype=np.uint64)
+        if backed:                           # new clusters, contiguous: one write
+            first = rc.allocate(int(zero.size))
+            host = first + np.arange(zero.size, dtype=np.int64) * cs
             for _ in range(users - 1):
-                rc.increment(host[plain] >> cb)
-            img.storage.pwrite(bytes(n * cs), first)
-        counts = rc.get_many(host >> cb) if host.size else host
-        new = host.astype(np.uint64)
-        new[(host != 0) & (counts == 1) & (users == 1)] |= _COPIED
+                rc.increment(host >> cb)
+            img.storage.pwrite(bytes(zero.size * cs), first)
+            new = host.astype(np.uint64) | (_COPIED if users == 1 else np.uint64(0))
         ent[zero] = new
     _durable_refcounts(img)                 # zeros and refcounts before the tables
     for off, ent, _zero in tables:
         img.storage.pwrite(ent.astype(">u8").tobytes(), off)
     img.journal.barrier()
+    if dropped:
+        rc.free_later(np.concatenate(dropped))
+        rc.apply_frees()
+        _durable_refcounts(img)
