@@ -131,7 +131,7 @@ def run_rebase(args) -> int:
     progress = _Progress(args.progress and not args.quiet)
     try:
         rebasing.rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
-               format=args.f, progress=progress)
+                        compress=args.compress, format=args.f, progress=progress)
     except FileNotFoundError as e:
         return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
@@ -299,7 +299,7 @@ def add_parsers(sub) -> None:
 
     r = _one_line(sub.add_parser(
         "rebase", help="change the backing file of an image (qemu-img rebase)",
-        usage="qcow2py rebase [-q] [-f FMT] [-p] [-u] -b BACKING_FILE [-F BACKING_FMT] "
+        usage="qcow2py rebase [-q] [-f FMT] [-p] [-u | -c] -b BACKING_FILE [-F BACKING_FMT] "
               "FILENAME"))
     r.add_argument("-f", metavar="FMT", choices=["qcow2"], help="format of FILENAME")
     r.add_argument("-b", dest="backing", metavar="BACKING_FILE",
@@ -307,6 +307,8 @@ def add_parsers(sub) -> None:
     r.add_argument("-F", metavar="BACKING_FMT", choices=fmts)
     r.add_argument("-u", dest="unsafe", action="store_true",
                    help="only rewrite the header (the old backing file is not opened)")
+    r.add_argument("-c", dest="compress", action="store_true",
+                   help="write the copied clusters compressed (qemu-img 8.2's rebase -c)")
     r.add_argument("-p", dest="progress", action="store_true", help="show progress")
     r.add_argument("-q", "--quiet", action="store_true")
     r.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
