@@ -18,11 +18,11 @@ from .errors import BackingChainError, FormatError
 from .format.header import has_magic
 from .image import Image, backing_display_name
 from .io.storage import FileStorage, Storage
-from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, refuse_raw_options, create_data_file,
-                           create_raw, qcow2_header, write_fresh_qcow2)
+from .lazyimport import lazy_module
+from .qcow2.create import (CreateError, PREALLOCATION_MODES, claim, create_data_file,
+                           create_raw, qcow2_header, refuse_raw_options, write_fresh_qcow2)
 from .qcow2.read import Qcow2Image
 from .raw import RawImage
-from .lazyimport import lazy_module
 
 #: the writable driver (imported when an image is opened "r+")
 writable_qcow2 = lazy_module("qcow2py.qcow2.image")

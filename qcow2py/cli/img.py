@@ -11,7 +11,7 @@ from typing import List, Optional
 from ..errors import BitmapError, Qcow2Error
 from ..opener import create_file, open as open_image
 from ..qcow2.read import Qcow2Image
-from ..report import map_human, map_json, qemu_json
+from ..report import map_human, map_json, qemu_json, snapshot_rows
 from ..version import __version__
 from .backup import add_parser as add_backup_parser
 from .options import CREATE_OPTIONS, OptionError, parse_options, parse_qemu_size, parse_size
@@ -20,9 +20,8 @@ from ..pipes import quiet_broken_pipe
 from ..lazyimport import lazy_module
 from . import lifecycle
 
-#: imported by the commands that use them (qcow2py info imports neither)
+#: imported by the command that uses it (not by qcow2py info)
 checking = lazy_module("qcow2py.qcow2.check")
-snapshot_ops = lazy_module("qcow2py.qcow2.snapshots")
 
 
 def _human_size(n: int) -> str:
@@ -49,7 +48,7 @@ def _info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines += snapshot_ops.snapshot_rows(info["snapshots"])
+        lines += snapshot_rows(info["snapshots"])
     spec = info.get("format-specific")
     if spec:
         lines.append("Format specific information:")

@@ -15,7 +15,7 @@ from ..errors import Qcow2Error, ResizeError
 from ..image import PREALLOCATION_MODES
 from ..lazyimport import lazy_module
 from ..opener import open as open_image
-from ..report import qemu_json
+from ..report import qemu_json, snapshot_rows
 from .options import parse_qemu_size
 
 #: the engines, imported by the subcommand that runs them (not by ``qcow2py info``)
@@ -24,7 +24,6 @@ committing = lazy_module("qcow2py.jobs.commit")
 comparing = lazy_module("qcow2py.jobs.compare")
 measuring = lazy_module("qcow2py.jobs.measure")
 rebasing = lazy_module("qcow2py.jobs.rebase")
-snapshot_ops = lazy_module("qcow2py.qcow2.snapshots")
 
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
@@ -228,7 +227,7 @@ def run_snapshot(args) -> int:
                 snaps = [s.info() for s in getattr(img, "snapshots", [])]
                 if snaps:
                     _say(args, "Snapshot list:")
-                    for row in snapshot_ops.snapshot_rows(snaps):
+                    for row in snapshot_rows(snaps):
                         _say(args, row)
                 return 0
             what, name = acts[0]

@@ -15,21 +15,6 @@ from ..errors import BackingChainError
 from ..image import Image
 from ..opener import CreateError, open as open_image
 
-_SIZE_KEYS = ("cluster_size",)
-_BOOL_KEYS = ("extended_l2", "lazy_refcounts", "data_file_raw")
-
-
-def bad_value(key: str, value: str) -> str:
-    """qemu-img's words for an ``-o`` value it cannot parse."""
-    if key in _SIZE_KEYS:
-        return f"Parameter '{key}' expects a non-negative number below 2^64"
-    if key in _BOOL_KEYS:
-        return f"Parameter '{key}' expects 'on' or 'off'"
-    if key == "refcount_bits":
-        return f"Parameter '{key}' expects a number"
-    return f"Parameter '{key}' does not accept value '{value}'"
-
-
 def before_create(args, opts: dict) -> Optional[str]:
     """The refusal qemu-img convert makes from its options alone, or None."""
     if args.out_fmt == "raw" and args.backing:

@@ -19,7 +19,7 @@ import itertools
 import os
 import threading
 import zlib
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from ..format.codec import ZLIB_WBITS, decompress_cluster
 from ..errors import CorruptImageError
@@ -42,13 +42,13 @@ def _usable_cpus() -> int:
 #: worker threads besides the caller (the caller decompresses too)
 WORKERS = max(1, _usable_cpus() - 1)
 
-_pool: Optional["concurrent.futures.ThreadPoolExecutor"] = None
+_pool: Optional[Any] = None       # a concurrent.futures.ThreadPoolExecutor
 _pool_pid = 0
 _pool_lock = threading.Lock()
 _local = threading.local()
 
 
-def pool() -> "concurrent.futures.ThreadPoolExecutor":
+def pool() -> Any:
     """The worker threads (started on first use; anew in a forked child, which has none)."""
     from concurrent.futures import ThreadPoolExecutor    # not at import: qcow2py info
     global _pool, _pool_pid
