@@ -103,3 +103,26 @@ def test_api(tmp_path):
         assert img.size == 3 * MiB and not any(img.read(MiB, 2 * MiB))
         assert [e.kind for e in img.block_status(MiB, 2 * MiB)] == [qcow2py.BlockKind.DATA]
     qemu_img("check", path)
+
+
+def test_twin_data_file_preallocated(tmp_path, capsys):
+    """The data file grows with the image (sparse), its new area reserved (falloc) or
+    written (full)."""
+    for mode in ("off", "falloc", "full", "metadata"):
+        imgs = []
+        for who in ("q", "m"):
+            d = tmp_path / mode / who
+            d.mkdir(parents=True)
+            create(d / "d.qcow2", MiB, f"data_file={d / 'd.raw'}")
+            qemu_io(d / "d.qcow2", "write -P 1 0 100k")
+            imgs.append(d / "d.qcow2")
+        q, m = imgs
+        p = qemu_img("resize", f"--preallocation={mode}", q, "+2M", check=False)
+        code, (out, err) = ours(capsys, ["resize", f"--preallocation={mode}", m, "+2M"])
+        assert (code, out) == (p.returncode, p.stdout) == (0, "Image resized.\n"), err
+        assert qemu_img("compare", q, m, check=False).returncode == 0, mode
+        qemu_img("check", m)
+        assert _mapping(m) == _mapping(q), mode
+        qd, md = q.with_suffix(".raw"), m.with_suffix(".raw")
+        assert md.stat().st_size == qd.stat().st_size, mode
+        assert md.stat().st_blocks >= qd.stat().st_blocks - 128, mode

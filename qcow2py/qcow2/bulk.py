@@ -190,4 +190,21 @@ class BulkMapping(Zeroing):
                 end = self._file_size
                 if self.storage.size() < end:
                     self.storage.truncate(end)
+            elif start and mode in ("falloc", "full"):
+                # a grow of an image with a data file: reserve (or zero) the new area
+                # of the data file, as qemu-img resize does (create reserves it itself)
+                _reserve(self.data_storage, first * cs, size, mode)
             self.flush_metadata()
+
+
+def _reserve(storage, start: int, end: int, mode: str) -> None:
+    """Extend ``storage`` to ``end`` with ``[start, end)`` reserved ("falloc") or
+    written with zeros ("full")."""
+    if storage.size() < end:
+        storage.truncate(end)
+    if mode == "falloc":
+        storage.fallocate(start, end - start)
+        return
+    zero = bytes(min(end - start, 1 << 20))
+    for p in range(start, end, len(zero) or 1):
+        storage.pwrite(zero[:min(len(zero), end - p)], p)

@@ -113,6 +113,9 @@ class Resizing(BulkMapping):
             h.size = new_size
             self.journal.write_header()     # the switch: one synced write of cluster 0
             self.size = new_size
+            if self.data_storage is not self.storage and \
+                    self.data_storage.size() != new_size:
+                self.data_storage.truncate(new_size)    # as QEMU sizes the data file
             for b, bits in zip(self.bitmaps, bitmap_bits):
                 _fit_bits(bits, b.nbits)
             self._metadata_map = None
