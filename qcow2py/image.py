@@ -248,20 +248,31 @@ class Image(Node):
         return {}
 
     # -- lifecycle (qemu-img resize / snapshot / amend); the drivers implement them
-    def resize(self, new_size: int, *, shrink: bool = False) -> None:
-        """Change the virtual size, as ``qemu-img resize [--shrink]`` (image opened "r+").
+    def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """Change the virtual size, as ``qemu-img resize [--shrink] [--preallocation]``
+        (image opened "r+").
 
         The driver changes its own layer (:meth:`set_size`); when a longer backing
         file would show through the new area, that area is zero-filled (as QEMU's
-        block layer also does)."""
+        block layer also does).  ``preallocation`` ("off", "metadata", "falloc",
+        "full") allocates the grown area as ``qemu-img resize --preallocation`` does."""
         self._check_open()
         if self.read_only:
             raise ValueError(f"image {self.filename!r} is open read-only (use mode 'r+')")
+        if preallocation not in PREALLOCATION_MODES:
+            raise ResizeError(f"Invalid preallocation mode '{preallocation}'")
+        if preallocation != "off" and int(new_size) <= self.size:
+            raise ResizeError("Preallocation can only be used for growing images")
         old = self.size
-        self.set_size(new_size, shrink=shrink)
+        self.set_size(new_size, shrink=shrink, preallocation=preallocation)
         b = self.backing
         if b is not None and self.size > old and b.size > old:
-            self.write_zeroes(old, min(self.size, b.size) - old)
+            end = min(self.size, b.size)
+            if preallocation in ("falloc", "full") and self.cluster_size:
+                # the new clusters hold zeros already: only the old last one's tail
+                end = min(end, -(-old // self.cluster_size) * self.cluster_size)
+            if end > old:
+                self.write_zeroes(old, end - old)
             self.flush()
 
     def check_resize(self, new_size: int, shrink: bool) -> int:
@@ -271,14 +282,12 @@ class Image(Node):
             raise ResizeError("Use the --shrink option to perform a shrink operation.")
         if self.format == "qcow2" and new_size % 512:
             raise ResizeError("The new size must be a multiple of 512")
-        if getattr(self, "bitmaps", None):
-            raise UnsupportedFeatureError(f"{self.filename}: resizing an image with "
-                                          f"persistent bitmaps is not supported by qcow2py yet")
         if new_size < self.size and getattr(self, "snapshots", None):
             raise ResizeError("Can't shrink an image which has snapshots")
         return new_size
 
-    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
+    def set_size(self, new_size: int, *, shrink: bool = False,
+                 preallocation: str = "off") -> None:
         """This layer's part of :meth:`resize` (drivers that can resize override it)."""
         raise UnsupportedFeatureError(f"{self.filename}: format {self.format} cannot be "
                                       f"resized")
@@ -320,6 +329,9 @@ for _name in Image._REQUESTS:
     if _name in Image.__dict__:
         setattr(Image, _name, gated(Image.__dict__[_name]))
 del _name
+
+#: ``qemu-img resize --preallocation`` modes
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 
 
 def _map_entry(e: Extent) -> dict:

@@ -6,6 +6,7 @@ from typing import Iterator
 
 from .lazyimport import numpy as np
 
+from .errors import ResizeError
 from .image import Image, Run
 from .io.storage import Storage
 
@@ -62,10 +63,21 @@ class RawImage(Image):
         """Discarded ranges of a raw file read as zeros afterwards."""
         self.write_zeroes(offset, length)
 
-    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
-        """Resize: the file is truncated or extended (a sparse tail reads as zeros)."""
+    def set_size(self, new_size: int, *, shrink: bool = False,
+                 preallocation: str = "off") -> None:
+        """Resize: the file is truncated or extended (a sparse tail reads as zeros;
+        "falloc" reserves it, "full" writes it)."""
         new_size = self.check_resize(new_size, shrink)
+        if preallocation == "metadata":
+            raise ResizeError("Unsupported preallocation mode: metadata")
+        old = self.size
         self.storage.truncate(new_size)
+        if preallocation == "falloc" and new_size > old:
+            self.storage.fallocate(old, new_size - old)
+        elif preallocation == "full":
+            zero = bytes(min(new_size - old, 1 << 20))
+            for p in range(old, new_size, len(zero) or 1):
+                self.storage.pwrite(zero[:min(len(zero), new_size - p)], p)
         self.size = new_size
 
     def flush(self) -> None:

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..errors import ImageLockedError, Qcow2Error, ResizeError
+from ..image import PREALLOCATION_MODES
 from ..lazyimport import lazy_module
 from ..opener import open as open_image
 from ..report import qemu_json, snapshot_rows
@@ -129,7 +130,8 @@ def run_rebase(args) -> int:
     progress = _Progress(args.progress and not args.quiet)
     try:
         rebasing.rebase(args.filename, args.backing, backing_format=args.F, unsafe=args.unsafe,
-                        format=args.f, progress=progress, force_share=args.force_share)
+                        compress=args.compress, format=args.f, progress=progress,
+                        force_share=args.force_share)
     except FileNotFoundError as e:
         return _fail("rebase", f"Could not open '{args.filename}': {e.strerror}")
     except (Qcow2Error, OSError, ValueError) as e:
@@ -196,14 +198,14 @@ def run_measure(args) -> int:
 
 # ------------------------------------------------------------------ resize
 def run_resize(args) -> int:
-    if args.preallocation not in (None, "off"):
-        return _fail("resize", f"preallocation={args.preallocation} is not supported by "
-                               f"qcow2py resize (only off)")
+    prealloc = args.preallocation or "off"
+    if prealloc not in PREALLOCATION_MODES:
+        return _fail("resize", f"Invalid preallocation mode '{prealloc}'")
     try:
         with open_image(args.filename, "r+", format=args.f) as img:
             try:
                 new_size = parse_resize(args.size, img.size)
-                img.resize(new_size, shrink=args.shrink)
+                img.resize(new_size, shrink=args.shrink, preallocation=prealloc)
             except ResizeError as e:
                 rc = _fail("resize", str(e))
                 if "--shrink" in str(e):
@@ -303,7 +305,7 @@ def add_parsers(sub) -> None:
 
     r = _one_line(sub.add_parser(
         "rebase", help="change the backing file of an image (qemu-img rebase)",
-        usage="qcow2py rebase [-q] [-f FMT] [-p] [-u] -b BACKING_FILE [-F BACKING_FMT] "
+        usage="qcow2py rebase [-q] [-f FMT] [-p] [-u | -c] -b BACKING_FILE [-F BACKING_FMT] "
               "FILENAME"))
     r.add_argument("-f", metavar="FMT", choices=["qcow2"], help="format of FILENAME")
     r.add_argument("-b", dest="backing", metavar="BACKING_FILE",
@@ -311,6 +313,8 @@ def add_parsers(sub) -> None:
     r.add_argument("-F", metavar="BACKING_FMT", choices=fmts)
     r.add_argument("-u", dest="unsafe", action="store_true",
                    help="only rewrite the header (the old backing file is not opened)")
+    r.add_argument("-c", dest="compress", action="store_true",
+                   help="write the copied clusters compressed (qemu-img 8.2's rebase -c)")
     r.add_argument("-p", dest="progress", action="store_true", help="show progress")
     r.add_argument("-q", "--quiet", action="store_true")
     r.add_argument("-t", dest="cache", help="accepted for compatibility, ignored")
@@ -342,10 +346,11 @@ def add_parsers(sub) -> None:
 
     z = _one_line(sub.add_parser(
         "resize", help="change the virtual size of an image (qemu-img resize)",
-        usage="qcow2py resize [-f FMT] [--preallocation=off] [-q] [--shrink] FILENAME "
+        usage="qcow2py resize [-f FMT] [--preallocation=PREALLOC] [-q] [--shrink] FILENAME "
               "[+ | -]SIZE   (a negative SIZE after --)"))
     z.add_argument("-f", metavar="FMT", choices=fmts, help="format of FILENAME")
-    z.add_argument("--preallocation", metavar="PREALLOC", help="only off is supported")
+    z.add_argument("--preallocation", metavar="PREALLOC",
+                   help="off, metadata, falloc or full (a grow only)")
     z.add_argument("--shrink", action="store_true", help="allow making the image smaller")
     z.add_argument("-q", "--quiet", action="store_true")
     z.add_argument("--object", action="append", help="accepted for compatibility, ignored")

@@ -10,7 +10,9 @@ past the last used cluster and synced), and the header switch names the new
 table and width together; the old structures, not counted by the new ones,
 become free space.  A downgrade first turns zero clusters into what v2 can
 express (unallocated without a backing file, zeros written with one), through
-the image's crash-ordered write path, before the header says version 2.
+the image's crash-ordered write path, and in the internal snapshots' tables
+(:func:`.snapshots.expand_zero_clusters`), before the header says version 2.
+Snapshots of another disk size refuse a downgrade, as in QEMU.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Iterable, Optional
 
 from ..lazyimport import numpy as np
 
-from ..errors import AmendError, UnsupportedFeatureError
+from ..errors import AmendError
 from ..format import refcount as rcfmt
 from ..format.header import (COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
                             V2_HEADER_LENGTH)
+from . import snapshots
 from .refcounts import RefcountManager
 
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -91,9 +94,7 @@ def _check_downgrade(img) -> None:
     bad = h.incompatible_features & ~INCOMPAT_DIRTY
     if bad:
         raise AmendError(f"Cannot downgrade an image with incompatible features {bad:#x} set")
-    if img.snapshots:
-        raise UnsupportedFeatureError(f"{img.filename}: qcow2py cannot downgrade an image "
-                                      f"with internal snapshots yet")
+    snapshots.check_downgrade(img)
 
 
 def _downgrade(img) -> None:
@@ -112,6 +113,7 @@ def _downgrade(img) -> None:
             for pos in range(r.start, r.start + r.length, len(chunk)):
                 img.write(pos, chunk[:min(len(chunk), r.start + r.length - pos)])
     img.flush()
+    snapshots.expand_zero_clusters(img)     # the snapshots' tables, as QEMU rewrites them
     h = img.header
     h.version = 2
     h.header_length = V2_HEADER_LENGTH

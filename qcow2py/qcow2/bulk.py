@@ -123,13 +123,17 @@ class BulkMapping(Zeroing):
             self._set_entries(clusters, np.full(clusters.size, new, dtype=np.uint64), bm)
             self._release(old)
 
-    def preallocate(self, mode: str) -> None:
+    def preallocate(self, mode: str, start: int = 0) -> None:
         """Allocate every L2 table and data cluster, as QEMU's preallocation does.
 
         "metadata" allocates each L2 table followed by its data clusters; "falloc"
         and "full" allocate the L2 tables first and then one contiguous data area
         (which they also reserve or zero-fill).  With a raw external data file the
         guest offset *is* the host offset, and nothing is refcounted.
+
+        ``start`` > 0 preallocates only the clusters from the one holding guest
+        offset ``start`` on (a grow by ``qemu-img resize --preallocation``); the
+        clusters there that are already mapped keep their entries.
         """
         cs = self.cluster_size
         size = self.size
@@ -141,31 +145,40 @@ class BulkMapping(Zeroing):
         raw_data = self.header.has_data_file
         with self._lock:
             tables = []
-            for l1i in range(self.header.l1_size):
-                start = l1i * span
-                n = -(-min(span, size - start) // cs)
+            first = start // cs
+            for l1i in range(first * cs // span, self.header.l1_size):
+                base = l1i * span
+                n = -(-min(span, size - base) // cs)
+                lo = max(0, first - base // cs)
+                if lo >= n:
+                    continue
                 l2 = self._writable_l2(l1i)
+                idx = np.arange(lo, n, dtype=np.int64)
+                if start:                       # a grow: keep what is mapped already
+                    idx = idx[l2[idx * step] == 0]
+                    if not idx.size:
+                        continue
                 if raw_data:
-                    hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                    l2[:n * step:step] = hosts | copied
+                    l2[idx * step] = (np.uint64(base) + idx.astype(np.uint64) *
+                                      np.uint64(cs)) | copied
                     self._touch_l2(l1i)
                 elif mode == "metadata":
-                    host = self.allocate(n)
-                    l2[:n * step:step] = (np.uint64(host) + np.arange(n, dtype=np.uint64) *
-                                          np.uint64(cs)) | copied
+                    host = self.allocate(idx.size)
+                    l2[idx * step] = (np.uint64(host) + np.arange(idx.size, dtype=np.uint64) *
+                                      np.uint64(cs)) | copied
                     self._touch_l2(l1i)
                 else:
-                    tables.append((l1i, l2, n))
+                    tables.append((l1i, l2, idx))
             if tables:
-                total = sum(n for _, _, n in tables)
+                total = sum(idx.size for _, _, idx in tables)
                 host = self.allocate(total)
                 end = host + total * cs
                 pos = host
-                for l1i, l2, n in tables:
-                    l2[:n * step:step] = (np.uint64(pos) + np.arange(n, dtype=np.uint64) *
-                                          np.uint64(cs)) | copied
+                for l1i, l2, idx in tables:
+                    l2[idx * step] = (np.uint64(pos) + np.arange(idx.size, dtype=np.uint64) *
+                                      np.uint64(cs)) | copied
                     self._touch_l2(l1i)
-                    pos += n * cs
+                    pos += idx.size * cs
                 if mode == "full":
                     zero = bytes(min(total * cs, 1 << 20))
                     for p in range(host, end, len(zero)):
@@ -177,4 +190,21 @@ class BulkMapping(Zeroing):
                 end = self._file_size
                 if self.storage.size() < end:
                     self.storage.truncate(end)
+            elif start and mode in ("falloc", "full"):
+                # a grow of an image with a data file: reserve (or zero) the new area
+                # of the data file, as qemu-img resize does (create reserves it itself)
+                _reserve(self.data_storage, first * cs, size, mode)
             self.flush_metadata()
+
+
+def _reserve(storage, start: int, end: int, mode: str) -> None:
+    """Extend ``storage`` to ``end`` with ``[start, end)`` reserved ("falloc") or
+    written with zeros ("full")."""
+    if storage.size() < end:
+        storage.truncate(end)
+    if mode == "falloc":
+        storage.fallocate(start, end - start)
+        return
+    zero = bytes(min(end - start, 1 << 20))
+    for p in range(start, end, len(zero) or 1):
+        storage.pwrite(zero[:min(len(zero), end - p)], p)

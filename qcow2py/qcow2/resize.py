@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..lazyimport import numpy as np
+from bitarray import bitarray
 
 from ..format.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY
 from .bulk import BulkMapping
@@ -74,13 +75,21 @@ class Resizing(BulkMapping):
             self.journal.marked_dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
 
     # ------------------------------------------------------------ size
-    def set_size(self, new_size: int, *, shrink: bool = False) -> None:
+    def set_size(self, new_size: int, *, shrink: bool = False,
+                 preallocation: str = "off") -> None:
         """Change this layer's virtual size (the qcow2 part of
         :meth:`~qcow2py.image.Image.resize`, which also zero-fills what a longer
-        backing file would show)."""
+        backing file would show).  A grow with ``preallocation`` other than "off"
+        then maps the new clusters as ``qemu-img resize --preallocation`` does
+        (a partial cluster at the old end over a backing file is left to the
+        zero-fill, which copies its head from the backing file)."""
         with self._lock:
             self._check_open()
             new_size = self.check_resize(new_size, shrink)
+            grow_from = self.size
+            # persistent bitmaps follow the size (stored on close); an inconsistent
+            # one refuses the resize, as QEMU refuses it
+            bitmap_bits = [b.bits for b in self.bitmaps]
             h, cs, cb = self.header, self.cluster_size, self.cluster_bits
             per_l2 = cs // (16 if self.extended_l2 else 8)
             need = -(-new_size // (cs * per_l2))
@@ -104,12 +113,23 @@ class Resizing(BulkMapping):
             h.size = new_size
             self.journal.write_header()     # the switch: one synced write of cluster 0
             self.size = new_size
+            if self.data_storage is not self.storage and \
+                    self.data_storage.size() != new_size:
+                self.data_storage.truncate(new_size)    # as QEMU sizes the data file
+            for b, bits in zip(self.bitmaps, bitmap_bits):
+                _fit_bits(bits, b.nbits)
             self._metadata_map = None
             if old_l1 is not None and old_l1[1]:
                 first = old_l1[0] >> cb
                 self.refcounts.free_later(np.arange(first, first + -(-old_l1[1] * 8 // cs),
                                                     dtype=np.int64))
                 self.flush_metadata()
+            if preallocation != "off" and new_size > grow_from:
+                start = grow_from
+                if self.backing is not None:
+                    start = -(-start // cs) * cs
+                if start < new_size:
+                    self.preallocate(preallocation, start)
 
     def _drop_tail(self, new_size: int, need: int) -> None:
         """Release the clusters past ``new_size`` and the L2 tables past ``need`` entries."""
@@ -135,3 +155,14 @@ class Resizing(BulkMapping):
         if tables:
             self._dirty_l1 = True
             self.flush_metadata()
+
+
+def _fit_bits(bits: bitarray, nbits: int) -> None:
+    """Cut or extend (with clear bits) a bitmap's bits in place to ``nbits``, as QEMU
+    truncates a dirty bitmap with the image."""
+    if len(bits) > nbits:
+        del bits[nbits:]
+    elif len(bits) < nbits:
+        grown = bitarray(nbits - len(bits), endian="little")
+        grown.setall(0)
+        bits.extend(grown)

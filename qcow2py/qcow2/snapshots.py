@@ -20,7 +20,7 @@ from ..lazyimport import numpy as np
 from ..errors import CorruptImageError, Qcow2Error
 from ..format.header import MAX_L1_BYTES
 from ..format.l2 import (U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,
-                         U64_OFFSET_MASK as _OFFSET)
+                         U64_OFFSET_MASK as _OFFSET, U64_ZERO as _ZERO)
 from ..format.snapshot import Snapshot
 
 _ENTRY = struct.Struct(">QIHHIIQII")
@@ -277,3 +277,66 @@ def apply_snapshot(img, name: str) -> None:
         img.write_header()
         img.size = snap.disk_size
     img.reload_tables()
+
+
+def check_downgrade(img) -> None:
+    """QEMU's refusal to downgrade (compat=0.10) an image whose snapshots a v2 reader
+    would misread: a snapshot of another disk size, or a VM state over 4 GiB."""
+    for s in img.snapshots:
+        if s.vm_state_size > 0xFFFFFFFF or (s.disk_size is not None and
+                                            s.disk_size != img.size):
+            raise SnapshotError("Internal snapshots prevent downgrade of image")
+
+
+def expand_zero_clusters(img) -> None:
+    """Rewrite the zero clusters of the snapshots' L2 tables in what qcow2 v2 can say
+    (a downgrade; the active L1's were rewritten through the write path already).
+
+    Without a backing file a zero cluster becomes unallocated; with one it gets a
+    new cluster of zeros (refcount: one per reference to its L2 table, as QEMU
+    counts it).  A zero cluster that kept its host cluster drops it rather than
+    zeroing it in place: another snapshot may still read data there (QEMU 7.2
+    zeroes it in place and so changes that snapshot's content).  The new clusters
+    and their refcounts are durable before the tables are rewritten in place
+    (each table one write); the dropped references are released after that, so a
+    crash leaves v3 tables that still read as before, and at most leaked clusters.
+    """
+    cs, cb, rc = img.cluster_size, img.cluster_bits, img.refcounts
+    seen = set()
+    tables = []
+    for s in img.snapshots:
+        l1 = _read_l1(img, s.l1_table_offset, s.l1_size)
+        for off in (l1 & _L1_OFFSET).astype(np.int64).tolist():
+            if off and off not in seen:
+                seen.add(off)
+                ent = _l2_entries(img, img.storage.pread(off, cs)).copy()
+                zero = np.flatnonzero(((ent & _ZERO) != 0) & ((ent & _COMPRESSED) == 0))
+                if zero.size:
+                    tables.append((off, ent, zero))
+    if not tables:
+        return
+    backed = img.backing is not None
+    dropped = []
+    for off, ent, zero in tables:
+        users = rc.get(off >> cb)
+        kept = (ent[zero] & _OFFSET).astype(np.int64)
+        kept = kept[kept != 0] >> cb
+        if kept.size:
+            dropped.append(np.repeat(kept, users))
+        new = np.zeros(zero.size, dtype=np.uint64)
+        if backed:                           # new clusters, contiguous: one write
+            first = rc.allocate(int(zero.size))
+            host = first + np.arange(zero.size, dtype=np.int64) * cs
+            for _ in range(users - 1):
+                rc.increment(host >> cb)
+            img.storage.pwrite(bytes(zero.size * cs), first)
+            new = host.astype(np.uint64) | (_COPIED if users == 1 else np.uint64(0))
+        ent[zero] = new
+    _durable_refcounts(img)                 # zeros and refcounts before the tables
+    for off, ent, _zero in tables:
+        img.storage.pwrite(ent.astype(">u8").tobytes(), off)
+    img.journal.barrier()
+    if dropped:
+        rc.free_later(np.concatenate(dropped))
+        rc.apply_frees()
+        _durable_refcounts(img)
