@@ -15,6 +15,10 @@ static inline uint64_t load_be64(const uint8_t *p)
 
 int qp_is_zero(const uint8_t *buf, size_t len)
 {
+    if (len == 0)
+        return 1;
+    if (!buf)
+        return QP_ERR_ARGS;
     /* Check a 16-byte head by hand, then compare the buffer with itself
      * shifted by 16: memcmp is vectorised and needs no zero page. */
     size_t head = len < 16 ? len : 16;
@@ -37,6 +41,8 @@ int qp_decode_l2(const uint8_t *table, size_t table_len, int cluster_bits,
                  uint8_t *kinds, int64_t *hosts, size_t n_units,
                  int64_t *bad_index)
 {
+    if (!bad_index)
+        return QP_ERR_ARGS;
     *bad_index = -1;
     if (cluster_bits < 9 || cluster_bits > 21)
         return QP_ERR_ARGS;
@@ -45,7 +51,9 @@ int qp_decode_l2(const uint8_t *table, size_t table_len, int cluster_bits,
         return QP_ERR_ARGS;
     size_t n_entries = table_len / entry_size;
     size_t per = extended ? 32 : 1;
-    if (n_units != n_entries * per)
+    if (n_entries > SIZE_MAX / per || n_units != n_entries * per)
+        return QP_ERR_ARGS;
+    if (n_units && (!table || !kinds || !hosts))
         return QP_ERR_ARGS;
     uint64_t cluster_mask = (1ULL << cluster_bits) - 1;
     int csize_shift = 62 - (cluster_bits - 8);
@@ -120,10 +128,16 @@ int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
                   const int64_t *buf_off, const int64_t *host_off,
                   const int64_t *len, size_t n)
 {
+    if (n && (!buf_off || !host_off || !len))
+        return -EINVAL;
     for (size_t i = 0; i < n; i++) {
+        /* the run fits the buffer, and its end in the file fits an off_t */
         if (buf_off[i] < 0 || host_off[i] < 0 || len[i] < 0 ||
             (uint64_t)buf_off[i] > buf_len ||
-            (uint64_t)len[i] > buf_len - (uint64_t)buf_off[i])
+            (uint64_t)len[i] > buf_len - (uint64_t)buf_off[i] ||
+            host_off[i] > INT64_MAX - len[i])
+            return -EINVAL;
+        if (len[i] && !buf)
             return -EINVAL;
     }
     for (size_t i = 0; i < n; i++) {
@@ -146,13 +160,16 @@ int qp_pread_runs(int fd, uint8_t *buf, size_t buf_len,
     return 0;
 }
 
-static void mark_range(uint8_t *mark, size_t mark_len, int64_t base, int shift,
+/* Set the mark bits of the units [start, end) touches; base >= 0, start >= 0
+ * and end >= start were checked, so no difference overflows.  Bits at and
+ * past mark_nbits are left alone (the buffer may be a bitarray's). */
+static void mark_range(uint8_t *mark, int64_t mark_nbits, int64_t base, int shift,
                        int64_t start, int64_t end)
 {
     if (!mark || end <= start || start < base)
         return;
     int64_t first = (start - base) >> shift, last = (end - 1 - base) >> shift;
-    for (int64_t u = first; u <= last && (uint64_t)u / 8 < mark_len; u++)
+    for (int64_t u = first; u <= last && u < mark_nbits; u++)
         mark[u / 8] |= (uint8_t)(1u << (u % 8));
 }
 
@@ -214,17 +231,24 @@ static int gather_add(struct qp_gather *g, const uint8_t *p, size_t n, int64_t d
 int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
                    const int64_t *len, const int64_t *write_order, int dst_fd,
                    const uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
-                   int64_t mark_base, int mark_shift, uint8_t *mark, size_t mark_len,
+                   int64_t mark_base, int mark_shift, uint8_t *mark, int64_t mark_nbits,
                    int64_t *stats)
 {
     /* page-aligned: zero runs may go to an O_DIRECT descriptor */
     static const uint8_t zeros[65536] __attribute__((aligned(4096)));
-    if (zero_chunk < 0 || mark_shift < 0 || mark_shift > 40)
+    if (zero_chunk < 0 || mark_shift < 0 || mark_shift > 40 || mark_base < 0 ||
+        mark_nbits < 0 || (mark_nbits && !mark) || !stats)
+        return -EINVAL;
+    if (n && (!buf_off || !dst_off || !len || !write_order))
         return -EINVAL;
     for (size_t i = 0; i < n; i++) {
+        /* the piece fits the buffer, and its end in the target fits an off_t */
         if (buf_off[i] < 0 || dst_off[i] < 0 || len[i] < 0 ||
             (uint64_t)buf_off[i] + (uint64_t)len[i] > buf_len ||
+            dst_off[i] > INT64_MAX - len[i] ||
             write_order[i] < 0 || (uint64_t)write_order[i] >= n)
+            return -EINVAL;
+        if (len[i] && !buf)
             return -EINVAL;
     }
     /* in target order, gathering continuous pieces */
@@ -242,7 +266,7 @@ int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
             if (rc)
                 return rc;
             stats[1] += L;
-            mark_range(mark, mark_len, mark_base, mark_shift, dst, dst + L);
+            mark_range(mark, mark_nbits, mark_base, mark_shift, dst, dst + L);
             continue;
         }
         int64_t q = 0;
@@ -267,7 +291,7 @@ int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
                 if (rc)
                     return rc;
                 stats[1] += clen;
-                mark_range(mark, mark_len, mark_base, mark_shift, abs, abs + clen);
+                mark_range(mark, mark_nbits, mark_base, mark_shift, abs, abs + clen);
             }
             q += clen;
         }
@@ -347,18 +371,26 @@ int64_t qp_internal_run_starts(const uint8_t *p, int64_t n, uint64_t *prev)
     return count;
 }
 
-/* mask of the bits of word w inside [start, end) */
+/* mask of the bits of word w inside [start, end) (differences, not base + 64,
+ * so nbits up to INT64_MAX cannot overflow) */
 static inline uint64_t bm_range_mask(int64_t w, int64_t start, int64_t end)
 {
     uint64_t m = ~0ULL;
     int64_t base = w << 6;
     if (start > base)
         m &= ~0ULL << (start - base);
-    if (end < base + 64)
+    if (end - base < 64)
         m &= (1ULL << (end - base)) - 1;
     return m;
 }
 
+/* bytes of a bitmap of nbits >= 0 bits (nbits + 7 would overflow at INT64_MAX) */
+static inline size_t bm_nbytes(int64_t nbits)
+{
+    return (size_t)(nbits / 8 + (nbits % 8 != 0));
+}
+
+/* Clip [start, end) to [0, nbits): 0 when nothing is left (or nbits < 0). */
 static inline int bm_clip(int64_t nbits, int64_t *start, int64_t *end)
 {
     if (nbits < 0)
@@ -374,7 +406,9 @@ int64_t qp_bitmap_count(const uint8_t *bits, int64_t nbits, int64_t start, int64
 {
     if (!bm_clip(nbits, &start, &end))
         return 0;
-    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    if (!bits)
+        return QP_ERR_ARGS;
+    size_t nbytes = bm_nbytes(nbits);
     int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
     int64_t count = 0;
     if (w0 == w1)
@@ -388,9 +422,9 @@ int64_t qp_bitmap_count(const uint8_t *bits, int64_t nbits, int64_t start, int64
 int64_t qp_bitmap_next(const uint8_t *bits, int64_t nbits, int64_t start, int64_t end,
                        int value)
 {
-    if (!bm_clip(nbits, &start, &end))
+    if (!bm_clip(nbits, &start, &end) || !bits)
         return -1;
-    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    size_t nbytes = bm_nbytes(nbits);
     uint64_t flip = value ? 0 : ~0ULL;
     int64_t w = start >> 6, last = (end - 1) >> 6;
     uint64_t word = (bm_word(bits, nbytes, w) ^ flip) & (~0ULL << (start & 63));
@@ -420,7 +454,10 @@ static inline void bm_emit(bm_sink *s, int64_t rs, int64_t re)
             s->a[s->n] = rs;
             s->b[s->n] = re - rs;
         } else {
-            int64_t lo = rs * s->gran, hi = re * s->gran;
+            /* rs < re <= ceil(g1 / gran): rs * gran < g1 fits, re * gran may
+             * not (granularity near 2^63), so clip re before multiplying */
+            int64_t lo = rs * s->gran;
+            int64_t hi = re > s->g1 / s->gran ? s->g1 : re * s->gran;
             if (lo < s->g0)
                 lo = s->g0;
             if (hi > s->g1)
@@ -475,7 +512,9 @@ int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_
 {
     if (!bm_clip(nbits, &start, &end))
         return 0;
-    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    if (!bits)
+        return QP_ERR_ARGS;
+    size_t nbytes = bm_nbytes(nbits);
     if (max_out <= 0 || !starts || !lens) {
         /* count only: a run starts at every set bit whose predecessor is clear */
         int64_t w0 = start >> 6, w1 = (end - 1) >> 6;
@@ -566,6 +605,8 @@ int64_t qp_bitmap_runs(const uint8_t *bits, int64_t nbits, int64_t start, int64_
 int qp_bitmap_op(const uint8_t *a, const uint8_t *b, uint8_t *out, size_t nbytes, int op)
 {
     size_t i;
+    if (nbytes && (!a || !b || !out))
+        return QP_ERR_ARGS;
     switch (op) {
     case QP_BITMAP_AND:
         QP_BITMAP_LOOP(x & y);
@@ -586,9 +627,10 @@ int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t
                                int64_t *out_guest, int64_t *out_len, int64_t *out_idx,
                                int64_t max_out)
 {
-    if (granularity < 1 || n < 0 || nbits < 0)
+    if (granularity < 1 || n < 0 || nbits < 0 || (n && (!guest || !len)) ||
+        (nbits && !bits))
         return QP_ERR_ARGS;
-    size_t nbytes = (size_t)((nbits + 7) >> 3);
+    size_t nbytes = bm_nbytes(nbits);
     bm_sink s = {out_guest, out_len, out_idx, max_out, 0, 1, 0, 0, granularity, 0};
     if (!out_guest || !out_len || !out_idx)
         s.max = 0;

@@ -17,15 +17,15 @@ from ..lazyimport import numpy as np
 
 from ..format.l2 import (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
                          OFLAG_ZERO, ClusterKind, csize_shift)
-from .common import BITMAP_OPS, clip, l2_error, mask_args, runs_args, unpacked
+from .common import (FD_MAX, batch_args, bytes_of, clip, int_arg, l2_args, l2_error,
+                     mask_args, op_args, runs_args, set_bits, unpacked)
 
 UNALLOCATED, ZERO, ZERO_ALLOC, DATA, COMPRESSED, UNALLOCATED_ALLOC = (int(k) for k in ClusterKind)
 
 
 def is_zero(buf) -> bool:
     """True if every byte of ``buf`` is zero."""
-    mv = memoryview(buf).cast("B")
-    return not np.frombuffer(mv, dtype=np.uint8).any()
+    return not np.frombuffer(bytes_of(buf), dtype=np.uint8).any()
 
 
 def decode_l2(table, cluster_bits: int, extended: bool = False,
@@ -38,12 +38,9 @@ def decode_l2(table, cluster_bits: int, extended: bool = False,
     is no host cluster).  Raises :class:`CorruptImageError` naming the first
     bad entry (reserved bits, unaligned offset, invalid subcluster bitmap).
     """
-    if not 9 <= cluster_bits <= 21:
-        raise ValueError("cluster_bits out of range")
-    raw = np.frombuffer(memoryview(table).cast("B"), dtype=">u8").astype(np.uint64)
+    mv, cluster_bits = l2_args(table, cluster_bits, extended)
+    raw = np.frombuffer(mv, dtype=">u8").astype(np.uint64)
     if extended:
-        if raw.size % 2:
-            raise ValueError("extended L2 table length must be a multiple of 16")
         entries, bitmaps = raw[0::2], raw[1::2]
     else:
         entries, bitmaps = raw, None
@@ -69,7 +66,7 @@ def decode_l2(table, cluster_bits: int, extended: bool = False,
         if idx.size and (first is None or idx[0] < first[1]):
             first = (code, int(idx[0]))
     if first is not None:
-        raise l2_error(first[0], first[1], bytes(memoryview(table).cast("B")), extended)
+        raise l2_error(first[0], first[1], bytes(mv), extended)
 
     coff = (entries & np.uint64((1 << csize_shift(cluster_bits)) - 1)).astype(np.int64)
     off = off.astype(np.int64)
@@ -101,10 +98,7 @@ def decode_l2(table, cluster_bits: int, extended: bool = False,
 
 def pread_runs(fd: int, buf, buf_offsets, host_offsets, lengths) -> None:
     """Scatter-read runs of ``fd`` into ``buf`` (see ``Storage.read_runs``)."""
-    b, h, n = runs_args(buf, buf_offsets, host_offsets, lengths)
-    mv = memoryview(buf).cast("B")
-    if ((b < 0) | (h < 0) | (n < 0) | (b + n > len(mv))).any():
-        raise ValueError("run does not fit the buffer")
+    mv, b, h, n = runs_args(fd, buf, buf_offsets, host_offsets, lengths)
     for bo, ho, ln in zip(b.tolist(), h.tolist(), n.tolist()):
         done = 0
         while done < ln:
@@ -121,12 +115,9 @@ def write_batch_generic(writev, buf_off, dst_off, lengths, write_order, buf, zer
     """The contract of ``qp_write_batch`` over a ``writev(views, offset)`` callable
     (for targets without a file descriptor, and as the pure twin)."""
     stats = stats if stats is not None else [0, 0, 0, 0]
-    mv = memoryview(buf).cast("B")
-    pos_of = np.asarray(buf_off, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if pos_of.size and (((pos_of < 0) | (lengths < 0)).any()
-                        or int((pos_of + lengths).max()) > len(mv)):
-        raise ValueError("piece does not fit the buffer")
+    a = batch_args(buf, buf_off, dst_off, lengths, write_order, zero_chunk, mark_base,
+                   mark_shift, mark)
+    mv = a.buf
     pending, p_start, p_end = [], 0, 0
 
     def add(view, dst):
@@ -141,16 +132,18 @@ def write_batch_generic(writev, buf_off, dst_off, lengths, write_order, buf, zer
         pending.append(view)
         p_end = dst + len(view)
 
-    def mark_range(a, b):
-        if mark is None or b <= a or a < mark_base:
+    def mark_range(lo, hi):
+        if a.mark is None or hi <= lo or lo < a.mark_base:
             return
-        for u in range((a - mark_base) >> mark_shift, ((b - 1 - mark_base) >> mark_shift) + 1):
-            if u // 8 < len(mark):
-                mark[u // 8] |= 1 << (u % 8)
+        first = (lo - a.mark_base) >> a.mark_shift
+        last = (hi - 1 - a.mark_base) >> a.mark_shift
+        set_bits(a.mark, a.mark_nbits, first, last + 1)
 
+    zero_chunk = a.zero_chunk
     zeros = bytes(min(max(zero_chunk, 1), 1 << 16))
-    for e in np.asarray(write_order, dtype=np.int64).tolist():
-        p, L, dst = int(pos_of[e]), int(lengths[e]), int(dst_off[e])
+    pos_of, lengths, dst_off = a.buf_off.tolist(), a.lengths.tolist(), a.dst_off.tolist()
+    for e in a.write_order.tolist():
+        p, L, dst = pos_of[e], lengths[e], dst_off[e]
         data = mv[p:p + L]
         if zero_chunk <= 0:
             add(data, dst)
@@ -189,6 +182,7 @@ def write_batch(buf_off, dst_off, lengths, write_order, dst_fd: int, buf,
                      zero_chunk: int = 0, write_zeroes: bool = False, mark_base: int = 0,
                      mark_shift: int = 0, mark=None):
     """fd-based twin of :func:`write_batch`."""
+    dst_fd = int_arg(dst_fd, "dst_fd", 0, FD_MAX)
     return write_batch_generic(_fd_writev(dst_fd), buf_off, dst_off, lengths, write_order, buf,
                                zero_chunk, write_zeroes, mark_base, mark_shift, mark)
 
@@ -225,19 +219,11 @@ def bitmap_runs(bits, start: int = 0, end=None, nbits=None) -> Tuple[np.ndarray,
 def bitmap_op(a, b, op: str, out=None):
     """Byte-wise ``a OP b`` (op "and", "or" or "andnot" = a & ~b) over equal-length
     buffers; the result goes to ``out`` (may be ``a``) or a new bytearray."""
-    if op not in BITMAP_OPS:
-        raise ValueError(f"unknown bitmap op {op!r}")
-    x = np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
-    y = np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8)
-    if x.size != y.size:
-        raise ValueError("bitmaps differ in size")
+    ma, mb, mo, out = op_args(a, b, op, out)
+    x = np.frombuffer(ma, dtype=np.uint8)
+    y = np.frombuffer(mb, dtype=np.uint8)
     r = x & y if op == "and" else (x | y if op == "or" else x & ~y)
-    if out is None:
-        out = bytearray(x.size)
-    mv = memoryview(out).cast("B")
-    if len(mv) != x.size:
-        raise ValueError("output differs in size")
-    mv[:] = r.tobytes()
+    mo[:] = r.tobytes()
     return out
 
 
@@ -245,7 +231,7 @@ def bitmap_mask_extents(guest, length, bits, granularity: int, nbits=None):
     """The parts of extents (guest offsets, lengths in bytes) under set bits of a
     bitmap of ``granularity``-byte units: arrays ``(guest, length, index)``, in
     order, ``index`` naming the extent each piece comes from."""
-    g, n = mask_args(guest, length, granularity)
+    g, n, granularity = mask_args(guest, length, granularity)
     u = unpacked(bits, nbits)
     og, ol, oi = [], [], []
     for i, (a, ln) in enumerate(zip(g.tolist(), n.tolist())):
