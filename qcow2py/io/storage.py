@@ -171,7 +171,10 @@ class FileStorage(Storage):
             done += os.pwrite(fd, mv[done:], offset + done)
 
     def fsync(self) -> None:
-        os.fsync(self._check())
+        # fdatasync, as QEMU's file driver flushes: it makes the data and the
+        # metadata needed to read it back (size, block allocation) durable and
+        # skips the timestamps, one journal commit fewer on ext4/xfs
+        os.fdatasync(self._check())
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self._check(), size)
