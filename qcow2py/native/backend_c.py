@@ -158,3 +158,9 @@ def bitmap_mask_extents(guest, length, bits, granularity: int, nbits=None):
         _lib.qp_bitmap_mask_extents(gp, np_, g.size, buf, nb, granularity,
                                     *(_ffi.from_buffer("int64_t[]", o) for o in out), count)
     return tuple(out)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing back ``[offset, offset+length)`` of ``fd``
+    (a hint, see csrc: makes nothing durable); errors are ignored as hints are."""
+    _lib.qp_start_writeback(fd, offset, length)
