@@ -3,6 +3,7 @@
 #include "qcow2py_native.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -650,4 +651,15 @@ int64_t qp_bitmap_mask_extents(const int64_t *guest, const int64_t *len, int64_t
         bm_scan_runs(bits, nbytes, b0, b1, &s);
     }
     return s.n;
+}
+
+int qp_start_writeback(int fd, int64_t offset, int64_t length)
+{
+    if (fd < 0 || offset < 0 || length < 0 || offset > INT64_MAX - length)
+        return -EINVAL;
+#ifdef SYNC_FILE_RANGE_WRITE
+    if (sync_file_range(fd, (off64_t)offset, (off64_t)length, SYNC_FILE_RANGE_WRITE) < 0)
+        return -errno;
+#endif
+    return 0;
 }

@@ -112,4 +112,13 @@ int qp_write_batch(size_t n, const int64_t *buf_off, const int64_t *dst_off,
                    const uint8_t *buf, size_t buf_len, int64_t zero_chunk, int write_zeroes,
                    int64_t mark_base, int mark_shift, uint8_t *mark, int64_t mark_nbits,
                    int64_t *stats);
+
+/* Start writing back the dirty page-cache pages of [offset, offset+length)
+ * of fd, without waiting for them (Linux sync_file_range with
+ * SYNC_FILE_RANGE_WRITE): a hint that overlaps the device's writeback with
+ * the writes still to come, so a later fdatasync has less left to do.  It
+ * makes nothing durable.  Returns 0, -errno, or -EINVAL for bad arguments
+ * (negative, or a range ending past INT64_MAX); 0 where the call does not
+ * exist. */
+int qp_start_writeback(int fd, int64_t offset, int64_t length);
 #endif

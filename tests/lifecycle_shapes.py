@@ -94,3 +94,23 @@ def ours(capsys, args):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr()
+
+
+def resize_twin(tmp_path, capsys, src, args, after=None, seed=None):
+    """``qemu-img resize ARGS`` and ``qcow2py resize ARGS`` on two copies of ``src``:
+    the same exit status and stdout, then (after the qemu-io command ``after`` on
+    both) ``qemu-img compare``-identical and ours ``qemu-img check`` clean.
+    Returns (exit status, qemu's copy, ours)."""
+    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    shutil.copyfile(src, q)
+    shutil.copyfile(src, m)
+    p = qemu_img("resize", *args[:-1], q, *args[-1:], check=False)
+    code, (out, err) = ours(capsys, ["resize", *args[:-1], m, *args[-1:]])
+    assert (code, out) == (p.returncode, p.stdout), f"seed {seed} {args}: {err} / {p.stderr}"
+    if after:
+        qemu_io(q, after)
+        qemu_io(m, after)
+    r = qemu_img("compare", q, m, check=False)
+    assert r.returncode == 0, f"seed {seed} {args}: {r.stdout}"
+    qemu_img("check", m)
+    return p.returncode, q, m

@@ -19,9 +19,9 @@ import struct
 import pytest
 
 import qcow2py
-from qcow2py.io.wrappers import RecordingStorage
 from lifecycle_shapes import build, ours, random_ops
 from qemu import create, info_json, qemu_img, qemu_io
+from recording import Recorder
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -126,16 +126,11 @@ def test_downgrade_crash_points(tmp_path):
     qemu_img("snapshot", "-c", "s2", img)
     qemu_io(img, "write -P 3 576k 64k", cwd=tmp_path)
     before = {s: _digest(img, s, tmp_path) for s in (None, "s1", "s2")}
-    initial = img.read_bytes()
-    holder = {}
-
-    def wrap(st):
-        holder["rec"] = RecordingStorage(st, initial)
-        return holder["rec"]
+    wrap = Recorder(img)
 
     with qcow2py.open(img, "r+", storage_wrapper=wrap, lock=False) as im:
         im.amend(compat="0.10")
-    rec = holder["rec"]
+    rec = wrap.rec
     crashed = tmp_path / "crash.qcow2"
     n = len(rec.journal) + 1
     points = sorted({p - 1 for p in rec.sync_points()} | set(rnd.sample(range(n), min(n, 8))))

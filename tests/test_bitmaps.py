@@ -23,8 +23,8 @@ import pytest
 
 import qcow2py
 from qcow2py.errors import BitmapError
-from qcow2py.io.wrappers import RecordingStorage
 from qemu import create, info_json, need, qemu_img, qemu_io, run
+from recording import Recorder
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -491,12 +491,7 @@ def test_crash_at_any_instant_of_a_bitmap_session(tmp_path):
     qemu_img("bitmap", "--add", "-g", "4k", p, "keep")
     qemu_img("bitmap", "--add", p, "gone")
     qemu_io(p, "write 0 12k")
-    initial = p.read_bytes()
-    holder = {}
-
-    def wrap(st):
-        holder["rec"] = RecordingStorage(st, initial)
-        return holder["rec"]
+    wrap = Recorder(p)
 
     img = qcow2py.open(p, "r+", storage_wrapper=wrap, lock=False)
     apply_ours(img, random_ops(random.Random(9), 4 * MiB, 12))
@@ -505,7 +500,7 @@ def test_crash_at_any_instant_of_a_bitmap_session(tmp_path):
     img.write(3 * MiB, b"z" * 1000)
     final = {b.name: b.dirty_extents() for b in img.bitmaps}
     img.close()
-    rec = holder["rec"]
+    rec = wrap.rec
     rnd = random.Random(3)
     syncs = rec.sync_points()
     points = sorted(set([q - 1 for q in syncs] + syncs + [len(rec.journal)]))

@@ -15,23 +15,18 @@ import numpy as np
 import pytest
 
 import qcow2py
-from qcow2py.io.wrappers import RecordingStorage
 from qemu import create, qemu_img
+from recording import Recorder
 
 
 def _run(path, ops_seed, n_ops, size, backing_content=None):
-    initial = path.read_bytes()
-    holder = {}
-
-    def wrap(st):
-        holder["rec"] = RecordingStorage(st, initial)
-        return holder["rec"]
+    wrap = Recorder(path)
 
     rnd = random.Random(ops_seed)
     model = bytearray(backing_content if backing_content is not None else bytes(size))
     flushes = []            # (journal length after the flush, guest content then)
     img = qcow2py.open(path, "r+", storage_wrapper=wrap, lock=False)
-    rec = holder["rec"]
+    rec = wrap.rec
     cs = img.cluster_size
     for i in range(n_ops):
         op = rnd.choice("wwwzd")

@@ -205,6 +205,8 @@ def test_c_refuses_what_it_can_see(tmp_path):
                                       ffi.NULL, 0) == -1
     assert lib.qp_bitmap_mask_extents(i64(_arr(0)), i64(_arr(1)), 1, p, 8, 0, ffi.NULL,
                                       ffi.NULL, ffi.NULL, 0) == -1
+    assert lib.qp_start_writeback(0, INT64_MAX - 4, 5) == EINVAL
+    assert lib.qp_start_writeback(-1, 0, 5) == EINVAL
 
 
 def test_c_bitmap_scans_at_int64_max_bits():
@@ -404,3 +406,19 @@ def test_mask_extents_huge_granularity(bools, gran, data):
     for be in BACKENDS:
         g, ln, _ = be.bitmap_mask_extents([start], [length], bits, gran)
         assert [list(x) for x in zip(g.tolist(), ln.tolist())] == expect
+
+
+@SETTINGS
+@given(st.sampled_from(["file", -1, 1 << 31, 1 << 63, "x"]), edge, edge)
+def test_start_writeback_edges(tmp_path_factory, fd_kind, offset, length):
+    """A hint: never raises in either back-end, whatever the range, and changes
+    no byte."""
+    path = tmp_path_factory.mktemp("wbk") / "f"
+    path.write_bytes(b"\x07" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        use_fd = fd if fd_kind == "file" else fd_kind
+        twins("start_writeback", lambda: (use_fd, offset, length))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\x07" * 4096

@@ -13,27 +13,15 @@ import shutil
 import pytest
 
 import qcow2py
-from qcow2py.io.wrappers import RecordingStorage
-from lifecycle_shapes import SHAPES, build, ours
+from lifecycle_shapes import SHAPES, build, ours, resize_twin
 from qemu import create, qemu_img, qemu_io
+from recording import Recorder
 
 MiB = 1 << 20
 
 
 def twin(tmp_path, capsys, src, args, after=None, seed=None):
-    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
-    shutil.copyfile(src, q)
-    shutil.copyfile(src, m)
-    p = qemu_img("resize", *args[:-1], q, *args[-1:], check=False)
-    code, (out, err) = ours(capsys, ["resize", *args[:-1], m, *args[-1:]])
-    assert (code, out) == (p.returncode, p.stdout), f"seed {seed}: {err} / {p.stderr}"
-    if after:
-        qemu_io(q, after)
-        qemu_io(m, after)
-    r = qemu_img("compare", q, m, check=False)
-    assert r.returncode == 0, f"seed {seed}: {r.stdout}"
-    qemu_img("check", m)
-    return p.returncode
+    return resize_twin(tmp_path, capsys, src, args, after, seed)[0]
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -86,16 +74,11 @@ def test_grow_crash_points(tmp_path):
     path = tmp_path / "img.qcow2"
     create(path, MiB, "cluster_size=512")
     qemu_io(path, "write -P 3 0 1M")
-    initial = path.read_bytes()
-    holder = {}
-
-    def wrap(st):
-        holder["rec"] = RecordingStorage(st, initial)
-        return holder["rec"]
+    wrap = Recorder(path)
 
     with qcow2py.open(path, "r+", storage_wrapper=wrap, lock=False) as img:
         img.resize(64 * MiB)
-    rec = holder["rec"]
+    rec = wrap.rec
     assert len(rec.sync_points()) >= 3
     crashed = tmp_path / "crash.qcow2"
     rnd = random.Random(1)

@@ -13,7 +13,7 @@ import struct
 import pytest
 
 import qcow2py
-from lifecycle_shapes import SHAPES, build, ours
+from lifecycle_shapes import SHAPES, build, ours, resize_twin
 from qemu import create, info_json, qemu_img, qemu_io
 from test_bitmaps import nbd_dirty
 
@@ -35,23 +35,13 @@ def _with_bitmaps(path, shape, seed):
 
 
 def twin(tmp_path, capsys, src, args, after=None, seed=None):
-    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
-    shutil.copyfile(src, q)
-    shutil.copyfile(src, m)
-    p = qemu_img("resize", *args[:-1], q, *args[-1:], check=False)
-    code, (out, err) = ours(capsys, ["resize", *args[:-1], m, *args[-1:]])
-    assert (code, out) == (p.returncode, p.stdout), f"seed {seed} {args}: {err} / {p.stderr}"
-    for img in (q, m):
-        if after:
-            qemu_io(img, after)
-    assert qemu_img("compare", q, m, check=False).returncode == 0, f"seed {seed} {args}"
-    qemu_img("check", m)
+    code, q, m = resize_twin(tmp_path, capsys, src, args, after, seed)
     bitmaps = [info_json(x)["format-specific"]["data"].get("bitmaps") for x in (q, m)]
     assert bitmaps[0] == bitmaps[1], f"seed {seed} {args}"
-    if p.returncode == 0:
+    if code == 0:
         for name in BITMAPS:
             assert nbd_dirty(m, name) == nbd_dirty(q, name), f"seed {seed} {args} {name}"
-    return p.returncode
+    return code
 
 
 @pytest.mark.parametrize("shape", ["c512", "c64k", "extl2", "rc1"])

@@ -16,8 +16,8 @@ import random
 import shutil
 
 import qcow2py
-from qcow2py.io.wrappers import RecordingStorage
 from qemu import create, qemu_img, qemu_io
+from recording import Recorder
 
 SIZE = 1 << 20
 
@@ -46,12 +46,7 @@ def test_snapshot_crash_points(tmp_path):
         old_view = v.read(0, SIZE)
     views = {"old": old_view}
     for op in ("create", "apply", "delete"):
-        initial = path.read_bytes()
-        holder = {}
-
-        def wrap(st):
-            holder["rec"] = RecordingStorage(st, initial)
-            return holder["rec"]
+        wrap = Recorder(path)
 
         with qcow2py.open(path, "r+", storage_wrapper=wrap, lock=False) as img:
             before = img.read(0, SIZE)
@@ -64,7 +59,7 @@ def test_snapshot_crash_points(tmp_path):
             after = img.read(0, SIZE)
         if op == "create":
             views["new"] = before
-        rec = holder["rec"]
+        rec = wrap.rec
         crashed = tmp_path / "crash.qcow2"
         n = len(rec.journal) + 1
         points = sorted({p - 1 for p in rec.sync_points()} | set(rnd.sample(range(n), min(n, 8))))

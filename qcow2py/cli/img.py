@@ -58,7 +58,7 @@ def _info_human(info: dict) -> str:
                 lines.append("    bitmaps:")
                 for i, b in enumerate(v):
                     lines.append(f"        [{i}]:")
-                    lines.append(f"            flags:")
+                    lines.append("            flags:")
                     for j, f in enumerate(b["flags"]):
                         lines.append(f"                [{j}]: {f}")
                     lines.append(f"            name: {b['name']}")

@@ -334,7 +334,8 @@ def open_storage(path: str, writable: bool = False, cache: str = "writeback",
     direct, dsync, flush = cache_flags(cache)
     if direct:
         return DirectFileStorage(path, writable, create, dsync=dsync)
-    st: Storage = FileStorage(path, writable, create, dsync=dsync)
+    # cache=unsafe never flushes: nothing waits for the device, start no writeback
+    st: Storage = FileStorage(path, writable, create, dsync=dsync, write_behind=flush)
     if not flush:
         st = UnsafeStorage(st)
     return st

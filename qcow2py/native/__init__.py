@@ -41,6 +41,7 @@ bitmap_next = _backend.bitmap_next
 bitmap_runs = _backend.bitmap_runs
 bitmap_op = _backend.bitmap_op
 bitmap_mask_extents = _backend.bitmap_mask_extents
+start_writeback = _backend.start_writeback
 #: the write-batch contract over a ``writev(views, offset)`` callable: storages
 #: without a descriptor (tracing, recording, memory) write through their pwrite
 write_batch_writev = backend_pure.write_batch_generic
@@ -49,5 +50,5 @@ __all__ = [
     "UNALLOCATED", "ZERO", "ZERO_ALLOC", "DATA", "COMPRESSED", "UNALLOCATED_ALLOC",
     "HAVE_NATIVE", "USE_NATIVE", "BITMAP_OPS", "is_zero", "decode_l2", "pread_runs",
     "write_batch", "write_batch_writev", "bitmap_count", "bitmap_next", "bitmap_runs",
-    "bitmap_op", "bitmap_mask_extents",
+    "bitmap_op", "bitmap_mask_extents", "start_writeback",
 ]

@@ -10,8 +10,8 @@ from typing import Tuple
 
 from ..lazyimport import numpy as np
 
-from .common import (BITMAP_OPS, batch_args, bitbuf, bytes_of, clip, int_arg, l2_args,
-                     l2_error, mask_args, op_args, runs_args, FD_MAX)
+from .common import (BITMAP_OPS, FD_MAX, batch_args, bitbuf, bytes_of, clip, int_arg, l2_args,
+                     l2_error, mask_args, op_args, runs_args, writeback_range)
 
 try:  # pragma: no cover - depends on the build
     from .._native import ffi as _ffi, lib as _lib
@@ -158,3 +158,11 @@ def bitmap_mask_extents(guest, length, bits, granularity: int, nbits=None):
         if got <= count:
             return tuple(o[:got] for o in out)
         count = got
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing back ``[offset, offset+length)`` of ``fd``
+    (a hint, see csrc: makes nothing durable); errors are ignored as hints are,
+    and a range C cannot hold is not even asked for (as the pure twin does nothing)."""
+    if writeback_range(fd, offset, length):
+        _lib.qp_start_writeback(fd, offset, length)

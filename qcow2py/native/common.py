@@ -105,6 +105,16 @@ def runs_args(fd, buf, buf_offsets, host_offsets, lengths):
     return mv, b, h, n
 
 
+def writeback_range(fd, offset, length) -> bool:
+    """Whether ``start_writeback``'s arguments fit its C call (a hint never
+    raises: a call that cannot be made is skipped, as the pure twin skips all)."""
+    try:
+        fd, offset, length = (operator.index(v) for v in (fd, offset, length))
+    except TypeError:
+        return False
+    return 0 <= fd <= FD_MAX and 0 <= offset <= INT64_MAX and 0 <= length <= INT64_MAX - offset
+
+
 class Batch(NamedTuple):
     """The checked arguments of ``write_batch`` (see ``qp_write_batch``)."""
     buf: memoryview
