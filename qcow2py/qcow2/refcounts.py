@@ -420,8 +420,9 @@ class RefcountManager:
 
     def write_reftable(self) -> None:
         if self.dirty_reftable:
+            # in place, unchecked as QEMU leaves it (see the journal's docstring)
             self.journal.write_metadata(Kind.REFCOUNT_TABLE, self.header.refcount_table_offset,
-                                        self._table_bytes())
+                                        self._table_bytes(), checked=False)
             self.dirty_reftable = False
 
     @property
