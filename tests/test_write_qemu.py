@@ -613,9 +613,9 @@ def test_overlap_check_sees_tables_made_in_this_session(tmp_path):
             img.write(t * 2 * MiB, b"\x02" * 4096)
         victim = int(img._l1[5])
         tpl = img.journal.template
-        built = tpl._built_for
+        built = tpl._starts
         assert victim and tpl.overlap(victim, 4096) == Kind.ACTIVE_L2
-        assert tpl._built_for is built                # joined without a rebuild
+        assert tpl._starts is built                   # joined without a rebuild
         l2 = img._writable_l2(0)
         l2[1] = np.uint64(victim | (1 << 63))         # guest cluster 1 -> that L2 table
         img._forget_table(0)

@@ -64,7 +64,7 @@ metadata, and create lays out a file that holds nothing else yet.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, List, Optional
 
 from ..errors import CorruptImageError
 from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS, Header, \
@@ -145,12 +145,17 @@ class Journal:
         self.check_write(kind, offset, len(data) if checked else 0)
         self.storage.pwrite(data, offset)
 
-    def write_metadata_many(self, kind: Kind, writes) -> None:
-        """Write several structures of one kind, ``[(offset, data), ...]``: all are
-        checked before the first is written."""
-        for offset, data in writes:
-            self.check_write(kind, offset, len(data))
-        for offset, data in writes:
+    def write_metadata_many(self, kind: Kind, length: int, offsets: List[int],
+                            datas: Iterable[bytes]) -> None:
+        """Write several structures of one kind, ``length`` bytes each, at ``offsets``:
+        all are checked, in one search, before the first is written; ``datas``
+        yields their bytes in the same order (made one by one as they are written)."""
+        if self.corrupt_reason is None and self.template is not None:
+            i = self.template.first_overlap(offsets, length, kind)
+            if i >= 0:
+                self.check_write(kind, offsets[i], length)        # refuses it
+        self.check_write(kind, 0, 0)                              # corrupt: refused
+        for offset, data in zip(offsets, datas):
             self.storage.pwrite(data, offset)
 
     def set_incompat(self, bit: int, on: bool) -> None:

@@ -10,10 +10,11 @@ table, itself); a write of guest data, bitmap data or a bitmap table ignores
 nothing.  Like QEMU, the write range is widened to whole clusters.
 
 The template is kept as intervals of host cluster indexes sorted by start,
-with the running maximum of their ends: a query is one binary search on the
-starts (and one on the running maximum when something is near), so the check
-costs the same on a 10 GiB and a 10 TiB image and sizes nothing by a hostile
-field (a snapshot's L1 of 2^32 entries is one interval).  It is rebuilt
+with the running maximum of their ends, and, for each ignore mask in use, the
+same without the ignored kinds: a query is one binary search on the starts and
+a look at the running maximum (a batch of writes: one vectorised search), so
+the check costs the same on a 10 GiB and a 10 TiB image and sizes nothing by a
+hostile field (a snapshot's L1 of 2^32 entries is one interval).  It is rebuilt
 lazily when the refcount structures change (new blocks, a moved table), when
 clusters are freed (a freed structure's clusters may be reused), when the
 header is rewritten, and when the writer says so (:meth:`OverlapTemplate.invalidate`);
@@ -26,7 +27,7 @@ What happens on a hit (the corrupt bit, the error) is the journal's
 from __future__ import annotations
 
 import enum
-from typing import List, NamedTuple, Set
+from typing import Dict, List, NamedTuple, Sequence, Set, Tuple
 
 from ..lazyimport import numpy as np
 
@@ -95,21 +96,24 @@ class OverlapTemplate:
 
     def __init__(self, source) -> None:
         self._source = source
-        self._built_for = None                  # (refcounts, layout_version, free_epoch)
+        # built for these refcounts at this layout_version and free_epoch (None: stale)
+        self._rc = None
+        self._lv = self._fe = -1
         self._starts = self._ends = self._pmax = self._masks = None
         self._extra: Set[int] = set()           # L2 tables added since the build
+        self._views: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}     # by ignore mask
         self._cluster_bits = 0
 
     # ------------------------------------------------------------ upkeep
     def invalidate(self) -> None:
         """The metadata moved in a way the template cannot see: rebuild on next use."""
-        self._built_for = None
+        self._rc = None
 
     def add_active_l2(self, offset: int) -> None:
         """A new active L2 table at ``offset`` (joins without a rebuild; the set of
         such tables is folded into the arrays when it grows past an eighth of them,
         so a preallocation of many tables stays linear)."""
-        if self._built_for is None:
+        if self._rc is None:
             return                              # the next build reads the L1 table
         self._extra.add(offset >> self._cluster_bits)
         if len(self._extra) >= max(64, self._starts.size // 8):
@@ -122,11 +126,9 @@ class OverlapTemplate:
 
     def _current(self) -> None:
         rc = self._source.refcounts
-        key = self._built_for
-        if key is None or key[0] is not rc or key[1] != rc.layout_version or \
-                key[2] != rc.free_epoch:
+        if rc is not self._rc or rc.layout_version != self._lv or rc.free_epoch != self._fe:
             self._build(self._source.metadata_layout())
-            self._built_for = (rc, rc.layout_version, rc.free_epoch)
+            self._rc, self._lv, self._fe = rc, rc.layout_version, rc.free_epoch
 
     def _build(self, lay: MetadataLayout) -> None:
         h = lay.header
@@ -173,6 +175,18 @@ class OverlapTemplate:
         order = np.argsort(starts, kind="stable")
         self._starts, self._ends, self._masks = starts[order], ends[order], masks[order]
         self._pmax = np.maximum.accumulate(self._ends)
+        self._views = {}
+
+    def _view(self, ignore: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The starts and running maximum of the ends of the kinds not ignored."""
+        ignore = int(ignore)
+        v = self._views.get(ignore)
+        if v is None:
+            keep = (self._masks & ~ignore) != 0
+            ends = self._ends[keep]
+            v = (self._starts[keep], np.maximum.accumulate(ends) if ends.size else ends)
+            self._views[ignore] = v
+        return v
 
     # ------------------------------------------------------------ queries
     def overlap(self, offset: int, length: int, ignore: int = 0) -> int:
@@ -184,17 +198,41 @@ class OverlapTemplate:
         cb = self._cluster_bits
         first, last = offset >> cb, (offset + length - 1) >> cb
         hit = 0
-        i = int(np.searchsorted(self._starts, last, side="right"))
-        if i and int(self._pmax[i - 1]) >= first:
+        starts, pmax = self._views.get(ignore) or self._view(ignore)
+        i = starts.searchsorted(last, "right")
+        if i and pmax[i - 1] >= first:              # something; which kinds (rare)
+            ignore = int(ignore)
+            i = int(np.searchsorted(self._starts, last, side="right"))
             j = int(np.searchsorted(self._pmax, first, side="left"))
             near = self._masks[j:i][self._ends[j:i] >= first]
             hit = int(np.bitwise_or.reduce(near)) if near.size else 0
+        if self._extra and not int(ignore) & Kind.ACTIVE_L2 and self._in_extra(first, last):
+            hit |= int(Kind.ACTIVE_L2)
+        return hit & ~int(ignore) if hit else 0
+
+    def _in_extra(self, first: int, last: int) -> bool:
         extra = self._extra
-        if extra and not ignore & Kind.ACTIVE_L2:
-            if last - first < len(extra):
-                found = any(c in extra for c in range(first, last + 1))
-            else:
-                found = any(first <= c <= last for c in extra)
-            if found:
-                hit |= Kind.ACTIVE_L2
-        return hit & ~int(ignore)
+        if last - first < len(extra):
+            return any(c in extra for c in range(first, last + 1))
+        return any(first <= c <= last for c in extra)
+
+    def first_overlap(self, offsets: Sequence[int], length: int, ignore: int = 0) -> int:
+        """The index of the first of the writes of ``length`` bytes at ``offsets`` that
+        overlaps a kind other than ``ignore`` (see :meth:`overlap`), or -1: one
+        vectorised search for all of them."""
+        if not len(offsets) or length <= 0:
+            return -1
+        self._current()
+        cb = self._cluster_bits
+        off = np.asarray(offsets, dtype=np.int64)
+        first, last = off >> cb, (off + (length - 1)) >> cb
+        starts, pmax = self._view(int(ignore))
+        i = np.searchsorted(starts, last, side="right")
+        near = (i > 0) & (pmax[np.maximum(i - 1, 0)] >= first) if starts.size else \
+            np.zeros(off.size, dtype=bool)
+        if self._extra and not int(ignore) & Kind.ACTIVE_L2:
+            near |= np.fromiter((self._in_extra(f, e) for f, e in zip(first.tolist(),
+                                                                      last.tolist())),
+                                dtype=bool, count=off.size)
+        hits = np.flatnonzero(near)
+        return int(hits[0]) if hits.size else -1

@@ -413,9 +413,11 @@ class RefcountManager:
     def write_dirty_blocks(self) -> None:
         """Write the changed refcount blocks (each checked against the other metadata
         first, see :meth:`~qcow2py.qcow2.journal.Journal.write_metadata_many`)."""
-        self.journal.write_metadata_many(
-            Kind.REFCOUNT_BLOCK, [(int(self.reftable[bi]), rc.encode_block(self.blocks[bi], self.order))
-                                  for bi in sorted(self.dirty_blocks)])
+        order = sorted(self.dirty_blocks)
+        self.journal.write_metadata_many(Kind.REFCOUNT_BLOCK, self.cs,
+                                         [int(self.reftable[bi]) for bi in order],
+                                         (rc.encode_block(self.blocks[bi], self.order)
+                                          for bi in order))
         self.dirty_blocks.clear()
 
     def write_reftable(self) -> None:

@@ -237,9 +237,10 @@ class WriterState(Qcow2Image):
         self.journal.template.invalidate()
 
     def _write_dirty_l2(self) -> None:
-        self.journal.write_metadata_many(
-            Kind.ACTIVE_L2, [(int(self._l1[i]), self._l2[i].astype(">u8").tobytes())
-                             for i in sorted(self._dirty_l2, key=lambda i: int(self._l1[i]))])
+        order = sorted(self._dirty_l2, key=lambda i: int(self._l1[i]))
+        self.journal.write_metadata_many(Kind.ACTIVE_L2, self.cluster_size,
+                                         [int(self._l1[i]) for i in order],
+                                         (self._l2[i].astype(">u8").tobytes() for i in order))
         self._dirty_l2.clear()
 
     def _write_l1(self) -> None:
