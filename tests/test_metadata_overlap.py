@@ -12,14 +12,19 @@ image is the oracle: it fails with EIO ("Preventing invalid write on metadata
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import time
 
+import numpy as np
 import pytest
 
 import qcow2py
 from qcow2py.errors import CorruptImageError
 from qcow2py.format.header import Header
+from qcow2py.format.snapshot import Snapshot
+from qcow2py.qcow2.overlap import Kind, MetadataLayout, OverlapTemplate, first_name
 
 from qemu import create, info_json, need, qemu_img, qemu_io, run
 
@@ -354,3 +359,96 @@ def test_header_writes_are_not_checked_as_qemu(tmp_path):
         img.create_snapshot("s2")
     assert not _corrupt(ours)
     assert info_json(ours)["virtual-size"] == 8 * MiB
+
+
+# ------------------------------------------------------------ the template itself
+class _FakeRefcounts:
+    layout_version = free_epoch = 0
+
+
+class _FakeWriter:
+    """What OverlapTemplate reads from a writer: a layout and refcount versions."""
+
+    def __init__(self, header, l2=(), reftable=(), snapshots=(), snapshot_bytes=0):
+        self.refcounts = _FakeRefcounts()
+        self.layout = MetadataLayout(header, np.array(l2, dtype=np.int64),
+                                     np.array(reftable, dtype=np.int64), list(snapshots),
+                                     snapshot_bytes)
+
+    def metadata_layout(self):
+        return self.layout
+
+
+def _fake_header(**fields) -> Header:
+    h = _header_of_new_image()
+    for k, v in fields.items():
+        setattr(h, k, v)
+    return h
+
+
+_NEW_HEADER = []
+
+
+def _header_of_new_image() -> Header:
+    if not _NEW_HEADER:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "x.qcow2")
+            qcow2py.create(p, 1 << 30).close()
+            with open(p, "rb") as f:
+                _NEW_HEADER.append(f.read(65536))
+    return Header.parse(_NEW_HEADER[0])
+
+
+def test_template_reports_the_first_kind_in_qemus_order():
+    """Several kinds under one write: QEMU names the first its check looks at
+    (header, active L1, refcount table, snapshot table, inactive L1, active L2,
+    refcount block, bitmap directory)."""
+    cs = 65536
+    h = _fake_header(l1_table_offset=5 * cs, l1_size=1, snapshots_offset=5 * cs,
+                     nb_snapshots=1)
+    snap = Snapshot(5 * cs, 1, "1", "s", 0, 0, 0, 0, 1 << 30, 0, b"")
+    t = OverlapTemplate(_FakeWriter(h, l2=[5 * cs], reftable=[5 * cs], snapshots=[snap],
+                                    snapshot_bytes=48))
+    hit = t.overlap(5 * cs + 100, 8)
+    assert hit == Kind.ACTIVE_L1 | Kind.SNAPSHOT_TABLE | Kind.INACTIVE_L1 | \
+        Kind.ACTIVE_L2 | Kind.REFCOUNT_BLOCK
+    assert first_name(hit) == "active L1 table"
+    assert first_name(t.overlap(5 * cs, cs, Kind.ACTIVE_L1)) == "snapshot table"
+    assert first_name(t.overlap(5 * cs, cs, Kind.ACTIVE_L1 | Kind.SNAPSHOT_TABLE |
+                                Kind.INACTIVE_L1)) == "active L2 table"
+    assert t.overlap(6 * cs, cs) == 0 and t.overlap(4 * cs, cs) == Kind.OTHER
+    assert first_name(t.overlap(100, 1)) == "qcow2_header"
+    assert t.first_overlap([6 * cs, 7 * cs, 5 * cs], cs) == 2
+    assert t.first_overlap([5 * cs], cs, ~0 & 0x1ff) == -1
+
+
+def test_template_sizes_nothing_by_hostile_fields():
+    """65536 snapshots whose L1 tables claim 2^32 entries each, one near the end
+    of the 64-bit space: intervals, not clusters; a query is still quick."""
+    cs = 65536
+    h = _fake_header(nb_snapshots=65536, snapshots_offset=7 * cs)
+    snaps = [Snapshot(((i + 8) * cs) if i else (1 << 64) - cs, 0xFFFFFFFF, str(i), "s",
+                      0, 0, 0, 0, None, 0, b"") for i in range(65536)]
+    t = OverlapTemplate(_FakeWriter(h, snapshots=snaps, snapshot_bytes=65536 * 48))
+    assert t.overlap((1 << 64) - cs, cs) == Kind.INACTIVE_L1      # wraps: to the end
+    assert t.overlap(20 << 30, cs) == Kind.INACTIVE_L1             # 32 GiB tables
+    assert t.overlap(3 * cs, cs) == 0            # before every table: nothing
+    start = time.perf_counter()
+    for k in range(2000):
+        t.overlap(3 * cs, cs, Kind.INACTIVE_L1)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_new_l2_tables_fold_into_the_template():
+    """Tables added one by one (a preallocation) are found before and after they
+    are folded into the sorted arrays."""
+    cs = 65536
+    t = OverlapTemplate(_FakeWriter(_fake_header(), l2=[]))
+    assert t.overlap(100 * cs, cs) == 0          # built
+    for k in range(200):
+        t.add_active_l2((100 + 2 * k) * cs)
+    assert all(t.overlap((100 + 2 * k) * cs, cs) == Kind.ACTIVE_L2 for k in range(200))
+    assert all(t.overlap((101 + 2 * k) * cs, cs) == 0 for k in range(200))
+    assert t.overlap(100 * cs, cs, Kind.ACTIVE_L2) == 0
+    assert t.first_overlap([101 * cs, 103 * cs, 104 * cs], cs) == 2
