@@ -135,6 +135,14 @@ def _write_and_flush(path, offset: int, length: int, closing: bool = True):
     return op
 
 
+def _call(path, method: str, *args):
+    """An operation: open "r+", call ``method(*args)``, close."""
+    def op():
+        with qcow2py.open(path, "r+") as img:
+            getattr(img, method)(*args)
+    return op
+
+
 # ------------------------------------------------------------ L2 table writes
 def test_l2_table_on_a_refcount_block_is_refused(tmp_path):
     """An L1 entry pointing at refcount block 0: updating that "L2 table" would
@@ -225,10 +233,7 @@ def test_grown_l1_table_on_the_refcount_table_is_refused(tmp_path):
     h = _header(ours)
     victim = (h.refcount_table_offset, h.cluster_size)
 
-    def op():
-        with qcow2py.open(ours, "r+") as img:
-            img.resize(64 << 30)
-    _refused(ours, "refcount table", victim, op)
+    _refused(ours, "refcount table", victim, _call(ours, "resize", 64 << 30))
     _qemu_refuses(qemu, "refcount table", qemu_img("resize", qemu, "64G", check=False))
 
 
@@ -263,10 +268,7 @@ def test_snapshot_l1_copy_on_the_refcount_table_is_refused(tmp_path):
     h = _header(ours)
     victim = (h.refcount_table_offset, h.cluster_size)
 
-    def op():
-        with qcow2py.open(ours, "r+") as img:
-            img.create_snapshot("s1")
-    _refused(ours, "refcount table", victim, op)
+    _refused(ours, "refcount table", victim, _call(ours, "create_snapshot", "s1"))
     _qemu_refuses(qemu, "refcount table", qemu_img("snapshot", "-c", "s1", qemu, check=False))
 
 
@@ -283,10 +285,7 @@ def test_new_snapshot_table_on_the_active_l1_table_is_refused(tmp_path):
     h = _header(ours)
     victim = (h.l1_table_offset, h.cluster_size)
 
-    def op():
-        with qcow2py.open(ours, "r+") as img:
-            img.delete_snapshot("s1")
-    _refused(ours, "active L1 table", victim, op)
+    _refused(ours, "active L1 table", victim, _call(ours, "delete_snapshot", "s1"))
     _qemu_refuses(qemu, "active L1 table", qemu_img("snapshot", "-d", "s1", qemu, check=False))
 
 
