@@ -232,7 +232,6 @@ def test_grown_l1_table_on_the_refcount_table_is_refused(tmp_path):
     ours, qemu = _twins(tmp_path, build)
     h = _header(ours)
     victim = (h.refcount_table_offset, h.cluster_size)
-
     _refused(ours, "refcount table", victim, _call(ours, "resize", 64 << 30))
     _qemu_refuses(qemu, "refcount table", qemu_img("resize", qemu, "64G", check=False))
 
@@ -267,7 +266,6 @@ def test_snapshot_l1_copy_on_the_refcount_table_is_refused(tmp_path):
     ours, qemu = _twins(tmp_path, build)
     h = _header(ours)
     victim = (h.refcount_table_offset, h.cluster_size)
-
     _refused(ours, "refcount table", victim, _call(ours, "create_snapshot", "s1"))
     _qemu_refuses(qemu, "refcount table", qemu_img("snapshot", "-c", "s1", qemu, check=False))
 
@@ -284,7 +282,6 @@ def test_new_snapshot_table_on_the_active_l1_table_is_refused(tmp_path):
     ours, qemu = _twins(tmp_path, build)
     h = _header(ours)
     victim = (h.l1_table_offset, h.cluster_size)
-
     _refused(ours, "active L1 table", victim, _call(ours, "delete_snapshot", "s1"))
     _qemu_refuses(qemu, "active L1 table", qemu_img("snapshot", "-d", "s1", qemu, check=False))
 
