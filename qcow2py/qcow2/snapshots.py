@@ -157,6 +157,7 @@ def _write_table(img, snapshots: List[Snapshot]) -> None:
     _durable_refcounts(img)
     h.snapshots_offset, h.nb_snapshots = new_off, len(snapshots)
     img.write_header()
+    img.snapshots = list(snapshots)     # what the overlap checks see from now on
     if old[1] and old_bytes:
         first = old[0] >> cb
         rc.free_later(np.arange(first, first + -(-old_bytes // cs), dtype=np.int64))
