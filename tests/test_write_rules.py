@@ -58,7 +58,8 @@ def test_overlap_with_metadata_marks_the_image_corrupt(tmp_path):
     struct.pack_into(">Q", raw, l2_off, h.l1_table_offset | (1 << 63))
     path.write_bytes(bytes(raw))
     img = qcow2py.open(path, "r+")
-    with pytest.raises(qcow2py.CorruptImageError, match="overwrite metadata"):
+    with pytest.raises(qcow2py.CorruptImageError, match=r"Preventing invalid write on metadata "
+                                                    r"\(overlaps with active L1 table\)"):
         img.write(0, b"\xff" * 512)
     with pytest.raises(qcow2py.CorruptImageError):
         img.write(1 << 20, b"\xff")                 # no further writes

@@ -26,6 +26,7 @@ from ..format import refcount as rcfmt
 from ..format.header import (COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
                             V2_HEADER_LENGTH)
 from . import snapshots
+from .overlap import Kind
 from .refcounts import RefcountManager
 
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -159,8 +160,9 @@ def _change_refcount_order(img, order: int) -> None:
     for j in range(nblocks):
         off = (base + tclusters + j) * cs
         table[j] = off
-        img.storage.pwrite(rcfmt.encode_block(full[j * per:(j + 1) * per], order), off)
-    img.storage.pwrite(table.astype(">u8").tobytes(), base * cs)
+        img.journal.write_metadata(Kind.REFCOUNT_BLOCK, off,
+                                   rcfmt.encode_block(full[j * per:(j + 1) * per], order))
+    img.journal.write_metadata(Kind.REFCOUNT_TABLE, base * cs, table.astype(">u8").tobytes())
     img.journal.barrier()
     h.refcount_order = order
     h.refcount_table_offset, h.refcount_table_clusters = base * cs, tclusters

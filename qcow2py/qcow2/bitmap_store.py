@@ -15,6 +15,7 @@ from ..format.bitmap import (FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_DIRECTORY_
                              MAX_GRANULARITY_BITS, MAX_NAME, TABLE_OFFSET_MASK, BitmapEntry,
                              encode_bitmap_directory, entry_size, set_directory_flags)
 from ..format.header import AUTOCLEAR_BITMAPS, BitmapsExtension
+from .overlap import Kind
 from .bitmaps import (MAX_PHYS_SIZE, MAX_TABLE_SIZE, TYPE_DIRTY_TRACKING, Bitmap,
                       default_granularity, entry_problem, geometry, load_bits, read_table)
 
@@ -42,7 +43,8 @@ def attach(img) -> None:
     flags = [e.flags | FLAG_IN_USE for e in img.bitmap_directory]
     # the autoclear-bit protocol: a crash in the middle leaves a stale extension
     img.journal.bitmaps_in_use(
-        lambda: img.storage.pwrite(set_directory_flags(raw, flags), ext.directory_offset))
+        lambda: img.journal.write_metadata(Kind.BITMAP_DIRECTORY, ext.directory_offset,
+                                           set_directory_flags(raw, flags)))
     for e, f in zip(img.bitmap_directory, flags):
         e.flags = f
     for b in consistent:
@@ -117,11 +119,11 @@ def store(img) -> None:
         table = np.zeros(tsize, dtype=np.uint64)
         if used.size:
             host = img.allocate(int(used.size))
-            st.pwrite(clusters[used].tobytes(), host)
+            img.journal.write_metadata(Kind.OTHER, host, clusters[used].tobytes())
             table[used] = (host + np.arange(used.size, dtype=np.int64) * cs).astype(np.uint64)
         traw = table.astype(">u8").tobytes()
         toff = img.allocate(-(-len(traw) // cs))
-        st.pwrite(traw, toff)
+        img.journal.write_metadata(Kind.OTHER, toff, traw)
         raw_name = b.entry.raw_name if b.entry is not None and b.entry.name == b.name else b""
         entries.append(BitmapEntry(toff, tsize, FLAG_AUTO if b.enabled else 0,
                                    TYPE_DIRTY_TRACKING, b.granularity_bits, b.name, b"",
@@ -144,7 +146,7 @@ def store(img) -> None:
     directory = encode_bitmap_directory(entries)
     doff = img.allocate(-(-len(directory) // cs)) if entries else 0
     if entries:
-        st.pwrite(directory, doff)
+        img.journal.write_metadata(Kind.BITMAP_DIRECTORY, doff, directory)
     img.flush_metadata()           # data, tables, directory and their refcounts: durable
     if entries:
         h.bitmaps = BitmapsExtension(len(entries), len(directory), doff)

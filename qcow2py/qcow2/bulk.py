@@ -180,6 +180,7 @@ class BulkMapping(Zeroing):
                     self._touch_l2(l1i)
                     pos += idx.size * cs
                 if mode == "full":
+                    self._overlap_check(host, end - host)
                     zero = bytes(min(total * cs, 1 << 20))
                     for p in range(host, end, len(zero)):
                         self.storage.pwrite(zero[:min(len(zero), end - p)], p)

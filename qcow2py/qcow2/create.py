@@ -4,6 +4,11 @@ A new qcow2 image is laid out as QEMU lays it out: the header in cluster 0,
 the refcount table in cluster 1, one refcount block in cluster 2, then the
 L1 table.  Preallocation then allocates L2 tables and data clusters through
 the normal allocator.
+
+The writes that lay out the new file are not overlap-checked (:mod:`.overlap`):
+the file holds nothing but what is being written, at fixed places.  Once the
+image is open "r+" (preallocation), every metadata write goes through the
+writer's checks like any other.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from .bitmaps import Bitmap, load_bits
 from .checkresult import CheckResult
 from .repair import check_storage, repair_storage
 from .journal import Journal
+from .overlap import OverlapTemplate
 from .refcounts import RefcountManager
 from . import amend as amending, snapshots
 from .resize import Resizing
@@ -80,8 +81,9 @@ class WritableQcow2Image(Resizing):
         self._l2: "OrderedDict[int, np.ndarray]" = OrderedDict()
         self._dirty_l2: Set[int] = set()
         self._dirty_l1 = False
-        self._metadata_map: Optional[np.ndarray] = None
-        self._metadata_extra: List[int] = []
+        # every metadata write is checked against the others (QEMU's overlap check)
+        self.journal.template = OverlapTemplate(self)
+        self.journal.filename = filename
         if h.autoclear_features & ~AUTOCLEAR_KNOWN:
             # a program that does not know a feature must clear its autoclear bit (spec)
             h.autoclear_features &= AUTOCLEAR_KNOWN

@@ -27,6 +27,7 @@ from ..format import refcount as rc
 from ..format.header import MAX_REFTABLE_BYTES, Header
 from ..io.storage import Storage
 from .journal import Journal
+from .overlap import Kind
 
 #: header offset of refcount_table_offset (u64) + refcount_table_clusters (u32)
 
@@ -56,6 +57,9 @@ class RefcountManager:
         self.pending: List[np.ndarray] = []     # cluster indexes to decrement later
         #: bumped whenever refcount blocks or the table move (metadata layout changed)
         self.layout_version = 0
+        #: bumped whenever a refcount drops: freed clusters may be reused, so
+        #: anything remembered about what they hold is stale (the overlap template)
+        self.free_epoch = 0
 
     # ------------------------------------------------------------ lookup
     def _block(self, bi: int) -> Optional[np.ndarray]:
@@ -117,6 +121,8 @@ class RefcountManager:
                                   f"at {1 << self.order} bits)")
             blk[uniq] = new.astype(np.uint64)
             self.dirty_blocks.add(bi)
+        if delta < 0:
+            self.free_epoch += 1
 
     def _add_run(self, start: int, end: int, delta: int) -> None:
         """``delta`` on every cluster of ``[start, end)`` (the blocks must exist)."""
@@ -141,6 +147,7 @@ class RefcountManager:
                 seg += np.uint64(delta)
             else:
                 seg -= np.uint64(-delta)
+                self.free_epoch += 1
             self.dirty_blocks.add(bi)
             pos += b - a
 
@@ -329,7 +336,7 @@ class RefcountManager:
         # blocks first, then the table, then the header switch
         self.write_dirty_blocks()
         self.journal.barrier()
-        self.storage.pwrite(self._table_bytes(), tstart << cb)
+        self.journal.write_metadata(Kind.REFCOUNT_TABLE, tstart << cb, self._table_bytes())
         old_offset = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
         self.journal.switch_reftable(tstart << cb, tclusters)
@@ -353,6 +360,7 @@ class RefcountManager:
                 raise CorruptImageError(f"no refcount block for host cluster {c}")
             blk[c % self.per_block] = v
             self.dirty_blocks.add(c // self.per_block)
+            self.free_epoch += 1
             if v == 0:
                 self.free_hint = min(self.free_hint, c)
 
@@ -387,8 +395,9 @@ class RefcountManager:
             table[j] = off
             blk = full[j * per:(j + 1) * per].copy()
             self.blocks[j] = blk
-            self.storage.pwrite(rc.encode_block(blk, self.order), off)
-        self.storage.pwrite(table.astype(">u8").tobytes(), base * cs)
+            self.journal.write_metadata(Kind.REFCOUNT_BLOCK, off, rc.encode_block(blk, self.order))
+        self.journal.write_metadata(Kind.REFCOUNT_TABLE, base * cs,
+                                    table.astype(">u8").tobytes())
         self.journal.switch_reftable(base * cs, tclusters)
         self.reftable = table
         self.dirty_blocks.clear()
@@ -402,14 +411,20 @@ class RefcountManager:
         return self.reftable.astype(">u8").tobytes()
 
     def write_dirty_blocks(self) -> None:
-        for bi in sorted(self.dirty_blocks):
-            self.storage.pwrite(rc.encode_block(self.blocks[bi], self.order),
-                                int(self.reftable[bi]))
+        """Write the changed refcount blocks (each checked against the other metadata
+        first, see :meth:`~qcow2py.qcow2.journal.Journal.write_metadata_many`)."""
+        order = sorted(self.dirty_blocks)
+        self.journal.write_metadata_many(Kind.REFCOUNT_BLOCK, self.cs,
+                                         [int(self.reftable[bi]) for bi in order],
+                                         (rc.encode_block(self.blocks[bi], self.order)
+                                          for bi in order))
         self.dirty_blocks.clear()
 
     def write_reftable(self) -> None:
         if self.dirty_reftable:
-            self.storage.pwrite(self._table_bytes(), self.header.refcount_table_offset)
+            # in place, unchecked as QEMU leaves it (see the journal's docstring)
+            self.journal.write_metadata(Kind.REFCOUNT_TABLE, self.header.refcount_table_offset,
+                                        self._table_bytes(), checked=False)
             self.dirty_reftable = False
 
     @property

@@ -17,6 +17,13 @@ Every step ends with a barrier of :class:`~qcow2py.qcow2.journal.Journal`
 header change is one of its synced field writes, so an interruption leaves
 an image that is at worst leaking clusters (data before refcounts before L2
 before L1 before header).
+
+Its writes are not overlap-checked (:mod:`.overlap`): repair's Journal has no
+template.  The metadata is what is under suspicion here; repair writes only
+from a full walk of it (the same walk that finds overlapping structures and
+rebuilds the refcounts around them), and its new structures go past the end
+of the file, where nothing else can lie.  QEMU's repair likewise writes its
+rebuilt refcount structures without the runtime check.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from bitarray import bitarray
 
 from ..format.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY
 from .bulk import BulkMapping
+from .overlap import Kind
 
 
 class Resizing(BulkMapping):
@@ -70,7 +71,7 @@ class Resizing(BulkMapping):
             self._dirty_l2.clear()
             self.forget_tables()
             self.snapshots = self._read_snapshots()
-            self._metadata_map = None
+            self.journal.template.invalidate()
             self.journal.lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
             self.journal.marked_dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
 
@@ -100,10 +101,10 @@ class Resizing(BulkMapping):
             elif need > h.l1_size:
                 n_clusters = -(-need * 8 // cs)
                 new_off = self.allocate(n_clusters)
-                self._overlap_check(new_off, n_clusters * cs)
                 raw = np.zeros(need, dtype=np.uint64)
                 raw[:self._l1_raw.size] = self._l1_raw
-                self.storage.pwrite(raw.astype(">u8").tobytes(), new_off)
+                # a new active L1 table: checked against everything but the old one
+                self.journal.write_metadata(Kind.ACTIVE_L1, new_off, raw.astype(">u8").tobytes())
                 self.flush_metadata()       # the new table and its refcounts are durable
                 old_l1 = (h.l1_table_offset, h.l1_size)
                 self._l1_raw = raw
@@ -118,7 +119,7 @@ class Resizing(BulkMapping):
                 self.data_storage.truncate(new_size)    # as QEMU sizes the data file
             for b, bits in zip(self.bitmaps, bitmap_bits):
                 _fit_bits(bits, b.nbits)
-            self._metadata_map = None
+            self.journal.template.invalidate()
             if old_l1 is not None and old_l1[1]:
                 first = old_l1[0] >> cb
                 self.refcounts.free_later(np.arange(first, first + -(-old_l1[1] * 8 // cs),

@@ -22,6 +22,7 @@ from ..format.header import MAX_L1_BYTES
 from ..format.l2 import (U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,
                          U64_OFFSET_MASK as _OFFSET, U64_ZERO as _ZERO)
 from ..format.snapshot import Snapshot
+from .overlap import Kind
 
 _ENTRY = struct.Struct(">QIHHIIQII")
 _L1_OFFSET = _OFFSET                # L1 and L2 entries keep the offset in the same bits
@@ -117,7 +118,7 @@ def _set_copied_flags(img, l1: np.ndarray) -> np.ndarray:
             new[live] = sub
         if (new != ent).any():
             ent[:] = new
-            img.storage.pwrite(words.astype(">u8").tobytes(), off)
+            img.journal.write_metadata(Kind.ACTIVE_L2, off, words.astype(">u8").tobytes())
         one = rc.get(off >> cb) == 1
         l1[i] = (l1[i] | _COPIED) if one else (l1[i] & ~_COPIED)
     return l1
@@ -152,10 +153,11 @@ def _write_table(img, snapshots: List[Snapshot]) -> None:
     new_off = 0
     if snapshots:
         new_off = rc.allocate(-(-len(data) // cs))
-        img.storage.pwrite(data, new_off)
+        img.journal.write_metadata(Kind.SNAPSHOT_TABLE, new_off, data)
     _durable_refcounts(img)
     h.snapshots_offset, h.nb_snapshots = new_off, len(snapshots)
     img.write_header()
+    img.snapshots = list(snapshots)     # what the overlap checks see from now on
     if old[1] and old_bytes:
         first = old[0] >> cb
         rc.free_later(np.arange(first, first + -(-old_bytes // cs), dtype=np.int64))
@@ -191,12 +193,13 @@ def create_snapshot(img, name: str) -> Snapshot:
     copy_off = 0
     if h.l1_size:
         copy_off = rc.allocate(-(-h.l1_size * 8 // cs))
-        img.storage.pwrite(l1.astype(">u8").tobytes(), copy_off)
+        img.journal.write_metadata(Kind.INACTIVE_L1, copy_off, l1.astype(">u8").tobytes())
     rc.increment(clusters)
     _durable_refcounts(img)                         # counted before anything refers to it
     new_l1 = _set_copied_flags(img, l1)
     if (new_l1 != l1).any():
-        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+        img.journal.write_metadata(Kind.ACTIVE_L1, h.l1_table_offset,
+                                   new_l1.astype(">u8").tobytes())
     img.journal.barrier()
     now = _time.time_ns() // 1000
     ids = [int(s.id) for s in img.snapshots if s.id.isdigit()]
@@ -232,7 +235,8 @@ def delete_snapshot(img, name: str) -> None:
     active = _read_l1(img, h.l1_table_offset, h.l1_size)
     new_l1 = _set_copied_flags(img, active)
     if (new_l1 != active).any():
-        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+        img.journal.write_metadata(Kind.ACTIVE_L1, h.l1_table_offset,
+                                   new_l1.astype(">u8").tobytes())
     img.journal.barrier()
     img.reload_tables()
 
@@ -263,14 +267,15 @@ def apply_snapshot(img, name: str) -> None:
     rc.increment(clusters)
     _durable_refcounts(img)
     old_l1 = _read_l1(img, h.l1_table_offset, h.l1_size)
-    img.storage.pwrite(sn_l1.astype(">u8").tobytes(), h.l1_table_offset)
+    img.journal.write_metadata(Kind.ACTIVE_L1, h.l1_table_offset, sn_l1.astype(">u8").tobytes())
     img.journal.barrier()                                       # the switch
     rc.free_later(tree_clusters(img, old_l1))
     rc.apply_frees()
     _durable_refcounts(img)
     new_l1 = _set_copied_flags(img, sn_l1)
     if (new_l1 != sn_l1).any():
-        img.storage.pwrite(new_l1.astype(">u8").tobytes(), h.l1_table_offset)
+        img.journal.write_metadata(Kind.ACTIVE_L1, h.l1_table_offset,
+                                   new_l1.astype(">u8").tobytes())
     img.journal.barrier()
     if snap.disk_size is not None and snap.disk_size != img.size:
         h.size = snap.disk_size
@@ -329,12 +334,12 @@ def expand_zero_clusters(img) -> None:
             host = first + np.arange(zero.size, dtype=np.int64) * cs
             for _ in range(users - 1):
                 rc.increment(host >> cb)
-            img.storage.pwrite(bytes(zero.size * cs), first)
+            img.journal.write_metadata(Kind.OTHER, first, bytes(zero.size * cs))
             new = host.astype(np.uint64) | (_COPIED if users == 1 else np.uint64(0))
         ent[zero] = new
     _durable_refcounts(img)                 # zeros and refcounts before the tables
     for off, ent, _zero in tables:
-        img.storage.pwrite(ent.astype(">u8").tobytes(), off)
+        img.journal.write_metadata(Kind.INACTIVE_L2, off, ent.astype(">u8").tobytes())
     img.journal.barrier()
     if dropped:
         rc.free_later(np.concatenate(dropped))

@@ -1,6 +1,8 @@
 """The writable driver's metadata state: the L1 table, the writable L2 tables
-(cached, dirty set), host-cluster allocation, the overlap map that keeps data
-off metadata, and the hand-over of dirty metadata to the journal.
+(cached, dirty set), host-cluster allocation, the overlap checks that keep data
+and metadata writes off other metadata (QEMU's "cached" template, kept by
+:mod:`.overlap`, enforced by the journal), and the hand-over of dirty metadata
+to the journal.
 
 The class chain of the writable driver, one job per module:
 ``state.WriterState`` (this) → ``write.WriteAlgorithm`` → ``zero.Zeroing`` →
@@ -16,7 +18,9 @@ from ..lazyimport import numpy as np
 from ..errors import CorruptImageError, ImageClosedError
 from ..format.l2 import (L1E_OFFSET_MASK, U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,
                          U64_OFFSET_MASK as _OFFSET_MASK, compressed_fields)
+from .overlap import Kind, MetadataLayout
 from .read import Qcow2Image
+from .snapshots import encode_table
 
 
 #: flush metadata by itself once this many L2 tables are dirty (bounds memory)
@@ -75,7 +79,8 @@ class WriterState(Qcow2Image):
             ent[:] = np.where((ent & _COMPRESSED) != 0, ent & ~_COPIED,
                               self._with_copied_from_refcounts(ent))
         new = self.allocate(1)
-        self._overlap_check(new, self.cluster_size)
+        # a new table of kind "active L2": checked now, before anything refers to it
+        self.journal.check_write(Kind.ACTIVE_L2, new, self.cluster_size)
         self._l2.pop(l1_index, None)
         self._l2[l1_index] = content
         self._dirty_l2.add(l1_index)
@@ -86,21 +91,10 @@ class WriterState(Qcow2Image):
         return content
 
     def _check_l2_placement(self, off: int) -> None:
-        """An L2 table about to be updated in place must not lie on other metadata
-        (QEMU's overlap check for writes of active L2 tables): refuse, mark corrupt."""
-        h, cs, cb = self.header, self.cluster_size, self.cluster_bits
-        c = off >> cb
-        spans = [(0, cs), (h.l1_table_offset, h.l1_size * 8),
-                 (h.refcount_table_offset, h.refcount_table_clusters * cs)]
-        if h.nb_snapshots:
-            spans.append((h.snapshots_offset, 1))
-        if h.bitmaps is not None:
-            spans.append((h.bitmaps.directory_offset, h.bitmaps.directory_size))
-        hit = any(n > 0 and start >> cb <= c <= (start + n - 1) >> cb for start, n in spans)
-        rt = self.refcounts.reftable
-        if hit or bool(np.any((rt >> cb) == c) and c):
-            self.journal.mark_corrupt(self.filename,
-                                      f"L2 table at {off:#x} overlaps other metadata")
+        """An L2 table about to be updated in place must not lie on other metadata:
+        refused now, before the guest data is written (QEMU refuses the table's
+        write back, later; see :meth:`~qcow2py.qcow2.journal.Journal.check_write`)."""
+        self.journal.check_write(Kind.ACTIVE_L2, off, self.cluster_size)
 
     def _with_copied_from_refcounts(self, entries: np.ndarray) -> np.ndarray:
         hosts = (entries & _OFFSET_MASK).astype(np.int64)
@@ -115,11 +109,7 @@ class WriterState(Qcow2Image):
 
     def allocate(self, n: int) -> int:
         """Allocate ``n`` contiguous host clusters; returns the offset of the first."""
-        rc = self.refcounts
-        version = rc.layout_version
-        host = rc.allocate(n)
-        if rc.layout_version != version:
-            self._metadata_map = None          # new refcount blocks or table
+        host = self.refcounts.allocate(n)
         self._file_size = max(self._file_size, host + n * self.cluster_size)
         return host
 
@@ -127,59 +117,24 @@ class WriterState(Qcow2Image):
         self._l1_raw[l1_index] = np.uint64(l2_offset) | _COPIED
         self._l1[l1_index] = l2_offset
         self._dirty_l1 = True
-        if self._metadata_map is not None:
-            # a new L2 table joins the overlap map without a rebuild (rebuilding it
-            # for every new table made preallocation quadratic in the tables); a
-            # replaced table stays in it until the next flush rebuilds the map,
-            # and it cannot be reused before that flush frees it
-            extra = self._metadata_extra
-            extra.append(l2_offset >> self.cluster_bits)
-            if len(extra) >= 64:
-                add = np.array(sorted(extra), dtype=np.int64)
-                m = self._metadata_map
-                self._metadata_map = np.insert(m, np.searchsorted(m, add), add)
-                extra.clear()
+        # a new L2 table joins the overlap template without a rebuild (rebuilding
+        # it for every new table made preallocation quadratic in the tables); a
+        # replaced table stays in it until its clusters are freed (the flush),
+        # which makes the template rebuild
+        self.journal.template.add_active_l2(l2_offset)
 
     # ------------------------------------------------------------ overlap checks
-    def _metadata_clusters(self) -> np.ndarray:
-        """Sorted host cluster indexes holding metadata (QEMU's "cached" overlap template)."""
-        if self._metadata_map is None:
-            self._metadata_extra = []                  # see _set_l1
-            h = self.header
-            cb = self.cluster_bits
-            parts = [np.array([0], dtype=np.int64)]
-
-            def span(off: int, length: int) -> None:
-                if length > 0:
-                    parts.append(np.arange(off >> cb, ((off + length - 1) >> cb) + 1,
-                                           dtype=np.int64))
-
-            span(h.l1_table_offset, h.l1_size * 8)
-            span(h.refcount_table_offset, h.refcount_table_clusters * self.cluster_size)
-            rt = self.refcounts.reftable
-            parts.append((rt[rt != 0] >> cb).astype(np.int64))
-            parts.append((self._l1[self._l1 != 0] >> cb).astype(np.int64))
-            if h.nb_snapshots:
-                span(h.snapshots_offset, 1)
-                for s in self.snapshots:
-                    span(s.l1_table_offset, s.l1_size * 8)
-            if h.bitmaps is not None:
-                span(h.bitmaps.directory_offset, h.bitmaps.directory_size)
-            self._metadata_map = np.unique(np.concatenate(parts))
-        return self._metadata_map
+    def metadata_layout(self) -> MetadataLayout:
+        """Where the metadata lies now (what the overlap template is built from)."""
+        h = self.header
+        return MetadataLayout(h, self._l1, self.refcounts.reftable, self.snapshots,
+                              len(encode_table(self.snapshots)) if h.nb_snapshots else 0)
 
     def _overlap_check(self, host: int, length: int) -> None:
+        """A guest data write of ``length`` bytes at ``host`` must not land on metadata."""
         if self._external:
             return          # data goes to the external file, metadata stays in this one
-        m = self._metadata_clusters()
-        first, last = host >> self.cluster_bits, (host + length - 1) >> self.cluster_bits
-        i = np.searchsorted(m, first)
-        hit = int(m[i]) if i < m.size and m[i] <= last else None
-        if hit is None:
-            hit = next((c for c in self._metadata_extra if first <= c <= last), None)
-        if hit is not None:
-            self.journal.mark_corrupt(self.filename, f"write to host cluster {hit} "
-                                      f"({host:#x}+{length}) would overwrite metadata")
+        self.journal.check_write(Kind.OTHER, host, length)
 
     # ------------------------------------------------------------ guest writes
     def _check_range(self, offset: int, length: int) -> None:
@@ -275,19 +230,20 @@ class WriterState(Qcow2Image):
                             self._write_dirty_l2 if self._dirty_l2 else None,
                             self._write_l1 if self._dirty_l1 else None,
                             None if self._external else self._file_size)
-        self._metadata_map = None
 
     def metadata_moved(self) -> None:
         """Metadata clusters changed outside the L1/L2 tables (bitmaps stored, refcount
-        structures rebuilt): the overlap map is rebuilt on next use."""
-        self._metadata_map = None
+        structures rebuilt): the overlap template is rebuilt on next use."""
+        self.journal.template.invalidate()
 
     def _write_dirty_l2(self) -> None:
-        st = self.storage
-        for l1i in sorted(self._dirty_l2, key=lambda i: int(self._l1[i])):
-            st.pwrite(self._l2[l1i].astype(">u8").tobytes(), int(self._l1[l1i]))
+        order = sorted(self._dirty_l2, key=lambda i: int(self._l1[i]))
+        self.journal.write_metadata_many(Kind.ACTIVE_L2, self.cluster_size,
+                                         [int(self._l1[i]) for i in order],
+                                         (self._l2[i].astype(">u8").tobytes() for i in order))
         self._dirty_l2.clear()
 
     def _write_l1(self) -> None:
-        self.storage.pwrite(self._l1_raw.astype(">u8").tobytes(), self.header.l1_table_offset)
+        self.journal.write_metadata(Kind.ACTIVE_L1, self.header.l1_table_offset,
+                                    self._l1_raw.astype(">u8").tobytes())
         self._dirty_l1 = False
