@@ -227,12 +227,18 @@ class WritableQcow2Image(Resizing):
             self.flush_metadata()
 
     def _close_layer(self) -> None:
+        """QEMU's durability order: the data path (data, L2 tables, refcounts) is
+        committed first, and only then are the bitmaps stored.  A failure while
+        storing them (ENOSPC, EIO) therefore never loses a completed write: the
+        bitmaps merely stay *in_use* (inconsistent) in the file, and the clusters
+        the store had taken leak.  Whatever fails, the files are closed and their
+        locks dropped."""
         try:
             if hasattr(self, "_lock") and not self.journal.corrupt_reason:
                 with self._lock:
+                    self.flush_metadata()
                     if self.bitmaps_dirty:
                         bitmap_store.store(self)
-                    self.flush_metadata()
                     self.journal.clear_dirty()
         finally:
             super()._close_layer()      # closing the files drops their locks
