@@ -228,6 +228,7 @@ class Qcow2Image(Qcow2Mapping):
         u = offset >> self.unit_bits
         t, i = divmod(u, self.units_per_table)
         tab = self._table(t)
+        self.check_placed(t, tab, i, i + 1)
         k = int(tab.kinds[i])
         if k == DATA:
             h = int(tab.hosts[i]) + offset - (u << self.unit_bits)
