@@ -80,3 +80,27 @@ def test_failed_bitmap_store_keeps_a_completed_write_zeroes(tmp_path, error):
             break
     assert failures >= 2 and inconsistent >= 1, \
         "faults hardly hit the bitmap store: the test exercised nothing"
+
+
+def test_failed_data_flush_in_close_still_closes_and_stays_consistent(tmp_path):
+    """A fault in the data path's own flush: close reports it, still closes the
+    files and drops the locks, and the image is consistent (old data or new, and
+    qemu-img check clean or with leaks only)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    flush_writes = _writes_of_flush(probe)
+    for n in range(flush_writes):
+        d = tmp_path / f"n{n}"
+        d.mkdir()
+        p = _image_with_bitmap(d)
+        img, f = _open_faulty(p)
+        img.write_zeroes(0, MiB)
+        f.fail("write", errno.ENOSPC, after=n, count=None)
+        with pytest.raises(OSError):
+            img.close()
+        assert img.closed
+        with qcow2py.open(p, "r+") as again:
+            data = again.read(0, MiB)
+            assert data in (bytes(MiB), b"\xaa" * MiB), f"fault after write {n}: torn"
+        rc = qemu_img("check", p, check=False)
+        assert rc.returncode in (0, 3), f"fault after write {n}:\n{rc.stdout}{rc.stderr}"

@@ -115,6 +115,9 @@ class WritableQcow2Image(Resizing):
                  ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)]
         if h.nb_snapshots:
             spans.append(("snapshot table", h.snapshots_offset, 40 * h.nb_snapshots))
+        if self.bitmap_directory:
+            spans.append(("bitmap directory", h.bitmaps.directory_offset,
+                          h.bitmaps.directory_size))
         problem = next((f"{what} at {off:#x} (+{n}) extends past the end of the file"
                         for what, off, n in spans if n and off + n > size), None)
         if problem is None:

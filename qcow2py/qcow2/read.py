@@ -170,10 +170,8 @@ class Qcow2Image(Qcow2Mapping):
         if ext.directory_offset % self.cluster_size:
             raise FormatError(f"bitmap directory offset {ext.directory_offset:#x} is not "
                               f"cluster aligned")
-        if ext.directory_offset + ext.directory_size > self._file_size:
-            raise FormatError(f"bitmap directory at {ext.directory_offset:#x} "
-                              f"(+{ext.directory_size}) extends past the end of the file "
-                              f"({self._file_size} bytes)")
+        # past the end of the file the directory reads as zeros, as in QEMU (its
+        # size is bounded above)
         raw = self.storage.pread(ext.directory_offset, ext.directory_size)
         return parse_bitmap_directory(raw, ext.nb_bitmaps)
 
