@@ -69,7 +69,8 @@ class WriteAlgorithm(WriterState):
         guest cluster's data; qcow2py refuses the write too.)"""
         journal = getattr(self, "journal", None)
         if journal is None or journal.corrupt_reason:
-            super().data_file_mismatch(guest, host, l2_index)
+            super().data_file_mismatch(guest, host, l2_index)       # raises
+            return
         with self._lock:
             journal.mark_corrupt(self.filename,
                                  self.data_file_mismatch_text(guest, host, l2_index))
