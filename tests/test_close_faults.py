@@ -8,7 +8,7 @@ import errno
 import pytest
 
 import qcow2py
-from qcow2py.io.wrappers import FaultStorage
+from qcow2py.io.wrappers import FaultStorage, ForwardingStorage
 from qemu import qemu_img
 
 MiB = 1 << 20
@@ -104,3 +104,36 @@ def test_failed_data_flush_in_close_still_closes_and_stays_consistent(tmp_path):
             assert data in (bytes(MiB), b"\xaa" * MiB), f"fault after write {n}: torn"
         rc = qemu_img("check", p, check=False)
         assert rc.returncode in (0, 3), f"fault after write {n}:\n{rc.stdout}{rc.stderr}"
+
+
+class _FailingClose(ForwardingStorage):
+    """A file whose close fails after closing it (as a close reporting a late
+    write-back error does)."""
+
+    def close(self) -> None:
+        self.inner.close()
+        raise OSError(errno.EIO, "close failed", self.name)
+
+
+@pytest.mark.parametrize("failing", ["data file", "backing file"])
+def test_a_failing_close_below_still_closes_the_image(tmp_path, failing):
+    """The external data file's or the backing file's close failing: the error
+    reaches the caller, and the image's own file is closed and unlocked anyway."""
+    base, top, raw = tmp_path / "base.qcow2", tmp_path / "top.qcow2", tmp_path / "d.raw"
+    if failing == "data file":
+        qcow2py.create(top, MiB, data_file=str(raw)).close()
+    else:
+        qcow2py.create(base, MiB).close()
+        qcow2py.create(top, MiB, backing_file=str(base), backing_format="qcow2").close()
+
+    def wrap(st):
+        victim = raw if failing == "data file" else base
+        return _FailingClose(st) if st.name == str(victim) else st
+
+    img = qcow2py.open(top, "r+", storage_wrapper=wrap, wrap_chain=True)
+    img.write(0, b"w" * 4096)
+    with pytest.raises(OSError, match="close failed"):
+        img.close()
+    assert img.closed
+    with qcow2py.open(top, "r+") as again:          # locks dropped, data flushed
+        assert again.read(0, 4096) == b"w" * 4096

@@ -204,9 +204,11 @@ class Qcow2Image(Qcow2Mapping):
         pass
 
     def _close_layer(self) -> None:
-        if self.data_storage is not self.storage:
-            self.data_storage.close()
-        self.storage.close()
+        try:
+            if self.data_storage is not self.storage:
+                self.data_storage.close()
+        finally:
+            self.storage.close()        # and its locks, even if the data file's close failed
 
     # ------------------------------------------------------------ reading
     def _read_zeroed(self, mv: memoryview, offset: int) -> None:
