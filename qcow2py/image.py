@@ -86,9 +86,11 @@ class Image(Node):
         if gate is not None and not gate.shut_and_drain():
             return                        # another thread is closing it
         self._closed = True
-        if self.backing is not None:
-            self.backing.close()
-        self._close_layer()
+        try:
+            if self.backing is not None:
+                self.backing.close()
+        finally:
+            self._close_layer()         # this layer's files close even if the chain's fail
 
     def _close_layer(self) -> None:
         self.storage.close()

@@ -43,8 +43,12 @@ def open_file_storage(path: str, writable: bool = False, cache: str = "writeback
 
 
 def probe_format(storage: Storage) -> str:
-    """``"qcow2"`` if the storage starts with the qcow2 magic, else ``"raw"``."""
-    return "qcow2" if has_magic(storage.pread(0, 4)) else "raw"
+    """``"qcow2"`` if the storage starts with the qcow2 magic and a version other than
+    0, else ``"raw"``.  QEMU probes qcow2 by the magic and a version >= 2 (version 1
+    is its qcow driver, refused here as an unsupported version); bytes past the end
+    of the file are zeros, so a file cut inside the version field is raw."""
+    head = storage.pread(0, 8)
+    return "qcow2" if has_magic(head) and int.from_bytes(head[4:8], "big") else "raw"
 
 
 class OpenContext:

@@ -76,7 +76,9 @@ def parse_bitmap_directory(buf: bytes, count: int) -> List[BitmapEntry]:
         extra = bytes(buf[pos:pos + extra_size])
         pos += extra_size
         raw_name = bytes(buf[pos:pos + name_size])
-        name = raw_name.decode("utf-8", "replace")
+        # a C string in QEMU: the name ends at its first NUL (zeros past the end of
+        # a truncated file, for one)
+        name = raw_name.split(b"\0", 1)[0].decode("utf-8", "replace")
         pos += name_size
         pos += -pos % 8
         if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:

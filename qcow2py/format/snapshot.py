@@ -57,9 +57,11 @@ def parse_snapshot_table(buf: bytes, count: int) -> List[Snapshot]:
             raise FormatError(f"snapshot table entry {i} runs past the table")
         extra = bytes(buf[pos:pos + extra_size])
         pos += extra_size
-        sid = bytes(buf[pos:pos + id_len]).decode("utf-8", "replace")
+        # QEMU keeps id and name as C strings: each ends at its first NUL (a table
+        # read past the end of the file holds zeros there)
+        sid = bytes(buf[pos:pos + id_len]).split(b"\0", 1)[0].decode("utf-8", "replace")
         pos += id_len
-        name = bytes(buf[pos:pos + name_len]).decode("utf-8", "replace")
+        name = bytes(buf[pos:pos + name_len]).split(b"\0", 1)[0].decode("utf-8", "replace")
         pos += name_len
         pos += -pos % 8
         vmss = struct.unpack_from(">Q", extra)[0] if extra_size >= 8 else vmss32

@@ -60,6 +60,8 @@ class WritableQcow2Image(Resizing):
         h = self.header
         try:
             self._refuse_unsupported(ctx.repair)
+            if not ctx.repair:
+                self._refuse_truncated()
             if h.incompatible_features & INCOMPAT_DIRTY and not ctx.repair:
                 # refcounts may lag after a crash with lazy refcounts: repair first,
                 # on the file alone, before any writer state exists
@@ -105,6 +107,32 @@ class WritableQcow2Image(Resizing):
         if h.incompatible_features & INCOMPAT_CORRUPT and not repair:
             raise CorruptImageError(f"{self.filename}: image is marked corrupt; it can only be "
                                     f"opened read-only (or repaired with check -r all)")
+
+    def _refuse_truncated(self) -> None:
+        """A truncated image (tables past the end of the file) is read as QEMU reads
+        it, with zeros past the end; writing to it would build on those zeros (new
+        metadata over clusters its tables still claim), so "r+" refuses it."""
+        h, size, cs = self.header, self._file_size, self.cluster_size
+        spans = [("L1 table", h.l1_table_offset, h.l1_size * 8),
+                 ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        if h.nb_snapshots:
+            spans.append(("snapshot table", h.snapshots_offset, 40 * h.nb_snapshots))
+        if self.bitmap_directory:
+            spans.append(("bitmap directory", h.bitmaps.directory_offset,
+                          h.bitmaps.directory_size))
+        problem = next((f"{what} at {off:#x} (+{n}) extends past the end of the file"
+                        for what, off, n in spans if n and off + n > size), None)
+        if problem is None:
+            l1 = self._l1
+            past = np.flatnonzero((l1 != 0) & (l1 + cs > size))
+            if past.size:
+                i = int(past[0])
+                problem = (f"L1 entry {i}: L2 table at {int(l1[i]):#x} lies past the end of "
+                           f"the file")
+        if problem is not None:
+            raise CorruptImageError(f"{self.filename}: {problem} ({size} bytes): the image "
+                                    f"is truncated; it can be opened read-only (past the end "
+                                    f"reads as zeros) or repaired with check -r all")
 
     # ------------------------------------------------------------ bitmaps
     def add_bitmap(self, name: str, granularity: Optional[int] = None,
@@ -229,12 +257,18 @@ class WritableQcow2Image(Resizing):
             self.flush_metadata()
 
     def _close_layer(self) -> None:
+        """QEMU's durability order: the data path (data, L2 tables, refcounts) is
+        committed first, and only then are the bitmaps stored.  A failure while
+        storing them (ENOSPC, EIO) therefore never loses a completed write: the
+        bitmaps merely stay *in_use* (inconsistent) in the file, and the clusters
+        the store had taken leak.  Whatever fails, the files are closed and their
+        locks dropped."""
         try:
             if hasattr(self, "_lock") and not self.journal.corrupt_reason:
                 with self._lock:
+                    self.flush_metadata()
                     if self.bitmaps_dirty:
                         bitmap_store.store(self)
-                    self.flush_metadata()
                     self.journal.clear_dirty()
         finally:
             super()._close_layer()      # closing the files drops their locks

@@ -24,12 +24,16 @@ from ..native import COMPRESSED, DATA, UNALLOCATED_ALLOC, ZERO, ZERO_ALLOC
 
 
 class _UnitTable:
-    """One decoded L2 table: per-unit kind, host offset, compressed size."""
+    """One decoded L2 table: per-unit kind, host offset, compressed size, and with an
+    external data file the sorted indices of the units whose host offset is not
+    their guest offset (``misplaced``; None when there are none)."""
 
-    __slots__ = ("kinds", "hosts", "csizes", "nbytes")
+    __slots__ = ("kinds", "hosts", "csizes", "nbytes", "misplaced")
 
-    def __init__(self, kinds: np.ndarray, hosts: np.ndarray, csizes: Optional[np.ndarray]):
+    def __init__(self, kinds: np.ndarray, hosts: np.ndarray, csizes: Optional[np.ndarray],
+                 misplaced: Optional[np.ndarray] = None):
         self.kinds, self.hosts, self.csizes = kinds, hosts, csizes
+        self.misplaced = misplaced
         self.nbytes = kinds.nbytes + hosts.nbytes + (csizes.nbytes if csizes is not None else 0)
 
 
@@ -68,7 +72,9 @@ class Qcow2Mapping(Image):
                     from None
             csizes = self._compressed_sizes(raw, kinds, hosts) \
                 if (kinds == COMPRESSED).any() else None
-            t = _UnitTable(kinds, hosts, csizes)
+            misplaced = self._misplaced_units(l1_index, kinds, hosts) \
+                if self.header.has_data_file else None
+            t = _UnitTable(kinds, hosts, csizes, misplaced)
         with self._cache_lock:
             if self._forgotten.get(l1_index, 0) != generation:
                 # a writer changed the table while it was decoded here: the result
@@ -114,6 +120,43 @@ class Qcow2Mapping(Image):
             self._empty.nbytes = 0
         return self._empty
 
+    def _misplaced_units(self, l1_index: int, kinds: np.ndarray,
+                         hosts: np.ndarray) -> Optional[np.ndarray]:
+        """Units with a host offset other than their guest offset, in an image with an
+        external data file (where the two must be equal).  They are not refused
+        here but when a request touches them, as QEMU does: the other clusters of
+        the table stay readable."""
+        placed = (kinds == DATA) | (kinds == ZERO_ALLOC) | (kinds == UNALLOCATED_ALLOC)
+        guest = (np.arange(kinds.size, dtype=np.int64) +
+                 l1_index * self.units_per_table) << self.unit_bits
+        bad = np.flatnonzero(placed & (hosts != guest))
+        return bad if bad.size else None
+
+    def check_placed(self, l1_index: int, tab: _UnitTable, a: int, b: int) -> None:
+        """Refuse a request touching units ``[a, b)`` of a table if one of them is
+        misplaced in the external data file (see :meth:`data_file_mismatch`)."""
+        bad = tab.misplaced
+        if bad is None:
+            return
+        j = int(np.searchsorted(bad, a))
+        if j < bad.size and bad[j] < b:
+            i = int(bad[j])
+            cl_shift = self.cluster_bits - self.unit_bits
+            host = (int(tab.hosts[i]) >> self.cluster_bits) << self.cluster_bits
+            guest = ((l1_index * self.units_per_table + i) >> cl_shift) << self.cluster_bits
+            self.data_file_mismatch(guest, host, i >> cl_shift)
+
+    def data_file_mismatch(self, guest: int, host: int, l2_index: int) -> None:
+        """An L2 entry maps a guest cluster elsewhere in the external data file: an
+        I/O error for the request (QEMU's EIO).  The writer overrides this to also
+        mark the image corrupt, as QEMU does on an image opened read-write."""
+        raise CorruptImageError(self.data_file_mismatch_text(guest, host, l2_index))
+
+    @staticmethod
+    def data_file_mismatch_text(guest: int, host: int, l2_index: int) -> str:
+        return (f"external data file host cluster offset {host:#x} does not match guest "
+                f"cluster offset {guest:#x} (L2 index {l2_index:#x})")
+
     def _compressed_sizes(self, raw: bytes, kinds: np.ndarray, hosts: np.ndarray) -> np.ndarray:
         if self.header.has_data_file:
             raise CorruptImageError("compressed cluster in an image with an external data file")
@@ -142,6 +185,7 @@ class Qcow2Mapping(Image):
             tab = self._table(t)
             a = max(u0, t * per) - t * per
             b = min(u1, (t + 1) * per) - t * per
+            self.check_placed(t, tab, a, b)
             ks.append(tab.kinds[a:b])
             hs.append(tab.hosts[a:b])
             cs.append(tab.csizes[a:b] if tab.csizes is not None else None)

@@ -13,10 +13,11 @@ from typing import Dict, List, Optional, Tuple
 from ..lazyimport import numpy as np
 from bitarray import frozenbitarray
 
-from ..errors import BitmapError, CorruptImageError, FormatError
+from ..errors import BitmapError, CorruptImageError, FormatError, Qcow2Error
 from ..format.bitmap import BitmapEntry, parse_bitmap_directory, MAX_DIRECTORY_SIZE
 from ..format.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, Header,
-                             QEMU_HEADER_LENGTH, has_magic, peek_cluster_bits)
+                             QEMU_HEADER_LENGTH, V3_MIN_HEADER_LENGTH, has_magic,
+                             peek_cluster_bits)
 from ..format.snapshot import Snapshot, parse_snapshot_table, snapshot_table_bytes_upper_bound
 from ..format.l2 import L1E_OFFSET_MASK, L1E_RESERVED_MASK
 from ..image import backing_display_name
@@ -47,16 +48,7 @@ class Qcow2Image(Qcow2Mapping):
         self.storage = storage
         self.filename = filename
         self._file_size = storage.size()
-        # cluster 0 holds the header: read its first 4 KiB, then the rest if larger
-        first = storage.pread(0, min(4096, max(self._file_size, 0)))
-        if len(first) < 72 or not has_magic(first):
-            Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
-        bits = peek_cluster_bits(first)
-        cs = 1 << bits if 9 <= bits <= 21 else _MAX_HEADER_READ
-        want = min(cs, _MAX_HEADER_READ, max(self._file_size, 0))
-        if want > len(first):
-            first = storage.pread(0, want)
-        self.header = h = Header.parse(first[:cs], self._file_size)
+        self.header = h = self._read_header()
         self.size = h.size // 512 * 512     # QEMU counts whole sectors (floors the size)
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
@@ -90,6 +82,32 @@ class Qcow2Image(Qcow2Mapping):
             raise
 
     # ------------------------------------------------------------ open helpers
+    def _read_header(self) -> Header:
+        """Parse cluster 0 as QEMU reads it: past the end of the file, zeros.
+
+        A truncated image opens as it does with QEMU (its header fields, tables
+        and clusters past the end read as zeros: info, map and check work, reads
+        return zeros), and fails as it does when a zeroed field is invalid.  A
+        file too short to hold even the magic is "too short"."""
+        size = max(self._file_size, 0)
+        first = self.storage.pread(0, min(4096, size))
+        if len(first) < 4 or not has_magic(first):
+            Header.parse(first[:QEMU_HEADER_LENGTH], self._file_size)   # raises a clear error
+        first = self.storage.pread(0, 4096)             # zero-padded
+        bits = peek_cluster_bits(first)
+        cs = 1 << bits if 9 <= bits <= 21 else _MAX_HEADER_READ
+        want = min(cs, _MAX_HEADER_READ)
+        if want > len(first):
+            first = self.storage.pread(0, want)
+        try:
+            # tables past the end of the file are QEMU's to read as zeros: no file size
+            return Header.parse(first[:cs], None)
+        except Qcow2Error as e:
+            if size >= min(cs, V3_MIN_HEADER_LENGTH):
+                raise
+            raise type(e)(f"{e} (the file is too short for a qcow2 header: {size} bytes, "
+                          f"read as zeros past its end)") from None
+
     def select_snapshot(self, name: str) -> None:
         """Read the internal snapshot ``name`` (id or name) instead of the active state:
         its L1 table (read-only) and its virtual size.  Only on images opened "r"."""
@@ -123,20 +141,18 @@ class Qcow2Image(Qcow2Mapping):
             i = int(bad[0])
             raise CorruptImageError(f"L1 entry {i}: L2 table offset {int(offs[i]):#x} is not "
                                     f"cluster aligned")
-        bad = np.flatnonzero(offs + np.uint64(self.cluster_size) > np.uint64(self._file_size))
-        bad = bad[offs[bad] != 0]
-        if bad.size:
-            i = int(bad[0])
-            raise CorruptImageError(f"L1 entry {i}: L2 table at {int(offs[i]):#x} lies past "
-                                    f"the end of the file ({self._file_size} bytes)")
+        # an L2 table past the end of the file reads as zeros (unallocated), as in QEMU
         return offs.astype(np.int64)
 
     def _read_snapshots(self) -> List[Snapshot]:
         h = self.header
         if not h.nb_snapshots:
             return []
+        # past the end of the file the table reads as zeros (as QEMU reads it): room
+        # for the file's part, one entry straddling its end and zeroed entries
         length = min(snapshot_table_bytes_upper_bound(h.nb_snapshots),
-                     self._file_size - h.snapshots_offset)
+                     max(0, self._file_size - h.snapshots_offset) +
+                     snapshot_table_bytes_upper_bound(1) + 40 * h.nb_snapshots)
         return parse_snapshot_table(self.storage.pread(h.snapshots_offset, length),
                                     h.nb_snapshots)
 
@@ -154,10 +170,8 @@ class Qcow2Image(Qcow2Mapping):
         if ext.directory_offset % self.cluster_size:
             raise FormatError(f"bitmap directory offset {ext.directory_offset:#x} is not "
                               f"cluster aligned")
-        if ext.directory_offset + ext.directory_size > self._file_size:
-            raise FormatError(f"bitmap directory at {ext.directory_offset:#x} "
-                              f"(+{ext.directory_size}) extends past the end of the file "
-                              f"({self._file_size} bytes)")
+        # past the end of the file the directory reads as zeros, as in QEMU (its
+        # size is bounded above)
         raw = self.storage.pread(ext.directory_offset, ext.directory_size)
         return parse_bitmap_directory(raw, ext.nb_bitmaps)
 
@@ -190,9 +204,11 @@ class Qcow2Image(Qcow2Mapping):
         pass
 
     def _close_layer(self) -> None:
-        if self.data_storage is not self.storage:
-            self.data_storage.close()
-        self.storage.close()
+        try:
+            if self.data_storage is not self.storage:
+                self.data_storage.close()
+        finally:
+            self.storage.close()        # and its locks, even if the data file's close failed
 
     # ------------------------------------------------------------ reading
     def _read_zeroed(self, mv: memoryview, offset: int) -> None:
@@ -205,15 +221,8 @@ class Qcow2Image(Qcow2Mapping):
         rel = starts - offset
         data = kinds == DATA
         if data.any():
-            h, n = hosts[data], lens[data]
-            if self.data_storage is self.storage:
-                past = np.flatnonzero(h >= self._file_size)
-                if past.size:
-                    i = int(past[0])
-                    raise CorruptImageError(
-                        f"guest offset {int(starts[data][i])}: data cluster at host "
-                        f"{int(h[i]):#x} lies past the end of the file")
-            self.data_storage.read_runs(mv, rel[data], h, n)
+            # past the end of the file a data cluster reads as zeros, as in QEMU
+            self.data_storage.read_runs(mv, rel[data], hosts[data], lens[data])
         fall = (kinds == UNALLOCATED) | (kinds == UNALLOCATED_ALLOC)
         if self.backing is not None and fall.any():
             for r, s, n in zip(rel[fall].tolist(), starts[fall].tolist(), lens[fall].tolist()):
@@ -228,12 +237,10 @@ class Qcow2Image(Qcow2Mapping):
         u = offset >> self.unit_bits
         t, i = divmod(u, self.units_per_table)
         tab = self._table(t)
+        self.check_placed(t, tab, i, i + 1)
         k = int(tab.kinds[i])
         if k == DATA:
             h = int(tab.hosts[i]) + offset - (u << self.unit_bits)
-            if self.data_storage is self.storage and h >= self._file_size:
-                raise CorruptImageError(f"guest offset {offset}: data cluster at host "
-                                        f"{h:#x} lies past the end of the file")
             self.data_storage.pread_into(mv, h)     # past EOF: mv is already zero
         elif k == UNALLOCATED or k == UNALLOCATED_ALLOC:
             if self.backing is not None:
@@ -264,9 +271,8 @@ class Qcow2Image(Qcow2Mapping):
             return
         coffs_, csizes_, dsts, partial = [], [], [], []
         for r, within, n, co, sz in jobs:
-            if co + sz > self._file_size + 512:
-                raise CorruptImageError(f"compressed cluster at {co:#x} (+{sz}) lies past "
-                                        f"the end of the file")
+            # past the end of the file the stream reads as zeros: it then fails to
+            # decompress (QEMU's EIO), unless only its padding was cut off
             coffs_.append(co)
             csizes_.append(sz)
             if n == cs:                   # a whole cluster: decompress in place

@@ -62,6 +62,29 @@ class WriteAlgorithm(WriterState):
             Qcow2Image._read_zeroed(self, memoryview(buf)[:n], start)
         return buf
 
+    def data_file_mismatch(self, guest: int, host: int, l2_index: int) -> None:
+        """A misplaced cluster in the external data file (see the reader's method):
+        refused, and the image marked corrupt, for a read as for a write.  (QEMU 7.2
+        finds it on reads only and writes a COPIED cluster in place, over another
+        guest cluster's data; qcow2py refuses the write too.)"""
+        journal = getattr(self, "journal", None)
+        if journal is None or journal.corrupt_reason:
+            super().data_file_mismatch(guest, host, l2_index)       # raises
+            return
+        with self._lock:
+            journal.mark_corrupt(self.filename,
+                                 self.data_file_mismatch_text(guest, host, l2_index))
+
+    def _check_external_targets(self, c0: int, idx: np.ndarray, targets: np.ndarray,
+                                keep: np.ndarray) -> None:
+        """Before a write reuses host clusters (``keep``) of an external data file:
+        each must sit at its guest offset."""
+        guest = np.arange(c0, c0 + targets.size, dtype=np.int64) << self.cluster_bits
+        bad = np.flatnonzero(keep & (targets != guest))
+        if bad.size:
+            j = int(bad[0])
+            self.data_file_mismatch(int(guest[j]), int(targets[j]), int(idx[j]))
+
     def _put(self, data, host: int) -> None:
         self._overlap_check(host, len(data))
         self.data_storage.pwrite(data, host)
@@ -92,6 +115,8 @@ class WriteAlgorithm(WriterState):
             copied = bool(e & OFLAG_COPIED)
             host = e & int(_OFFSET_MASK)
             owned = not compressed and copied and (host != 0 or self._external)
+            if owned and self._external and host != g:
+                self.data_file_mismatch(g, host, i)
             alloc, zero = bm & 0xFFFFFFFF, bm >> 32
             edge_cow = (a % sc and not (alloc >> s0) & 1) or (b % sc and not (alloc >> (s1 - 1)) & 1)
             if owned:
@@ -144,6 +169,8 @@ class WriteAlgorithm(WriterState):
             reuse = ~compressed & has_host & copied & zero       # preallocated zero cluster
             alloc = ~(inplace | reuse)
             targets = hosts.copy()
+            if self._external:
+                self._check_external_targets(c0, idx, targets, ~alloc)
             m = int(alloc.sum())
             if m and self._external:
                 targets[alloc] = np.arange(c0, c1, dtype=np.int64)[alloc] * cs
@@ -202,6 +229,8 @@ class WriteAlgorithm(WriterState):
                 target = g if self._external else self.allocate(1)
             else:
                 target = host
+                if self._external and host != g:
+                    self.data_file_mismatch(g, host, i)
             whole = within == 0 and length == cs
             if inplace or whole:
                 self._overlap_check(target + within, length)
