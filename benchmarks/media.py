@@ -32,7 +32,6 @@ any reader could do on that layout.  The **wall** column is measured on this
 machine with the whole commands (process start included), untraced,
 alternating, on a warm page cache, so it shows CPU cost, not media cost.
 
-
 The images (shuffled, longlived, compressed, chain) are built and cached by
 :mod:`benchmarks.media_shapes`; :mod:`benchmarks.media_report` holds the
 targets, the tables and the chart; this module traces and models the copies
