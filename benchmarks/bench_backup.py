@@ -27,9 +27,9 @@ pushed in guest, host and priority order with discard-source while the guest
 keeps writing (deterministically: a batch of
 writes at each 1 MiB of progress, from the push's progress callback, one
 worker).  Every request to the disk and temp files is traced and replayed on
-the 7200 rpm HDD and SATA SSD models of :mod:`benchmarks.diskmodel`; the
-table gives the modelled seconds and how many bytes the guest's writes had to
-copy during the push.
+the 7200 rpm HDD and SATA SSD models of :mod:`benchmarks.diskmodel_hdd` and
+:mod:`benchmarks.diskmodel_ssd`; the table gives the modelled seconds and how
+many bytes the guest's writes had to copy during the push.
 
     python -m benchmarks.bench_backup [--size 128M] [--json FILE] [--isolate]
 
@@ -54,10 +54,14 @@ import numpy as np
 try:
     from ._runner import add_common_args, load_average, report, rerun_isolated
     from . import diskmodel
+    from .diskmodel_hdd import HDD
+    from .diskmodel_ssd import SATA_SSD, SSD
 except ImportError:            # run as a plain file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._runner import add_common_args, load_average, report, rerun_isolated
     from benchmarks import diskmodel
+    from benchmarks.diskmodel_hdd import HDD
+    from benchmarks.diskmodel_ssd import SATA_SSD, SSD
 
 import qcow2py
 from qcow2py import backup
@@ -235,8 +239,8 @@ def run_order(order: str, folder: str, size: int, base: str, args) -> dict:
     ios = [diskmodel.IO(os.path.basename(name), r.offset, r.length, r.kind == "write")
            for name, r, _ in entries if r.kind in ("read", "write")]
     layout = diskmodel.Layout.contiguous({"disk2.qcow2": size * 2, "temp2.qcow2": size * 2})
-    hdd = diskmodel.HDD().simulate(ios, layout)
-    ssd = diskmodel.SSD(diskmodel.SATA_SSD).simulate(ios)
+    hdd = HDD().simulate(ios, layout)
+    ssd = SSD(SATA_SSD).simulate(ios)
     return {"order": order, "hdd_s": round(hdd, 2), "ssd_s": round(ssd, 3),
             "requests": len(ios), "cbw_during_push_MiB": round(cbw_during / MiB, 1),
             "phases": phase_summary(res.phases)}

@@ -29,6 +29,10 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from tests.images import size_label
+
+from .media_shapes import build_shape, chain_files, log
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: label -> command without source and target
@@ -111,20 +115,19 @@ def time_copies(src: str, files: List[str], target_dir: str, rounds: int,
 def measure_device(path: str, shapes: List[str], size: int, rounds: int,
                    target_dir: Optional[str] = None, compare: bool = True) -> Dict:
     """Build the images on PATH's device and time the copies there (see the module doc)."""
-    from . import media
     folder = device_folder(path)
     os.makedirs(folder, exist_ok=True)
-    os.environ["QCOW2PY_BENCH_DIR"] = folder        # media.build_shape builds there
+    os.environ["QCOW2PY_BENCH_DIR"] = folder        # build_shape builds there
     target_dir = target_dir or folder
     result = {"size": size, "device": os.path.abspath(path), "folder": folder,
               "filesystem": filesystem(folder), "target_filesystem": filesystem(target_dir),
               "rounds": rounds, "cpus": os.cpu_count(),
               "load_average_before": os.getloadavg()[0], "shapes": {}}
     for shape in shapes:
-        src = media.build_shape(size, shape)
-        files = media.chain_files(src)
-        media.log(f"{shape}: timing the copies on {result['filesystem']}, cold cache, "
-                  f"{rounds} rounds")
+        src = build_shape(size, shape)
+        files = chain_files(src)
+        log(f"{shape}: timing the copies on {result['filesystem']}, cold cache, "
+            f"{rounds} rounds")
         result["shapes"][shape] = {
             "files": [os.path.basename(f) for f in files],
             "file_bytes": [os.path.getsize(f) for f in files],
@@ -152,7 +155,6 @@ def format_device_table(result: Dict) -> str:
 
 def run(args, size: int, shapes: List[str], out_dir: str, name: Optional[str]) -> int:
     """``--device`` from media.main: measure, print the table, write the json."""
-    from .media import size_label
     t0 = time.monotonic()
     result = measure_device(args.device, shapes, size, args.rounds, args.device_target,
                             compare=not args.no_compare)

@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import media  # noqa: E402
+from benchmarks import media, media_report  # noqa: E402
 
 PUBLISHED = [os.path.join(ROOT, "benchmarks", n)
              for n in ("media.json", "media-16G.json", "media-24G.json")]
@@ -47,7 +47,7 @@ def test_chart_floor_lies_under_every_bar(path):
         result = json.load(f)
     for shape, s in result["shapes"].items():
         for key in ("hdd", "sata", "nvme"):
-            floor = media.visible_floor(result, shape, key)
-            bars = [r[f"{key}_qd{qd}"] for r in s["readers"].values() for qd in media.QDS
+            floor = media_report.visible_floor(result, shape, key)
+            bars = [r[f"{key}_qd{qd}"] for r in s["readers"].values() for qd in media_report.QDS
                     if f"{key}_qd{qd}" in r]
             assert floor > 0 and min(bars) >= floor * (1 - 1e-6), (shape, key, floor, bars)

@@ -1,4 +1,4 @@
-"""The disk model of benchmarks/diskmodel.py: its arithmetic, and the strace parser."""
+"""The disk model of benchmarks/diskmodel*.py: its arithmetic, and the strace parser."""
 
 import os
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 
-from benchmarks.diskmodel import (HDD, IO, NVME_SSD, SATA_SSD, SSD, Layout,
-                                  fit_seek_curve, parse_strace, parse_strace_calls)
+from benchmarks.diskmodel import IO, Layout
+from benchmarks.diskmodel_hdd import HDD, fit_seek_curve
+from benchmarks.diskmodel_ssd import NVME_SSD, SATA_SSD, SSD
+from benchmarks.diskmodel_strace import parse_strace, parse_strace_calls
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "strace_sample.log")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
