@@ -71,7 +71,7 @@ def test_twin_downgrade_with_snapshots(tmp_path, capsys, backed):
     create(img, SIZE, backing="base.qcow2" if backed else None, cwd=d)
     snaps = ["s1", "s2", "s3"]
     for s in snaps:            # zero writes, data, discards between the snapshots
-        qemu_io(img, *random_ops(rnd, SIZE, 6), f"write -z {rnd.randrange(64) * 65536} 128k",
+        qemu_io(img, *random_ops(rnd, SIZE, 6), f"write -z {rnd.randrange(SIZE // 65536 - 1) * 65536} 128k",
                 cwd=d)
         qemu_img("snapshot", "-c", s, img)
     qemu_io(img, *random_ops(rnd, SIZE, 4), cwd=d)

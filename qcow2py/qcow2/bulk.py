@@ -144,6 +144,12 @@ class BulkMapping(Zeroing):
         copied = _COPIED
         raw_data = self.header.has_data_file
         with self._lock:
+            # a grow maps clusters it does not write: they must read as zeros, so
+            # they come from past the end of the file.  Free clusters in the file's
+            # tail (QEMU leaves freed metadata there) keep old bytes; QEMU maps the
+            # new area from its last used cluster on and, where that lies inside
+            # such a tail, shows those bytes in the guest's new area: we do not
+            fresh = -(-self.storage.size() // cs) if start else 0
             tables = []
             first = start // cs
             for l1i in range(first * cs // span, self.header.l1_size):
@@ -163,7 +169,7 @@ class BulkMapping(Zeroing):
                                       np.uint64(cs)) | copied
                     self._touch_l2(l1i)
                 elif mode == "metadata":
-                    host = self.allocate(idx.size)
+                    host = self.allocate(idx.size, fresh)
                     l2[idx * step] = (np.uint64(host) + np.arange(idx.size, dtype=np.uint64) *
                                       np.uint64(cs)) | copied
                     self._touch_l2(l1i)
@@ -171,7 +177,7 @@ class BulkMapping(Zeroing):
                     tables.append((l1i, l2, idx))
             if tables:
                 total = sum(idx.size for _, _, idx in tables)
-                host = self.allocate(total)
+                host = self.allocate(total, fresh)
                 end = host + total * cs
                 pos = host
                 for l1i, l2, idx in tables:

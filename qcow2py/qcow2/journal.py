@@ -182,6 +182,12 @@ class Journal:
         finally:
             self.corrupt_reason = why
 
+    def mark_corrupt(self, filename: str, why: str) -> None:
+        """Set the corrupt bit (synced), remember why, and raise (QEMU's EIO with
+        "Marking image as corrupt")."""
+        self.set_corrupt(why)
+        raise CorruptImageError(f"{filename}: marking image as corrupt: {why}")
+
     def switch_reftable(self, offset: int, clusters: int) -> None:
         """Point the header at a new refcount table (its blocks and table durable first)."""
         self.barrier()

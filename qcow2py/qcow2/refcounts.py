@@ -209,7 +209,7 @@ class RefcountManager:
             pos += seg.size
         return count
 
-    def allocate(self, n: int) -> int:
+    def allocate(self, n: int, fresh_from: int = 0) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); returns the host offset.
 
         Placement follows the policy of QEMU's allocator, so that new images
@@ -222,12 +222,19 @@ class RefcountManager:
           block is created (:meth:`_new_block`) and the search starts over
           from the run's start (so the run may stay where it was, or move past
           the new block).
+
+        ``fresh_from`` (a cluster index) makes the run start at or after it: the
+        caller maps the clusters without writing them and they must read as
+        zeros, so they come from past the end of the file, never from freed
+        clusters that still hold old bytes (QEMU's preallocation of a grow
+        allocates past the old end of the file too).
         """
         if n <= 0:
             raise ValueError("allocate needs n >= 1")
         per = self.per_block
+        hint = self.free_hint
         while True:
-            start = self._find_free(n, self.free_hint)
+            start = self._find_free(n, max(self.free_hint, fresh_from))
             end = start + n
             self.free_hint = end
             missing = next((bi for bi in range(start // per, (end - 1) // per + 1)
@@ -236,6 +243,8 @@ class RefcountManager:
                 break
             self._new_block(missing, max(start, missing * per))
             self.free_hint = min(self.free_hint, start)
+        if fresh_from:
+            self.free_hint = min(self.free_hint, hint)   # the free clusters before it stay
         self._add_run(start, end, +1)
         return start << self.cluster_bits
 

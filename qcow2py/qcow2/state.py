@@ -107,9 +107,10 @@ class WriterState(Qcow2Image):
             out[live] = sub
         return out
 
-    def allocate(self, n: int) -> int:
-        """Allocate ``n`` contiguous host clusters; returns the offset of the first."""
-        host = self.refcounts.allocate(n)
+    def allocate(self, n: int, fresh_from: int = 0) -> int:
+        """Allocate ``n`` contiguous host clusters; returns the offset of the first
+        (at or after cluster ``fresh_from``: see :meth:`RefcountManager.allocate`)."""
+        host = self.refcounts.allocate(n, fresh_from)
         self._file_size = max(self._file_size, host + n * self.cluster_size)
         return host
 
