@@ -21,13 +21,10 @@ from typing import Iterable, Optional
 
 from ..lazyimport import numpy as np
 
-from ..errors import AmendError
-from ..format import refcount as rcfmt
-from ..format.header import (COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
-                            V2_HEADER_LENGTH)
+from ..errors import AmendError, FormatError
+from ..format.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, V2_HEADER_LENGTH
 from . import snapshots
-from .overlap import Kind
-from .refcounts import RefcountManager
+from .refcounts import RefcountManager, write_new_structures
 
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
@@ -141,28 +138,10 @@ def _change_refcount_order(img, order: int) -> None:
         c = int(over[0])
         raise AmendError(f"Cannot decrease refcount entry width to {1 << order} bits: Cluster "
                          f"at offset {c * cs:#x} has a refcount of {int(counts[c])}")
-    per = rcfmt.entries_per_block(cs, order)
-    used = np.flatnonzero(counts)
-    base = int(used[-1]) + 1 if used.size else 1
-    nblocks = tclusters = 0
-    while True:                          # blocks and table count themselves: fixed point
-        need_blocks = -(-(base + tclusters + nblocks) // per)
-        need_t = -(-need_blocks * 8 // cs)
-        if (need_blocks, need_t) == (nblocks, tclusters):
-            break
-        nblocks, tclusters = need_blocks, need_t
-    if tclusters * cs > MAX_REFTABLE_BYTES:
-        raise AmendError("the refcount table would exceed QEMU's 8 MiB limit")
-    full = np.zeros(nblocks * per, dtype=np.uint64)
-    full[:min(n, full.size)] = counts[:min(n, full.size)]
-    full[base:base + tclusters + nblocks] = 1
-    table = np.zeros(tclusters * cs // 8, dtype=np.uint64)
-    for j in range(nblocks):
-        off = (base + tclusters + j) * cs
-        table[j] = off
-        img.journal.write_metadata(Kind.REFCOUNT_BLOCK, off,
-                                   rcfmt.encode_block(full[j * per:(j + 1) * per], order))
-    img.journal.write_metadata(Kind.REFCOUNT_TABLE, base * cs, table.astype(">u8").tobytes())
+    try:
+        base, tclusters, _, _ = write_new_structures(img.journal, counts, order, cs)
+    except FormatError as e:
+        raise AmendError(str(e)) from None
     img.journal.barrier()
     h.refcount_order = order
     h.refcount_table_offset, h.refcount_table_clusters = base * cs, tclusters

@@ -18,7 +18,7 @@ clusters and is switched with one synced 12-byte header write.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from ..lazyimport import numpy as np
 
@@ -380,35 +380,12 @@ class RefcountManager:
         written and synced before one synced header switch, so a crash leaves
         either the old or the new structures in force.
         """
-        cs, per = self.cs, self.per_block
-        used = np.flatnonzero(counts)
-        base = int(used[-1]) + 1 if used.size else 1
-        nblocks = tclusters = 0
-        while True:
-            total = base + tclusters + nblocks
-            need_blocks = -(-total // per)
-            need_t = -(-need_blocks * 8 // cs)
-            if (need_blocks, need_t) == (nblocks, tclusters):
-                break
-            nblocks, tclusters = need_blocks, need_t
-        if tclusters * cs > MAX_REFTABLE_BYTES:
-            raise FormatError("rebuilt refcount table would exceed QEMU's 8 MiB limit")
-        full = np.zeros(nblocks * per, dtype=np.uint64)
-        n = min(counts.size, full.size)
-        full[:n] = np.asarray(counts[:n], dtype=np.uint64)
-        full[base:base + tclusters + nblocks] = 1
-        table = np.zeros(tclusters * cs // 8, dtype=np.int64)
-        self.blocks = {}
-        for j in range(nblocks):
-            off = (base + tclusters + j) * cs
-            table[j] = off
-            blk = full[j * per:(j + 1) * per].copy()
-            self.blocks[j] = blk
-            self.journal.write_metadata(Kind.REFCOUNT_BLOCK, off, rc.encode_block(blk, self.order))
-        self.journal.write_metadata(Kind.REFCOUNT_TABLE, base * cs,
-                                    table.astype(">u8").tobytes())
-        self.journal.switch_reftable(base * cs, tclusters)
-        self.reftable = table
+        base, tclusters, table, full = write_new_structures(self.journal, counts, self.order,
+                                                            self.cs)
+        per = self.per_block
+        self.blocks = {j: full[j * per:(j + 1) * per].copy() for j in range(full.size // per)}
+        self.journal.switch_reftable(base * self.cs, tclusters)
+        self.reftable = table.astype(np.int64)
         self.dirty_blocks.clear()
         self.dirty_reftable = False
         self.pending = []
@@ -439,3 +416,39 @@ class RefcountManager:
     @property
     def dirty(self) -> bool:
         return bool(self.dirty_blocks or self.dirty_reftable or self.pending)
+
+
+def write_new_structures(journal, counts: np.ndarray, order: int,
+                         cluster_size: int) -> Tuple[int, int, np.ndarray, np.ndarray]:
+    """Write a whole new refcount table and its blocks, at ``1 << order`` bits,
+    holding ``counts`` (one per host cluster), after the last used cluster; the
+    new structures count themselves.  Nothing points at them yet: the caller
+    syncs and switches the header (a rebuild, or amend's change of width), so a
+    crash leaves the old or the new structures in force.
+
+    Returns (first cluster of the table, table clusters, table entries, all new
+    counts as one array of whole blocks)."""
+    cs = cluster_size
+    per = rc.entries_per_block(cs, order)
+    used = np.flatnonzero(counts)
+    base = int(used[-1]) + 1 if used.size else 1
+    nblocks = tclusters = 0
+    while True:                          # blocks and table count themselves: fixed point
+        need_blocks = -(-(base + tclusters + nblocks) // per)
+        need_t = -(-need_blocks * 8 // cs)
+        if (need_blocks, need_t) == (nblocks, tclusters):
+            break
+        nblocks, tclusters = need_blocks, need_t
+    if tclusters * cs > MAX_REFTABLE_BYTES:
+        raise FormatError("the new refcount table would exceed QEMU's 8 MiB limit")
+    full = np.zeros(nblocks * per, dtype=np.uint64)
+    n = min(counts.size, full.size)
+    full[:n] = np.asarray(counts[:n], dtype=np.uint64)
+    full[base:base + tclusters + nblocks] = 1
+    table = np.zeros(tclusters * cs // 8, dtype=np.uint64)
+    table[:nblocks] = (base + tclusters + np.arange(nblocks, dtype=np.uint64)) * np.uint64(cs)
+    journal.write_metadata_many(Kind.REFCOUNT_BLOCK, cs, [int(t) for t in table[:nblocks]],
+                                (rc.encode_block(full[j * per:(j + 1) * per], order)
+                                 for j in range(nblocks)))
+    journal.write_metadata(Kind.REFCOUNT_TABLE, base * cs, table.astype(">u8").tobytes())
+    return base, tclusters, table, full
