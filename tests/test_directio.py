@@ -303,6 +303,25 @@ def test_ramfs_refusal_matches_qemu_img(tmp_path):
         subprocess.run(["umount", mnt], check=True)
 
 
+def test_writev_of_more_buffers_than_iov_max(d):
+    """An aligned writev of thousands of buffers (a pure-mode copy batch of small
+    pieces) is split into calls of at most IOV_MAX: one pwritev of them all is
+    EINVAL.  Copies from compressed images hit it with QCOW2PY_PURE=1."""
+    f = d / "many.raw"
+    f.write_bytes(b"")
+    st = directio.open_storage(str(f), writable=True, cache="none")
+    try:
+        a = st.alignment
+        n = os.sysconf("SC_IOV_MAX") + 500
+        buf = directio.aligned_empty(n * a)
+        buf[:] = np.repeat(np.arange(n, dtype=np.uint8), a)
+        mv = memoryview(buf)
+        st.writev([mv[i * a:(i + 1) * a] for i in range(n)], 0)
+    finally:
+        st.close()
+    assert f.read_bytes() == bytes(buf)
+
+
 def test_aligned_buffers_and_probe(d):
     buf = directio.aligned_empty(1 << 20)
     assert buf.ctypes.data % 4096 == 0 and buf.size == 1 << 20

@@ -47,6 +47,7 @@ CACHE_MODES: Dict[str, Tuple[bool, bool, bool]] = {
 }
 
 PAGE = mmap.PAGESIZE
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _STATX_DIOALIGN = 0x2000
 _AT_EMPTY_PATH = 0x1000
 _STATX_MASK, _STATX_MEM_ALIGN, _STATX_OFFSET_ALIGN = 0, 152, 156
@@ -280,7 +281,9 @@ class DirectFileStorage(FileStorage):
         fd = self._check()
         views = [v for v in views if len(v)]
         while views:
-            n = os.pwritev(fd, views, offset)
+            # at most IOV_MAX buffers a call (more is EINVAL): a batch of many small
+            # pieces gathered by the pure back-end has thousands
+            n = os.pwritev(fd, views[:_IOV_MAX], offset)
             offset += n
             while views and n >= len(views[0]):
                 n -= len(views[0])
