@@ -1,6 +1,6 @@
-"""format/l2.py is where the L1/L2 entry bits live; csrc repeats them as #defines.
-Parse the C sources and check both say the same, and round-trip the compressed
-descriptor codec."""
+"""format/l2.py is where the L1/L2 entry bits live; csrc/l2.h repeats them as
+#defines.  Parse the C sources and check both say the same (and that no other csrc
+file declares them again), and round-trip the compressed descriptor codec."""
 
 import os
 import re
@@ -10,16 +10,14 @@ import numpy as np
 from qcow2py.format import l2
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+L2_NAMES = ("L2E_OFFSET_MASK", "L2E_STD_RESERVED_MASK", "OFLAG_COPIED", "OFLAG_COMPRESSED",
+            "OFLAG_ZERO", *("QP_" + kind.name for kind in l2.ClusterKind))
 
 
-def _defines():
-    out = {}
-    for f in os.listdir(CSRC):
-        if f.endswith((".c", ".h")):
-            with open(os.path.join(CSRC, f)) as fh:
-                for m in re.finditer(r"^#define\s+(\w+)\s+(.+?)\s*(?:/\*.*)?$", fh.read(), re.M):
-                    out[m.group(1)] = m.group(2)
-    return out
+def _defines(name: str) -> dict:
+    with open(os.path.join(CSRC, name)) as fh:
+        return {m.group(1): m.group(2) for m in
+                re.finditer(r"^#define\s+(\w+)\s+(.+?)\s*(?:/\*.*)?$", fh.read(), re.M)}
 
 
 def _value(text: str) -> int:
@@ -31,18 +29,25 @@ def _value(text: str) -> int:
 
 
 def test_cluster_kinds_match_csrc():
-    d = _defines()
+    d = _defines("l2.h")
     for kind in l2.ClusterKind:
         assert _value(d["QP_" + kind.name]) == kind.value, kind
 
 
 def test_entry_bits_match_csrc():
-    d = _defines()
+    d = _defines("l2.h")
     assert _value(d["L2E_OFFSET_MASK"]) == l2.L2E_OFFSET_MASK
     assert _value(d["L2E_STD_RESERVED_MASK"]) == l2.L2E_STD_RESERVED_MASK
     assert _value(d["OFLAG_COPIED"]) == l2.OFLAG_COPIED
     assert _value(d["OFLAG_COMPRESSED"]) == l2.OFLAG_COMPRESSED
     assert _value(d["OFLAG_ZERO"]) == l2.OFLAG_ZERO
+
+
+def test_csrc_declares_the_l2_bits_once():
+    for name in sorted(os.listdir(CSRC)):
+        if name.endswith((".c", ".h")) and name != "l2.h":
+            again = set(_defines(name)) & set(L2_NAMES)
+            assert not again, f"csrc/{name} declares {sorted(again)} again (l2.h has them)"
 
 
 def test_compressed_descriptor_round_trips():

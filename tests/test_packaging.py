@@ -59,9 +59,12 @@ def test_sdist_ships_what_the_tests_need(sdist, tmp_path):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
         tf.extractall(tmp_path, filter="data") if hasattr(tarfile, "data_filter") \
             else tf.extractall(tmp_path)
+    csrc = sorted(f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir()
+                  if p.suffix in (".c", ".h"))
+    assert "csrc/qcow2py_native.h" in csrc and any(n.endswith(".c") for n in csrc), csrc
     for need in ("tests/images.py", "tests/qemu.py", "tests/data/example.qcow2",
                  "tests/data/example-base.qcow2", "LICENSE", "qcow2py/py.typed",
-                 "csrc/qcow2py_native.c", "build_ffi.py", "setup.py"):
+                 *csrc, "build_ffi.py", "setup.py"):
         assert need in names, need
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
     # the test-suite runs from the unpacked sdist (pure twins: nothing is compiled there)
