@@ -6,7 +6,6 @@ content and has no corruption."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 
@@ -15,7 +14,7 @@ import pytest
 import qcow2py
 from lifecycle_shapes import SHAPES, build, ours, resize_twin
 from qemu import create, qemu_img, qemu_io
-from recording import Recorder
+from recording import Recorder, crashed_images
 
 MiB = 1 << 20
 
@@ -82,14 +81,7 @@ def test_grow_crash_points(tmp_path):
     assert len(rec.sync_points()) >= 3
     crashed = tmp_path / "crash.qcow2"
     rnd = random.Random(1)
-    n = len(rec.journal) + 1
-    for upto in sorted({p - 1 for p in rec.sync_points()} | set(rnd.sample(range(n), min(n, 12)))):
-        durable = max([p for p in rec.sync_points() if p <= upto], default=0)
-        survivors = [i for i in range(durable, upto) if rnd.random() < 0.5]
-        crashed.write_bytes(rec.crash_image(upto, survivors))
-        p = qemu_img("check", "--output=json", crashed, check=False)
-        assert p.returncode in (0, 3), (upto, p.stdout, p.stderr)
-        assert not json.loads(p.stdout).get("corruptions"), upto
+    for upto in crashed_images(rec, crashed, rnd, 12):
         with qcow2py.open(crashed) as img:
             assert img.size in (MiB, 64 * MiB), upto
             assert img.read(0, MiB) == b"\x03" * MiB, upto
