@@ -29,7 +29,7 @@ rebuilt refcount structures without the runtime check.
 from __future__ import annotations
 
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..lazyimport import numpy as np
 
@@ -228,13 +228,55 @@ def _layout(nonzero_blocks: np.ndarray, start: int, per: int, cs: int) -> Tuple[
         nblocks, tclusters = blocks.size, t
 
 
+def _header_structures(view: CheckView) -> List[Tuple[int, int, bool]]:
+    """Cluster ranges [a, b) of the structures the header names: the L1 table, the
+    refcount table, the snapshot table, the bitmap directory (sizes as the
+    header and the lenient open give them, so each is bounded by the format),
+    each with whether it stays referenced after a rebuild (all but the old
+    refcount table)."""
+    h, cs = view.header, view.cs
+
+    def span(offset: int, length: int, kept: bool = True) -> Tuple[int, int, bool]:
+        return offset // cs, -(-(offset + max(length, 1)) // cs), kept
+    out = [span(h.l1_table_offset, h.l1_size * 8),
+           span(h.refcount_table_offset, h.refcount_table_clusters * cs, False)]
+    if h.nb_snapshots and not view.bad_snapshot_offset:
+        out.append(span(h.snapshots_offset, view.snapshots_size))
+    if h.bitmaps is not None:
+        out.append(span(h.bitmaps.directory_offset, h.bitmaps.directory_size))
+    return [x for x in out if x[0] > 0]
+
+
 def _rebuild(view: CheckView, refs: np.ndarray) -> None:
     """New refcount blocks and table after the end of the file, then the header."""
     cs, per, st = view.cs, view.per_block, view.storage
     refs = np.minimum(refs, min(view.refcount_max, 1 << 62)).astype(np.uint64)
-    used = np.flatnonzero(refs)
-    start = max(view.nb_clusters, int(used[-1]) + 1 if used.size else 1)
-    blocks, tclusters = _layout(np.unique(used // per), start, per, cs)
+    # the new structures never land on a structure the header names, even one past
+    # the end of the file that no reference counted (a truncated image): QEMU's
+    # rebuild puts its blocks there and its overlap check stops it; ours go after
+    # it, and once the file reaches over such a structure (the L1 table, the
+    # snapshot table, the bitmap directory) it is counted like any other
+    named = _header_structures(view)
+    while True:
+        used = np.flatnonzero(refs)
+        start = max(view.nb_clusters, int(used[-1]) + 1 if used.size else 1)
+        blocks, tclusters = _layout(np.unique(used // per), start, per, cs)
+        while True:
+            end = start + blocks.size + tclusters
+            hit = [b for a, b, _ in named if a < end and start < b]
+            if not hit:
+                break
+            start = max(hit)
+            blocks, tclusters = _layout(np.unique(used // per), start, per, cs)
+        inside = [(a, b) for a, b, kept in named if kept and view.nb_clusters <= a and
+                  b <= start and (b > refs.size or not refs[a:b].all())]
+        if not inside:
+            break
+        grow = max(b for _, b in inside)
+        if grow > refs.size:
+            refs = np.concatenate([refs, np.zeros(grow - refs.size, dtype=refs.dtype)])
+        for a, b in inside:
+            refs[a:b] = np.maximum(refs[a:b], 1)
     if tclusters * cs > MAX_REFTABLE_BYTES:
         raise CorruptImageError("cannot rebuild the refcount structures: the refcount "
                                 "table would be too large")
