@@ -161,7 +161,7 @@ def _build(folder: str, size: int, log) -> None:
     _check(d)
     log(f"c_zlib and d_zstd built in {time.monotonic() - t:.1f}s")
 
-    for p in patterns:
+    for p in pats:
         os.unlink(p)
     with open(os.path.join(tmp, ".done"), "w") as f:
         json.dump({"recipe": RECIPE, "size": size, "seed": SEED}, f)
