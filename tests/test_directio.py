@@ -25,7 +25,7 @@ from qcow2py.jobs.blockcopy import BlockCopy
 from qcow2py.nbd import Server
 from images import build
 from nbdtest import RawClient
-from qemu import create, need, qemu_img, qemu_io
+from qemu import create, need, qemu_img, qemu_io, unavailable
 from test_copy import copy_cli
 
 O_DIRECT = os.O_DIRECT
@@ -281,7 +281,7 @@ def test_ramfs_refusal_matches_qemu_img(tmp_path):
     print the same message with the same exit code, for -t none and -T none."""
     need("qemu-img")
     if os.geteuid() != 0:
-        pytest.skip("mounting a ramfs needs root")
+        unavailable("mounting a ramfs needs root")
     mnt = tempfile.mkdtemp(dir=tmp_path)
     subprocess.run(["mount", "-t", "ramfs", "ramfs", mnt], check=True)
     try:
