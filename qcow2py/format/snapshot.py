@@ -74,6 +74,25 @@ def parse_snapshot_table(buf: bytes, count: int) -> List[Snapshot]:
     return out
 
 
+def encode_snapshot_table(snapshots: List[Snapshot]) -> bytes:
+    """The snapshot table as the format lays it out (each entry 8-byte aligned)."""
+    out = bytearray()
+    for s in snapshots:
+        sid, name = s.id.encode(), s.name.encode()
+        vmss32 = s.vm_state_size if s.vm_state_size < 1 << 32 else 0
+        out += _ENTRY.pack(s.l1_table_offset, s.l1_size, len(sid), len(name), s.date_sec,
+                           s.date_nsec, s.vm_clock_nsec, vmss32, len(s.extra_data))
+        out += s.extra_data + sid + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def snapshot_table_size(snapshots: List[Snapshot]) -> int:
+    """Bytes :func:`encode_snapshot_table` makes of ``snapshots``, without making them."""
+    return sum(-(-(_ENTRY.size + len(s.extra_data) + len(s.id.encode()) +
+                   len(s.name.encode())) // 8) * 8 for s in snapshots)
+
+
 def snapshot_table_bytes_upper_bound(count: int) -> int:
     """Largest table ``count`` entries may occupy (for bounded reads)."""
     return min(MAX_TABLE_BYTES, count * (_ENTRY.size + MAX_EXTRA_DATA + 2 * 65535 + 8))

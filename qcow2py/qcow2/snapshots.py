@@ -21,29 +21,15 @@ from ..errors import CorruptImageError, Qcow2Error
 from ..format.header import MAX_L1_BYTES
 from ..format.l2 import (U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,
                          U64_OFFSET_MASK as _OFFSET, U64_ZERO as _ZERO)
-from ..format.snapshot import Snapshot
+from ..format.snapshot import Snapshot, encode_snapshot_table, snapshot_table_size
 from .overlap import Kind
 
-_ENTRY = struct.Struct(">QIHHIIQII")
 _L1_OFFSET = _OFFSET                # L1 and L2 entries keep the offset in the same bits
 
 
 class SnapshotError(Qcow2Error):
     """A snapshot operation qemu-img would refuse (name not found, refcount too narrow,
     active bitmaps...)."""
-
-
-def encode_table(snapshots: List[Snapshot]) -> bytes:
-    """The snapshot table as the format lays it out (each entry 8-byte aligned)."""
-    out = bytearray()
-    for s in snapshots:
-        sid, name = s.id.encode(), s.name.encode()
-        vmss32 = s.vm_state_size if s.vm_state_size < 1 << 32 else 0
-        out += _ENTRY.pack(s.l1_table_offset, s.l1_size, len(sid), len(name), s.date_sec,
-                           s.date_nsec, s.vm_clock_nsec, vmss32, len(s.extra_data))
-        out += s.extra_data + sid + name
-        out += bytes(-len(out) % 8)
-    return bytes(out)
 
 
 def check_l1_bounds(img, offset: int, size: int) -> None:
@@ -148,8 +134,8 @@ def _write_table(img, snapshots: List[Snapshot]) -> None:
     """Store a new snapshot table, switch the header to it, free the old one."""
     h, cs, cb, rc = img.header, img.cluster_size, img.cluster_bits, img.refcounts
     old = (h.snapshots_offset, h.nb_snapshots)
-    old_bytes = len(encode_table(img.snapshots)) if old[1] else 0
-    data = encode_table(snapshots)
+    old_bytes = snapshot_table_size(img.snapshots) if old[1] else 0
+    data = encode_snapshot_table(snapshots)
     new_off = 0
     if snapshots:
         new_off = rc.allocate(-(-len(data) // cs))

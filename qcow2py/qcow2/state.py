@@ -16,11 +16,11 @@ from __future__ import annotations
 from ..lazyimport import numpy as np
 
 from ..errors import CorruptImageError, ImageClosedError
+from ..format.snapshot import snapshot_table_size
 from ..format.l2 import (L1E_OFFSET_MASK, U64_COMPRESSED as _COMPRESSED, U64_COPIED as _COPIED,
                          U64_OFFSET_MASK as _OFFSET_MASK, compressed_fields)
 from .overlap import Kind, MetadataLayout
 from .read import Qcow2Image
-from .snapshots import encode_table
 
 
 #: flush metadata by itself once this many L2 tables are dirty (bounds memory)
@@ -129,7 +129,7 @@ class WriterState(Qcow2Image):
         """Where the metadata lies now (what the overlap template is built from)."""
         h = self.header
         return MetadataLayout(h, self._l1, self.refcounts.reftable, self.snapshots,
-                              len(encode_table(self.snapshots)) if h.nb_snapshots else 0)
+                              snapshot_table_size(self.snapshots) if h.nb_snapshots else 0)
 
     def _overlap_check(self, host: int, length: int) -> None:
         """A guest data write of ``length`` bytes at ``host`` must not land on metadata."""
