@@ -46,7 +46,7 @@ from .bitmaps import Bitmap, load_bits
 from .checkresult import CheckResult
 from .repair import check_storage, repair_storage
 from .journal import Journal
-from .overlap import OverlapTemplate
+from .overlap import NAMES, Kind, OverlapTemplate, header_structures
 from .refcounts import RefcountManager
 from . import amend as amending, snapshots
 from .resize import Resizing
@@ -113,13 +113,11 @@ class WritableQcow2Image(Resizing):
         it, with zeros past the end; writing to it would build on those zeros (new
         metadata over clusters its tables still claim), so "r+" refuses it."""
         h, size, cs = self.header, self._file_size, self.cluster_size
-        spans = [("L1 table", h.l1_table_offset, h.l1_size * 8),
-                 ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)]
-        if h.nb_snapshots:
-            spans.append(("snapshot table", h.snapshots_offset, 40 * h.nb_snapshots))
-        if self.bitmap_directory:
-            spans.append(("bitmap directory", h.bitmaps.directory_offset,
-                          h.bitmaps.directory_size))
+        # (the snapshot table: at least its fixed part, 40 bytes an entry)
+        spans = [(NAMES[kind], off, n)
+                 for kind, off, n in header_structures(h, 40 * h.nb_snapshots)
+                 if kind != Kind.HEADER and
+                 (kind != Kind.BITMAP_DIRECTORY or self.bitmap_directory)]
         problem = next((f"{what} at {off:#x} (+{n}) extends past the end of the file"
                         for what, off, n in spans if n and off + n > size), None)
         if problem is None:

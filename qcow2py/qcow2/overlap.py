@@ -73,6 +73,24 @@ def first_name(hit: int) -> str:
     return next(name for kind, name in NAMES.items() if hit & kind)
 
 
+def header_structures(h: Header, snapshot_table_bytes: int) -> List[Tuple[Kind, int, int]]:
+    """The structures the header itself names, as (kind, offset, length in bytes):
+    the header, the active L1 table, the refcount table, the snapshot table (when
+    ``snapshot_table_bytes``), the bitmap directory (when the extension is there;
+    QEMU uses it only while the bitmaps autoclear bit is set).  The overlap
+    template, the "r+" refusal of truncated images and the refcount rebuild of
+    ``check -r`` all start from this list."""
+    cs = h.cluster_size
+    out = [(Kind.HEADER, 0, cs), (Kind.ACTIVE_L1, h.l1_table_offset, h.l1_size * 8),
+           (Kind.REFCOUNT_TABLE, h.refcount_table_offset, h.refcount_table_clusters * cs)]
+    if snapshot_table_bytes:
+        out.append((Kind.SNAPSHOT_TABLE, h.snapshots_offset, snapshot_table_bytes))
+    if h.bitmaps is not None:
+        out.append((Kind.BITMAP_DIRECTORY, h.bitmaps.directory_offset,
+                    h.bitmaps.directory_size))
+    return out
+
+
 class MetadataLayout(NamedTuple):
     """Where the writer's metadata lies now (what the template is built from)."""
 
@@ -153,11 +171,9 @@ class OverlapTemplate:
                 ends.append(last.astype(np.int64))
                 masks.append(np.full(off.size, int(kind), dtype=np.int64))
 
-        spans(Kind.HEADER, [0], [cs])
-        spans(Kind.ACTIVE_L1, [h.l1_table_offset], [h.l1_size * 8])
-        spans(Kind.REFCOUNT_TABLE, [h.refcount_table_offset], [h.refcount_table_clusters * cs])
-        if lay.snapshot_table_bytes:
-            spans(Kind.SNAPSHOT_TABLE, [h.snapshots_offset], [lay.snapshot_table_bytes])
+        for kind, offset, length in header_structures(h, lay.snapshot_table_bytes):
+            if kind != Kind.BITMAP_DIRECTORY or h.autoclear_features & AUTOCLEAR_BITMAPS:
+                spans(kind, [offset], [length])
         if lay.snapshots:
             spans(Kind.INACTIVE_L1, [s.l1_table_offset for s in lay.snapshots],
                   [s.l1_size * 8 for s in lay.snapshots])
@@ -165,9 +181,6 @@ class OverlapTemplate:
         spans(Kind.ACTIVE_L2, l2, np.full(l2.size, cs))
         rt = lay.reftable[lay.reftable != 0]
         spans(Kind.REFCOUNT_BLOCK, rt, np.full(rt.size, cs))
-        ext = h.bitmaps
-        if ext is not None and h.autoclear_features & AUTOCLEAR_BITMAPS:
-            spans(Kind.BITMAP_DIRECTORY, [ext.directory_offset], [ext.directory_size])
         self._set_intervals(np.concatenate(starts), np.concatenate(ends),
                             np.concatenate(masks))
 

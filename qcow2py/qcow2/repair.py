@@ -41,6 +41,7 @@ from .checkresult import CheckResult
 from .checkview import OpenBacking
 from .checkwalk import CheckFailed, CheckView, L2Fixes, Walk
 from .journal import Journal
+from .overlap import Kind, header_structures
 
 
 def _journal(view: CheckView) -> Journal:
@@ -229,22 +230,15 @@ def _layout(nonzero_blocks: np.ndarray, start: int, per: int, cs: int) -> Tuple[
 
 
 def _header_structures(view: CheckView) -> List[Tuple[int, int, bool]]:
-    """Cluster ranges [a, b) of the structures the header names: the L1 table, the
-    refcount table, the snapshot table, the bitmap directory (sizes as the
-    header and the lenient open give them, so each is bounded by the format),
+    """Cluster ranges [a, b) of the structures the header names (but the header),
     each with whether it stays referenced after a rebuild (all but the old
-    refcount table)."""
+    refcount table); sizes as the header and the lenient open give them, so each
+    is bounded by the format."""
     h, cs = view.header, view.cs
-
-    def span(offset: int, length: int, kept: bool = True) -> Tuple[int, int, bool]:
-        return offset // cs, -(-(offset + max(length, 1)) // cs), kept
-    out = [span(h.l1_table_offset, h.l1_size * 8),
-           span(h.refcount_table_offset, h.refcount_table_clusters * cs, False)]
-    if h.nb_snapshots and not view.bad_snapshot_offset:
-        out.append(span(h.snapshots_offset, view.snapshots_size))
-    if h.bitmaps is not None:
-        out.append(span(h.bitmaps.directory_offset, h.bitmaps.directory_size))
-    return [x for x in out if x[0] > 0]
+    table = view.snapshots_size if h.nb_snapshots and not view.bad_snapshot_offset else 0
+    return [(offset // cs, -(-(offset + max(length, 1)) // cs), kind != Kind.REFCOUNT_TABLE)
+            for kind, offset, length in header_structures(h, table)
+            if kind != Kind.HEADER and offset > 0]
 
 
 def _rebuild(view: CheckView, refs: np.ndarray) -> None:
