@@ -51,13 +51,9 @@ class RawImage(Image):
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Zero a range (holes where the range is already sparse are kept)."""
         self._check_write(offset, length)
-        chunk = bytes(min(length, 1 << 20))
         for start, n, is_data in self.storage.allocation(offset, length):
-            if not is_data:
-                continue
-            for pos in range(start, start + n, len(chunk)):
-                k = min(len(chunk), start + n - pos)
-                self.storage.pwrite(chunk[:k], pos)
+            if is_data:
+                self.storage.write_zeros(start, n)
 
     def discard(self, offset: int, length: int) -> None:
         """Discarded ranges of a raw file read as zeros afterwards."""
@@ -72,12 +68,7 @@ class RawImage(Image):
             raise ResizeError("Unsupported preallocation mode: metadata")
         old = self.size
         self.storage.truncate(new_size)
-        if preallocation == "falloc" and new_size > old:
-            self.storage.fallocate(old, new_size - old)
-        elif preallocation == "full":
-            zero = bytes(min(new_size - old, 1 << 20))
-            for p in range(old, new_size, len(zero) or 1):
-                self.storage.pwrite(zero[:min(len(zero), new_size - p)], p)
+        self.storage.preallocate(old, new_size - old, preallocation)
         self.size = new_size
 
     def flush(self) -> None:

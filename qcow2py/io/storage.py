@@ -65,6 +65,24 @@ class Storage(ABC):
         if self.size() < offset + length:
             self.truncate(offset + length)
 
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Write ``length`` zero bytes at ``offset``, 1 MiB a request (space really
+        allocated: qemu-img's "full" preallocation)."""
+        chunk = bytes(min(max(length, 0), 1 << 20))
+        for p in range(offset, offset + length, len(chunk) or 1):
+            self.pwrite(chunk[:min(len(chunk), offset + length - p)], p)
+
+    def preallocate(self, offset: int, length: int, mode: str) -> None:
+        """Reserve ``[offset, offset+length)`` as qemu-img's preallocation ``mode``
+        does for a file: "falloc" reserves it, "full" writes zeros there; "off"
+        and "metadata" leave the file as it is."""
+        if length <= 0:
+            return
+        if mode == "falloc":
+            self.fallocate(offset, length)
+        elif mode == "full":
+            self.write_zeros(offset, length)
+
     def fileno(self) -> Optional[int]:
         """A real OS descriptor when requests may bypass Python (native copy), else None."""
         return None

@@ -187,11 +187,7 @@ class BulkMapping(Zeroing):
                     pos += idx.size * cs
                 if mode == "full":
                     self._overlap_check(host, end - host)
-                    zero = bytes(min(total * cs, 1 << 20))
-                    for p in range(host, end, len(zero)):
-                        self.storage.pwrite(zero[:min(len(zero), end - p)], p)
-                else:
-                    self.storage.fallocate(host, end - host)
+                self.storage.preallocate(host, end - host, mode)
             elif not raw_data:
                 # metadata preallocation: the file covers the data area (sparse)
                 end = self._file_size
@@ -209,9 +205,4 @@ def _reserve(storage, start: int, end: int, mode: str) -> None:
     written with zeros ("full")."""
     if storage.size() < end:
         storage.truncate(end)
-    if mode == "falloc":
-        storage.fallocate(start, end - start)
-        return
-    zero = bytes(min(end - start, 1 << 20))
-    for p in range(start, end, len(zero) or 1):
-        storage.pwrite(zero[:min(len(zero), end - p)], p)
+    storage.preallocate(start, end - start, mode)

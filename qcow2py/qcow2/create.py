@@ -247,12 +247,7 @@ def create_raw(path: str, size: Optional[int], preallocation: str) -> None:
     st = FileStorage(path, writable=True, create=True)
     try:
         st.truncate(int(size))
-        if preallocation == "falloc":
-            st.fallocate(0, int(size))
-        elif preallocation == "full":
-            zero = bytes(1 << 20)
-            for pos in range(0, int(size), len(zero)):
-                st.pwrite(zero[:min(len(zero), int(size) - pos)], pos)
+        st.preallocate(0, int(size), preallocation)
         st.fsync()
     finally:
         st.close()

@@ -147,9 +147,7 @@ class Zeroing(WriteAlgorithm):
         """A raw external data file must read like the guest disk: zero it too."""
         if not (self._external and self.header.data_file_raw) or end <= start:
             return
-        chunk = bytes(min(end - start, 1 << 20))
-        for pos in range(start, end, len(chunk)):
-            self.data_storage.pwrite(chunk[:min(len(chunk), end - pos)], pos)
+        self.data_storage.write_zeros(start, end - start)
 
     def discard(self, offset: int, length: int) -> None:
         """Release whole clusters in a range, as QEMU does.
